@@ -1,0 +1,38 @@
+# sodkd: `make demo` and `make test` set up .venv on a fresh machine, then run.
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+TORCH   := torch==2.13.0
+PYTEST_ARGS ?=
+
+.PHONY: setup test unit integration demo bench clean
+
+setup: $(STAMP)
+
+# torch first (the local CPU build), then the project in editable mode; the range in pyproject.toml is
+# satisfied by 2.13.0 so nothing pulls CUDA wheels.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet $(TORCH)
+	$(BIN)/python -m pip install --quiet -e ".[test,foundation]"
+	touch $(STAMP)
+
+test: setup
+	$(BIN)/python -m pytest -q -ra $(PYTEST_ARGS) tests
+
+unit: setup
+	$(BIN)/python -m pytest -q tests/unit
+
+integration: setup
+	$(BIN)/python -m pytest -q tests/integration
+
+demo: setup
+	$(BIN)/sodkd demo
+
+bench: setup
+	$(BIN)/python benchmarks/models.py
+
+clean:
+	rm -rf $(VENV) demo-out

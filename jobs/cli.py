@@ -1,0 +1,61 @@
+"""The ``sodkd`` command line: one entry point, a subcommand per job.
+
+Each subcommand lives in its own module under ``jobs/`` exposing ``add_arguments(parser)`` and
+``run(args) -> int``; COMMANDS maps the subcommand to that module. Modules are imported only when their
+subcommand runs, so ``sodkd models`` does not pay for importing Ray.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+# name -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "models": ("jobs.models_cmd", "list registered models with params and MACs"),
+    "eval": ("jobs.eval_cmd", "score a folder of predicted maps against masks"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sodkd", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (_, help_text) in COMMANDS.items():
+        sub.add_parser(name, help=help_text, add_help=False)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    # Global flags come before the subcommand; the subcommand's own parser sees everything after it.
+    split = next((i for i, a in enumerate(argv) if a in COMMANDS), len(argv))
+    top = parser.parse_args(argv[: split + 1])
+    if top.command is None:
+        parser.print_help()
+        return 2
+    logging.basicConfig(level=logging.DEBUG if top.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    module_name, help_text = COMMANDS[top.command]
+    module = importlib.import_module(module_name)
+    sub = argparse.ArgumentParser(prog=f"sodkd {top.command}", description=help_text)
+    module.add_arguments(sub)
+    args = sub.parse_args(argv[split + 1:])
+    try:
+        return int(module.run(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # a clear one-line error for users; -v shows the traceback
+        from kd.config import ConfigError
+        if top.verbose or not isinstance(e, (ConfigError, FileNotFoundError, ValueError)):
+            raise
+        print(f"sodkd {top.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,29 @@
+"""Shared fixtures: where the real data is, and small copies of it."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("SODKD_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not SHARED_DATA.is_dir():
+        raise RuntimeError(f"{SHARED_DATA}: real data not found; set SODKD_SHARED_DATA")
+    return SHARED_DATA
+
+
+def copy_sample(src_dir: Path, dst_dir: Path, n: int, pattern: str = "*") -> list[Path]:
+    """Copy the first ``n`` files (sorted) of ``src_dir`` matching ``pattern`` into ``dst_dir``."""
+    dst_dir.mkdir(parents=True, exist_ok=True)
+    out = []
+    for p in sorted(src_dir.glob(pattern))[:n]:
+        shutil.copy(p, dst_dir / p.name)
+        out.append(dst_dir / p.name)
+    return out
