@@ -1,0 +1,22 @@
+"""sodkd models: pure PyTorch saliency networks behind a name registry.
+
+    from models import create_model, list_models, save_weights, load_weights
+    student = create_model("scfnet_m3")
+    logits = student(student.normalize(images_uint8))   # 4 side outputs, finest first
+
+This package imports nothing else of sodkd and never Ray or MLflow.
+"""
+
+from .base import SODModel
+from .complexity import count_macs, count_params
+from .registry import UnknownModelError, create_model, describe_model, list_models, register_model
+from .weights import WeightsFormatError, load_state, load_weights, read_metadata, save_weights
+
+# Model families register their variants on import.
+from . import scfnet  # noqa: E402,F401  isort: skip
+
+__all__ = [
+    "SODModel", "register_model", "create_model", "list_models", "describe_model", "UnknownModelError",
+    "save_weights", "load_weights", "load_state", "read_metadata", "WeightsFormatError",
+    "count_params", "count_macs",
+]

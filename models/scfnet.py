@@ -1,0 +1,199 @@
+"""SCFNet, the semantics-guided contextual fusion network of KD-SCFNet (Zhang et al., ECCV 2022).
+
+Read top to bottom:
+
+1. **Encoder** (``backbone``): MobileNetV3-Large x0.5 for the student, a ResNet for the teachers. It gives
+   four features at strides 4, 8, 16, 32.
+2. **Mapping** (``mapping``): one 3x3 conv + BN + ReLU per level to a common width ``c``; the top level
+   then passes a 3x3 conv with dilation 5 (``context``) to widen its receptive field. Result:
+   ``[f2, f3, f4, f5]``, all with ``c`` channels. :meth:`SCFNet.encode` stops here, so other decoders
+   (the video student, an edge-preserving decoder) can reuse the encoder.
+3. **Decoder**: three SCFM modules, top-down, each guided by the semantic feature ``f5``::
+
+       d4 = SCFM(f4, f5, f5);  d3 = SCFM(f3, d4, f5);  d2 = SCFM(f2, d3, f5)
+
+4. **Heads**: a 3x3 conv to one channel on ``d2, d3, d4, f5``, upsampled bilinearly to the input size.
+   The outputs are logits, finest first; inference uses ``sigmoid(out2)``.
+
+Variants registered at the bottom: ``scfnet_m3`` (the ~0.79 M-parameter student, c=16) and the
+``scfnet_r18``/``scfnet_r34``/``scfnet_r50`` teachers (c=64; R50 is the paper's 26 M teacher).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .base import SODModel
+from .mobilenetv3 import MobileNetV3Large
+from .registry import config_with_overrides, register_model
+from .resnet import RESNET_DEPTHS, ResNetEncoder
+
+__all__ = ["SCFNet", "SCFNetConfig", "SCFM", "build_backbone", "BACKBONES"]
+
+BACKBONES = ("mobilenetv3_large", *(f"resnet{d}" for d in sorted(RESNET_DEPTHS)))
+
+
+@dataclass(frozen=True)
+class SCFNetConfig:
+    """Architecture of one SCFNet variant (every field is a constructor keyword of ``create_model``).
+
+    Attributes:
+        backbone: one of ``BACKBONES``.
+        width_mult: MobileNetV3 width multiplier (must be 1.0 for ResNets).
+        channels: the decoder width ``c`` (16 for the student, 64 for teachers).
+        dilation: dilation of the extra 3x3 conv on the top-level feature.
+    """
+
+    backbone: str = "mobilenetv3_large"
+    width_mult: float = 0.5
+    channels: int = 16
+    dilation: int = 5
+
+    def __post_init__(self) -> None:
+        if self.backbone not in BACKBONES:
+            raise ValueError(f"backbone: unknown {self.backbone!r}; choose one of {list(BACKBONES)}")
+        if not self.width_mult > 0:
+            raise ValueError(f"width_mult: must be > 0, got {self.width_mult}")
+        if self.backbone.startswith("resnet") and self.width_mult != 1.0:
+            raise ValueError(f"width_mult: ResNet backbones have no width multiplier, got {self.width_mult}")
+        if not (isinstance(self.channels, int) and self.channels > 0):
+            raise ValueError(f"channels: must be a positive int, got {self.channels!r}")
+        if not (isinstance(self.dilation, int) and self.dilation > 0):
+            raise ValueError(f"dilation: must be a positive int, got {self.dilation!r}")
+
+
+def build_backbone(config: SCFNetConfig) -> nn.Module:
+    """The encoder named by ``config.backbone``; it exposes ``out_channels`` (4 ints)."""
+    if config.backbone == "mobilenetv3_large":
+        return MobileNetV3Large(width_mult=config.width_mult)
+    return ResNetEncoder(depth=int(config.backbone.removeprefix("resnet")))
+
+
+class ConvBNReLU(nn.Sequential):
+    """3x3 conv (no bias, 'same' padding for any dilation) + BatchNorm + ReLU."""
+
+    def __init__(self, cin: int, cout: int, dilation: int = 1):
+        super().__init__(
+            nn.Conv2d(cin, cout, 3, padding=dilation, dilation=dilation, bias=False),
+            nn.BatchNorm2d(cout),
+            nn.ReLU(inplace=True),
+        )
+
+
+def upsample_like(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """Bilinear resize of ``x`` to the spatial size of ``ref`` (a no-op when they already match)."""
+    if x.shape[-2:] == ref.shape[-2:]:
+        return x
+    return F.interpolate(x, size=ref.shape[-2:], mode="bilinear", align_corners=False)
+
+
+class SCFM(nn.Module):
+    """Semantics-guided contextual fusion module.
+
+    With ``fl`` the lower (finer) feature, ``fh`` the higher (coarser) one and ``fd`` the deep semantic
+    feature, all of width c, and ``up`` a bilinear resize to the size of the tensor it is combined with::
+
+        fdh = cv1(fh + fh * up(fd))      # semantics re-weight the higher level
+        fhl = cv2(fl + fl * up(fh))      # the higher level re-weights the lower level
+        out = cv3(fhl + up(fdh))         # at the resolution of fl
+    """
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.cv1 = ConvBNReLU(channels, channels)
+        self.cv2 = ConvBNReLU(channels, channels)
+        self.cv3 = ConvBNReLU(channels, channels)
+
+    def forward(self, fl: torch.Tensor, fh: torch.Tensor, fd: torch.Tensor) -> torch.Tensor:
+        fdh = self.cv1(fh + fh * upsample_like(fd, fh))
+        fhl = self.cv2(fl + fl * upsample_like(fh, fl))
+        return self.cv3(fhl + upsample_like(fdh, fl))
+
+
+class SCFNet(SODModel):
+    """SCFNet: encoder -> mapping -> 3 SCFMs -> 4 heads (see the module docstring)."""
+
+    def __init__(self, config: SCFNetConfig | None = None):
+        super().__init__()
+        config = config or SCFNetConfig()
+        self.config = dataclasses.asdict(config)
+        self.backbone = build_backbone(config)
+        c = config.channels
+        self.mapping = nn.ModuleList(ConvBNReLU(cin, c) for cin in self.backbone.out_channels)
+        self.context = ConvBNReLU(c, c, dilation=config.dilation)
+        self.scfm4, self.scfm3, self.scfm2 = SCFM(c), SCFM(c), SCFM(c)
+        self.heads = nn.ModuleList(nn.Conv2d(c, 1, 3, padding=1) for _ in range(4))
+        self.channels = c
+        self._init_decoder()
+
+    def _init_decoder(self) -> None:
+        for module in (self.mapping, self.context, self.scfm4, self.scfm3, self.scfm2, self.heads):
+            for m in module.modules():
+                if isinstance(m, nn.Conv2d):
+                    nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="relu")
+                    if m.bias is not None:
+                        nn.init.zeros_(m.bias)
+                elif isinstance(m, nn.BatchNorm2d):
+                    nn.init.ones_(m.weight)
+                    nn.init.zeros_(m.bias)
+
+    def encode(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Normalised images (N, 3, H, W) -> mapped features ``[f2, f3, f4, f5]`` of width c
+        at strides 4, 8, 16, 32 (``f5`` after the dilated context conv)."""
+        feats = [m(f) for m, f in zip(self.mapping, self.backbone(x))]
+        feats[3] = self.context(feats[3])
+        return feats
+
+    def decode(self, feats: list[torch.Tensor]) -> list[torch.Tensor]:
+        """``[f2, f3, f4, f5]`` -> ``[d2, d3, d4, f5]``, the features the four heads read."""
+        f2, f3, f4, f5 = feats
+        d4 = self.scfm4(f4, f5, f5)
+        d3 = self.scfm3(f3, d4, f5)
+        d2 = self.scfm2(f2, d3, f5)
+        return [d2, d3, d4, f5]
+
+    def side_outputs(self, decoded: list[torch.Tensor], size: tuple[int, int]) -> list[torch.Tensor]:
+        """One logit map per decoded feature, bilinearly resized to ``size`` (H, W)."""
+        return [F.interpolate(head(d), size=size, mode="bilinear", align_corners=False)
+                for head, d in zip(self.heads, decoded)]
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """(N, 3, H, W) -> four logit maps (N, 1, H, W): ``[out2, out3, out4, out5]``, finest first."""
+        if x.ndim != 4 or x.shape[1] != 3:
+            raise ValueError(f"{self.name}: expected input of shape (N, 3, H, W), got {tuple(x.shape)}")
+        return self.side_outputs(self.decode(self.encode(x)), x.shape[-2:])
+
+
+# --- registered variants -------------------------------------------------------------------------------
+
+def _build(name: str, defaults: SCFNetConfig, overrides: dict) -> SCFNet:
+    return SCFNet(config_with_overrides(defaults, overrides, name))
+
+
+@register_model
+def scfnet_m3(**kwargs) -> SCFNet:
+    """Student: MobileNetV3-Large x0.5 encoder, c=16 (~0.79 M params, ~0.24 GMACs at 352)."""
+    return _build("scfnet_m3", SCFNetConfig("mobilenetv3_large", 0.5, 16), kwargs)
+
+
+@register_model
+def scfnet_r18(**kwargs) -> SCFNet:
+    """Light teacher: ResNet-18 encoder, c=64 (cheap enough to train on CPU)."""
+    return _build("scfnet_r18", SCFNetConfig("resnet18", 1.0, 64), kwargs)
+
+
+@register_model
+def scfnet_r34(**kwargs) -> SCFNet:
+    """Teacher: ResNet-34 encoder, c=64."""
+    return _build("scfnet_r34", SCFNetConfig("resnet34", 1.0, 64), kwargs)
+
+
+@register_model
+def scfnet_r50(**kwargs) -> SCFNet:
+    """Teacher of the paper: ResNet-50 encoder, c=64 (~26 M params)."""
+    return _build("scfnet_r50", SCFNetConfig("resnet50", 1.0, 64), kwargs)
