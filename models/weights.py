@@ -78,8 +78,8 @@ def save_weights(model: SODModel, path: PathOrFile, extra_meta: dict[str, Any] |
     if clash:
         raise ValueError(f"save_weights: extra_meta may not set reserved key(s) {clash}")
     try:
-        json.dumps(extra)
-    except TypeError as e:
+        extra = json.loads(json.dumps(extra))  # plain dict/list/str/number only: loadable weights_only
+    except (TypeError, ValueError) as e:
         raise ValueError(f"save_weights: extra_meta must be JSON-serialisable: {e}") from None
     meta: dict[str, Any] = {
         "format": FORMAT,
@@ -87,7 +87,7 @@ def save_weights(model: SODModel, path: PathOrFile, extra_meta: dict[str, Any] |
         "model": model.name,
         "config": json.loads(json.dumps(model.config)),
         "git_commit": _git_commit(),
-        "torch_version": torch.__version__,
+        "torch_version": str(torch.__version__),
         "dtype": "float16" if half else "float32",
         "num_params": count_params(model),
     }

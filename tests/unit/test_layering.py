@@ -1,0 +1,47 @@
+"""The layer rule: models/ and kd/ import neither Ray nor MLflow, nor the layers above them.
+
+Checked in a fresh interpreter, importing every submodule found by pkgutil, so an import hidden in any
+file (not only the package __init__) is caught.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+PROBE = r"""
+import importlib, json, pkgutil, sys
+imported = []
+for top in {packages!r}:
+    pkg = importlib.import_module(top)
+    imported.append(top)
+    for info in pkgutil.walk_packages(pkg.__path__, top + "."):
+        importlib.import_module(info.name)
+        imported.append(info.name)
+loaded_tops = sorted({{m.split(".")[0] for m in sys.modules}})
+print(json.dumps({{"imported": imported, "tops": loaded_tops}}))
+"""
+
+
+def _probe(*packages: str) -> dict:
+    out = subprocess.run([sys.executable, "-c", PROBE.format(packages=list(packages))], cwd=REPO,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_models_and_kd_never_import_ray_or_mlflow():
+    result = _probe("models", "kd")
+    assert "models.scfnet" in result["imported"] and "models.weights" in result["imported"]
+    assert any(m.startswith("kd.") for m in result["imported"])
+    assert not {"ray", "mlflow"} & set(result["tops"]), result["tops"]
+    assert not {"cluster", "jobs"} & set(result["tops"]), result["tops"]
+
+
+def test_models_imports_nothing_else_of_sodkd():
+    result = _probe("models")
+    assert not {"kd", "cluster", "jobs", "ray", "mlflow"} & set(result["tops"]), result["tops"]
