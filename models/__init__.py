@@ -15,6 +15,7 @@ from .weights import WeightsFormatError, load_state, load_weights, read_metadata
 # Model families register their variants on import.
 from . import scfnet  # noqa: E402,F401  isort: skip
 from . import dedecoder  # noqa: E402,F401  isort: skip
+from . import video_student  # noqa: E402,F401  isort: skip
 
 __all__ = [
     "SODModel", "register_model", "create_model", "list_models", "describe_model", "UnknownModelError",
