@@ -28,9 +28,13 @@ CONF_MEAN = "conf_mean"    # mean over pixels of |2p-1|: 1 = every pixel certain
 CONF_FRAC = "conf_frac"    # fraction of pixels with p < 0.1 or p > 0.9
 FG_FRAC = "fg_frac"        # fraction of pixels with p > 0.5
 TTA = "tta"                # test-time augmentation used ("none" or "hflip")
+LABEL = "label"            # uint8 HxW soft map before PNG encoding (in-flight column of the labelling job)
+LABELS_DIR = "labels"      # OUTPUT/labels/*.parquet: one row per labelled image
+REJECTS_DIR = "rejects"    # OUTPUT/rejects/*.parquet: one row per image that could not be labelled
 
 # --- rejects table ---
-REASON = "reason"
+REASON = "reason"          # short machine-readable reason ("truncated", "not_an_image", ...); "" while in flight = ok
+DETAIL = "detail"          # the human-readable error message behind the reason
 
 # --- foundation-model labels (issue 7) ---
 CONF_PNG = "conf_png"      # uint8 PNG of the per-pixel confidence map
