@@ -160,6 +160,8 @@ class FusionStep(nn.Module):
 class DEDecoder(SODModel):
     """SCFNet encoder + step-by-step DySample decoder + stride-2 edge branch (see the module docstring)."""
 
+    has_edge_branch = True
+
     def __init__(self, config: DEDecoderConfig | None = None):
         super().__init__()
         config = config or DEDecoderConfig()
@@ -220,9 +222,14 @@ class DEDecoder(SODModel):
                 for head, d in zip(self.heads, decoded)]
         return outs, F.interpolate(edge_logits, size=size, mode="bilinear", align_corners=False)
 
-    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """(N, 3, H, W) -> four logit maps (N, 1, H, W): ``[out1, out2, out3, out4]``, finest first."""
-        return self.forward_with_edge(x)[0]
+    def forward(self, x: torch.Tensor, with_edge: bool = False):
+        """(N, 3, H, W) -> four logit maps (N, 1, H, W): ``[out1, out2, out3, out4]``, finest first.
+
+        ``with_edge=True`` returns ``(outputs, edge_logits)`` as :meth:`forward_with_edge` does; training
+        code calls it this way so a DDP wrapper's forward (and its gradient hooks) still runs.
+        """
+        outs, edge = self.forward_with_edge(x)
+        return (outs, edge) if with_edge else outs
 
 
 # --- registered variants -------------------------------------------------------------------------------
