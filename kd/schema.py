@@ -41,6 +41,8 @@ CONF_PNG = "conf_png"      # uint8 PNG of the per-pixel confidence map
 CAPTION = "caption"
 BOXES = "boxes"            # flat list of x0,y0,x1,y1 in original-image pixels
 BOX_SCORES = "box_scores"
+MASK_SCORES = "mask_scores"  # per box: box score * SAM predicted IoU * stability (the object quality q_k)
+CONF = "conf"              # uint8 HxW confidence map before PNG encoding (in-flight column)
 
 # --- metric keys (sodkd eval / MLflow) ---
 METRIC_KEYS = ("mae", "sm", "wfm", "em_adp", "em_mean", "em_max", "fm_adp", "fm_mean", "fm_max")
