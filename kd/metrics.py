@@ -33,7 +33,11 @@ from PIL import Image
 
 from kd.schema import METRIC_KEYS
 
-MAE, SM, WFM, EM_ADP, EM_MEAN, EM_MAX, FM_ADP, FM_MEAN, FM_MAX = METRIC_KEYS
+MAE, SM, WFM = "mae", "sm", "wfm"
+EM_ADP, EM_MEAN, EM_MAX = "em_adp", "em_mean", "em_max"
+FM_ADP, FM_MEAN, FM_MAX = "fm_adp", "fm_mean", "fm_max"
+if {MAE, SM, WFM, EM_ADP, EM_MEAN, EM_MAX, FM_ADP, FM_MEAN, FM_MAX} != set(METRIC_KEYS):
+    raise ImportError(f"kd.metrics computes keys that differ from kd.schema.METRIC_KEYS {METRIC_KEYS}")
 FM_BETA2 = 0.3
 
 

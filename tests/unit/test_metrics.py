@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -146,7 +147,9 @@ def test_unmatched_files_are_counted_and_predictions_resized(soc_dir, tmp_path, 
 
 
 def test_no_match_and_missing_dir_are_clear_errors(pysod_dir, soc_dir, tmp_path, capsys):
-    with pytest.raises(ValueError, match=f"no prediction in {soc_dir / 'preds'} has a mask .* in {pysod_dir / 'masks'}"):
+    preds, masks = re.escape(str(soc_dir / "preds")), re.escape(str(pysod_dir / "masks"))
+    pattern = f"no prediction in {preds} has a mask .* in {masks}"
+    with pytest.raises(ValueError, match=pattern):
         evaluate_dirs(soc_dir / "preds", pysod_dir / "masks")
     with pytest.raises(FileNotFoundError, match="mask directory .*nowhere does not exist"):
         evaluate_dirs(pysod_dir / "preds", tmp_path / "nowhere")
