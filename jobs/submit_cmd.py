@@ -1,0 +1,34 @@
+"""``sodkd submit JOB [args]``: run any sodkd job on a Ray cluster through the Ray Jobs API."""
+
+from __future__ import annotations
+
+import argparse
+
+from cluster import submit
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--address", help="Ray dashboard address (default: $RAY_ADDRESS)")
+    p.add_argument("--env", action="append", default=[], metavar="NAME",
+                   help="pass this environment variable by name (repeatable); common AWS/MLflow names are "
+                        "passed when set. Values are never printed.")
+    p.add_argument("--pip", action="append", default=[], metavar="REQ",
+                   help="extra pip requirement for the job's runtime env (repeatable)")
+    p.add_argument("--id", dest="submission_id", help="submission id (default: generated)")
+    p.add_argument("--no-wait", action="store_true", help="return after submitting instead of following logs")
+    p.add_argument("job", nargs=argparse.REMAINDER, help="the job and its arguments, e.g. label --input ...")
+
+
+def run(args: argparse.Namespace) -> int:
+    job_args = [a for a in args.job if a != "--"] if args.job[:1] == ["--"] else args.job
+    runtime_env = submit.build_runtime_env(args.env, args.pip)
+    print(f"submitting `sodkd {' '.join(job_args)}` to {submit.resolve_address(args.address)}")
+    print(f"runtime env: {submit.describe_runtime_env(runtime_env)}")
+    job_id = submit.submit(job_args, args.address, args.env, args.pip, args.submission_id)
+    print(f"submitted {job_id}")
+    if args.no_wait:
+        print(f"follow with: sodkd jobs logs {job_id} --follow")
+        return 0
+    status = submit.follow(job_id, args.address)
+    print(f"job {job_id} {status}")
+    return 0 if status == "SUCCEEDED" else 1
