@@ -1,0 +1,121 @@
+"""``sodkd eval-video --weights A [B ...] --data DIR``: score models on video sequences, per sequence and overall.
+
+``DIR`` holds ``<sequence>/images/*.jpg`` and ``<sequence>/masks/*.png`` (``../shared/data/davis2016-dev``). Each
+model runs over every sequence in frame order -- a video model (``streamer()``) in streaming mode, an image model
+frame by frame -- at ``--size`` (default: the model's ``input_size``), and :class:`kd.video_eval.VideoEvaluator`
+gives S-measure, max F, MAE (and the other PySODMetrics figures) per sequence, pooled over all frames
+(``overall``) and averaged over sequences (``sequence_mean``), plus the temporal-stability figure ``flicker``:
+mean |p_t - p_{t-1}| over consecutive frames whose mask changes on < 1% of the pixels (lower is steadier).
+
+Prints one table per model and, with several models, a per-sequence comparison; ``--json`` writes everything.
+Other jobs (the video trainer's final evaluation) call :func:`evaluate_models`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from kd.video_eval import SUMMARY_KEYS, VideoEvaluator, predict_frames
+
+log = logging.getLogger(__name__)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--weights", required=True, type=Path, nargs="+", help="weights file(s) to compare")
+    parser.add_argument("--data", required=True, help="folder of <sequence>/images + <sequence>/masks")
+    parser.add_argument("--sequences", nargs="*", default=None, help="only these sequences")
+    parser.add_argument("--max-frames", type=int, default=None, help="first N frames of each sequence")
+    parser.add_argument("--size", type=int, default=None, help="inference resolution (default: each model's)")
+    parser.add_argument("--json", type=Path, default=None, help="also write the results to this JSON file")
+
+
+def load_sequences(data: str, sequences: Sequence[str] | None = None,
+                   max_frames: int | None = None) -> dict[str, tuple[list[np.ndarray], list[np.ndarray]]]:
+    """``{sequence: (frames RGB uint8, masks uint8)}`` of every sequence with a mask for every frame."""
+    from cluster import catalog, storage
+    from kd.imageio import decode_image, decode_mask
+
+    cat = catalog.video_folders(data, sequences=list(sequences) if sequences else None, max_frames=max_frames)
+    out = {}
+    for seq, items in cat.sequences().items():
+        if not seq or items[0].frame < 0:
+            continue
+        missing = [i.key for i in items if i.mask_path is None]
+        if missing:
+            raise FileNotFoundError(f"{data}: sequence {seq!r} has {len(missing)} frames without a mask, "
+                                    f"e.g. {missing[0]}")
+        frames = [decode_image(storage.read_bytes(cat.fs, i.path)) for i in items]
+        masks = [decode_mask(storage.read_bytes(cat.fs, i.mask_path)) for i in items]
+        out[seq] = (frames, masks)
+    if not out:
+        raise FileNotFoundError(f"{data}: no sequences with images/ and masks/ found")
+    return out
+
+
+def evaluate_model(model, data: dict[str, tuple[list[np.ndarray], list[np.ndarray]]],
+                   size: int | None = None) -> dict:
+    """Run ``model`` over every sequence and score it (see :class:`kd.video_eval.VideoEvaluator`)."""
+    ev = VideoEvaluator()
+    t0, frames = time.perf_counter(), 0
+    for seq, (images, masks) in data.items():
+        ev.add_sequence(seq, predict_frames(model, images, size), masks)
+        frames += len(images)
+    res = ev.results()
+    res["model"] = getattr(model, "name", type(model).__name__)
+    res["size"] = int(size or model.input_size)
+    res["seconds_per_frame"] = (time.perf_counter() - t0) / max(frames, 1)
+    return res
+
+
+def evaluate_models(weights: Sequence[Path], data: str, sequences: Sequence[str] | None = None,
+                    max_frames: int | None = None, size: int | None = None) -> dict[str, dict]:
+    """``{weights path: results}`` for each weights file, all on the same frames."""
+    from models import load_weights
+
+    seqs = load_sequences(data, sequences, max_frames)
+    return {str(w): evaluate_model(load_weights(w), seqs, size) for w in weights}
+
+
+def _fmt(v: float) -> str:
+    return "  n/a" if isinstance(v, float) and math.isnan(v) else f"{v:.3f}"
+
+
+def format_table(results: dict[str, dict]) -> str:
+    """Per-sequence rows of S, max F, MAE and flicker, one column group per model."""
+    names = list(results)
+    first = results[names[0]]
+    head = "sequence".ljust(16) + "".join(
+        f"| {Path(n).stem[:24]:<24} " + " ".join(f"{k:>7}" for k in SUMMARY_KEYS) + " " for n in names)
+    lines = [head, "-" * len(head)]
+    rows = list(first["sequences"]) + ["overall", "sequence_mean"]
+    for row in rows:
+        cells = []
+        for n in names:
+            figs = results[n]["sequences"][row] if row in results[n]["sequences"] else results[n][row]
+            cells.append(f"| {'':<24} " + " ".join(f"{_fmt(figs[k]):>7}" for k in SUMMARY_KEYS) + " ")
+        lines.append(row[:16].ljust(16) + "".join(cells))
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    for w in args.weights:
+        if not w.is_file():
+            raise FileNotFoundError(f"--weights {w}: no such file")
+    results = evaluate_models(args.weights, args.data, args.sequences, args.max_frames, args.size)
+    print(format_table(results))
+    for n, r in results.items():
+        print(f"{n}: {r['model']} at {r['size']}, {r['seconds_per_frame'] * 1e3:.1f} ms/frame "
+              f"(incl. decode-free pre/post-processing)")
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(results, indent=2, default=float) + "\n")
+        print(f"wrote {args.json}")
+    return 0
