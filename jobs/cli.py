@@ -16,6 +16,7 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "models": ("jobs.models_cmd", "list registered models with params and MACs"),
     "eval": ("jobs.eval_cmd", "score a folder of predicted maps against masks"),
+    "export": ("jobs.export_cmd", "export a model to ONNX or TorchScript with an output-parity check"),
     "submit": ("jobs.submit_cmd", "submit a sodkd job to a Ray cluster (Ray Jobs API)"),
     "jobs": ("jobs.jobs_cmd", "list, follow or stop submitted jobs"),
     "local": ("jobs.local_cmd", "start or stop a local Ray + MLflow + S3 stack on 127.0.0.1"),

@@ -1,0 +1,40 @@
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from cluster.teachers import build_teacher, read_export_metadata
+from jobs.export_cmd import export_with_parity
+from models import create_model, save_weights
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    torch.manual_seed(0)
+    model = create_model("scfnet_m3").eval()
+    path = tmp_path_factory.mktemp("w") / "m3.pt"
+    save_weights(model, path)
+    return path
+
+
+@pytest.mark.parametrize("fmt, suffix", [("torchscript", ".ts"), ("onnx", ".onnx")])
+def test_export_writes_a_self_describing_file_with_parity(tmp_path, weights, shared_data, fmt, suffix):
+    out = tmp_path / f"m3{suffix}"
+    rep = export_with_parity(f"scfnet_m3:{weights}", out, fmt, size=96,
+                             images=shared_data / "ecssd" / "images")
+    assert rep["max_abs_diff"] <= 1e-4 and rep["input_size"] == 96 and out.stat().st_size > 100_000
+    meta = read_export_metadata(str(out))
+    assert meta["model"] == "scfnet_m3" and meta["input_size"] == 96 and len(meta["mean"]) == 3
+    t = build_teacher(str(out), device="cpu")
+    probs = t.predict(np.zeros((3, 96, 96, 3), np.uint8))
+    assert probs.shape == (3, 96, 96) and 0 <= probs.min() and probs.max() <= 1
+
+
+def test_export_rejects_mismatched_spec_and_exported_input(tmp_path, weights):
+    with pytest.raises(ValueError, match="holds scfnet_m3, not scfnet_r18"):
+        export_with_parity(f"scfnet_r18:{weights}", tmp_path / "x.ts", "torchscript", size=64)
+    res = subprocess.run([sys.executable, "-m", "jobs.cli", "export", "--model", str(tmp_path / "nope.onnx"),
+                          "--output", str(tmp_path / "y.ts")], capture_output=True, text=True)
+    assert res.returncode == 2 and "already exported" in res.stderr
