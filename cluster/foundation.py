@@ -1,0 +1,641 @@
+"""The foundation-model teacher: captioner -> grounding detector -> SAM, one Ray Data actor pool per stage.
+
+For domains without a SOD teacher (He et al., arXiv 2501.04582), pseudo masks come from three foundation
+models run in sequence over the decoded images of the labelling job:
+
+1. :class:`Captioner` -- BLIP (``BlipForConditionalGeneration``) names what the image shows; a fixed prompt
+   (``captioner.fixed_prompt``) may replace it, and then no captioner pool runs at all;
+2. :class:`Grounder` -- GroundingDINO (``GroundingDinoForObjectDetection``) turns the caption into boxes with
+   scores; up to ``max_boxes`` boxes above ``box_threshold`` survive a class-agnostic NMS. An image with no box
+   becomes a reject (``reason = "no_detection"``), not an empty label;
+3. :class:`Segmenter` -- SAM (``SamModel``) cuts every box out; its mask logits become the soft pseudo mask
+   and, with the box scores, a per-pixel **confidence map**.
+
+Each stage is a plain callable class (``Stage(...)(batch) -> batch``) that a unit test can call directly; the
+job hands the same classes to ``map_batches`` each with its own ``ActorPoolStrategy``, ``num_cpus``,
+``num_gpus`` and ``batch_size`` from :class:`StageResources`, so a GPU-heavy SAM pool and a light captioner
+pool scale separately. Models are Hugging Face ids (``Salesforce/blip-image-captioning-large``,
+``IDEA-Research/grounding-dino-tiny``, ``facebook/sam-vit-base``) or local directories written by
+``save_pretrained``; ``local_files_only`` keeps a worker off the network.
+
+Confidence map (per pixel ``x``; ``k`` runs over the kept boxes of one image)::
+
+    p_k(x) = sigmoid(L_k(x))                 # SAM's mask logits L_k, resized to the image
+    stab_k = |{L_k > +d}| / |{L_k > -d}|     # SAM's stability score, d = segmenter.stability_offset
+    q_k    = s_k * clip(iou_k, 0, 1) * stab_k    # box score * SAM's predicted IoU * stability
+    p(x)   = max_k p_k(x)                    # the pseudo mask: union of the object masks
+    c(x)   = q_{k*(x)} * |2 p(x) - 1|,  k*(x) = argmax_k p_k(x)
+
+so a pixel is trusted when the object that claims it is well detected, well segmented and stable, *and* SAM
+is decided about that pixel (``|2p - 1|`` is 0 on the mask's soft boundary and 1 far from it). ``c`` lies in
+[0, 1]; the trainer trusts pixels with ``c >= tau`` (``kd.pseudo_labels.trust_mask``).
+
+Columns: in ``ID, KEY, IMAGE`` (uint8 HxWx3), ``ORIG_H, ORIG_W``, ``REASON`` (optional; rows already
+rejected pass through untouched); out, added: ``CAPTION``, ``BOXES`` (flat x0,y0,x1,y1 in original-image
+pixels), ``BOX_SCORES``, ``MASK_SCORES`` (``q_k``), ``LABEL`` and ``CONF`` (uint8, square
+``label_size``), ``CONF_MEAN``/``CONF_FRAC``/``FG_FRAC``, ``TEACHER``, ``WEIGHTS_HASH``, ``TTA``,
+``REASON``/``DETAIL``; ``IMAGE`` is dropped. The labelling job encodes ``LABEL`` and ``CONF`` to PNG and writes
+them, with the columns of :func:`foundation_fields`, to the same label shards as a SOD teacher's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from kd import schema
+
+log = logging.getLogger(__name__)
+
+__all__ = ["StageResources", "CaptionerConfig", "DetectorConfig", "SegmenterConfig", "FoundationConfig",
+           "Captioner", "Grounder", "Segmenter", "foundation_stages", "label_batch_locally", "teacher_id",
+           "confidence_map", "stability_score", "caption_to_query", "nms", "foundation_fields",
+           "foundation_columns", "stage_pool_params"]
+
+_HASH_COL = "fm_hashes"  # in-flight: "captioner=<h>;detector=<h>;" accumulated stage by stage
+
+
+# --- configuration ---------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class StageResources:
+    """Ray resources of one stage's actor pool.
+
+    Attributes:
+        pool_size: actors in the pool (the minimum when ``max_pool_size`` is set).
+        max_pool_size: let Ray Data autoscale the pool up to this many actors (None = fixed size).
+        num_cpus: CPUs per actor; fractional values let several light actors share a core.
+        num_gpus: GPUs per actor (fractions share one GPU); the stage runs on CUDA when > 0.
+        batch_size: images per call.
+        torch_threads: intra-op threads per actor; 0 = one per whole CPU asked for (at least 1).
+    """
+
+    pool_size: int = 1
+    max_pool_size: int | None = None
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+    batch_size: int = 4
+    torch_threads: int = 0
+
+    def __post_init__(self) -> None:
+        if self.pool_size < 1:
+            raise ValueError(f"pool_size: must be >= 1, got {self.pool_size}")
+        if self.max_pool_size is not None and self.max_pool_size < self.pool_size:
+            raise ValueError(f"max_pool_size: must be >= pool_size ({self.pool_size}), got {self.max_pool_size}")
+        if self.num_cpus < 0 or self.num_gpus < 0:
+            raise ValueError(f"num_cpus/num_gpus: must be >= 0, got {self.num_cpus}/{self.num_gpus}")
+        if self.num_cpus == 0 and self.num_gpus == 0:
+            raise ValueError("num_cpus: an actor needs some CPU or GPU (both are 0)")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size: must be >= 1, got {self.batch_size}")
+        if self.torch_threads < 0:
+            raise ValueError(f"torch_threads: must be >= 0, got {self.torch_threads}")
+
+    def threads(self) -> int:
+        return self.torch_threads or max(1, int(self.num_cpus))
+
+
+@dataclass(frozen=True)
+class CaptionerConfig:
+    """BLIP captioner.
+
+    Attributes:
+        model: HF id or local directory of a ``BlipForConditionalGeneration`` + ``BlipProcessor``.
+        fixed_prompt: if set, every image is grounded with this text and no captioner runs.
+        prompt_prefix: conditional-captioning prefix (e.g. "a picture of"); removed from the caption.
+        empty_caption_prompt: text used when the captioner returns nothing usable.
+        max_new_tokens, num_beams: generation settings.
+    """
+
+    model: str = "Salesforce/blip-image-captioning-large"
+    fixed_prompt: str | None = None
+    prompt_prefix: str = ""
+    empty_caption_prompt: str = "the main object"
+    max_new_tokens: int = 20
+    num_beams: int = 1
+    resources: StageResources = field(default_factory=StageResources)
+
+    def __post_init__(self) -> None:
+        if self.fixed_prompt is not None and not self.fixed_prompt.strip():
+            raise ValueError("fixed_prompt: must not be blank (use null to run the captioner)")
+        if self.max_new_tokens < 1 or self.num_beams < 1:
+            raise ValueError("max_new_tokens and num_beams: must be >= 1")
+
+
+@dataclass(frozen=True)
+class DetectorConfig:
+    """GroundingDINO detector.
+
+    Attributes:
+        model: HF id or local directory of a ``GroundingDinoForObjectDetection`` + ``GroundingDinoProcessor``.
+        box_threshold: keep boxes whose score (max over caption tokens of the sigmoid logit) is >= this.
+        text_threshold: token threshold of the HF post-processing (which caption words a box matched).
+        max_boxes: at most this many boxes per image, best first, after NMS.
+        nms_iou: boxes overlapping a better box by more than this IoU are dropped.
+    """
+
+    model: str = "IDEA-Research/grounding-dino-tiny"
+    box_threshold: float = 0.3
+    text_threshold: float = 0.25
+    max_boxes: int = 3
+    nms_iou: float = 0.7
+    resources: StageResources = field(default_factory=StageResources)
+
+    def __post_init__(self) -> None:
+        for name in ("box_threshold", "text_threshold", "nms_iou"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name}: must lie in [0, 1], got {getattr(self, name)}")
+        if self.max_boxes < 1:
+            raise ValueError(f"max_boxes: must be >= 1, got {self.max_boxes}")
+
+
+@dataclass(frozen=True)
+class SegmenterConfig:
+    """SAM segmenter.
+
+    Attributes:
+        model: HF id or local directory of a ``SamModel`` + ``SamProcessor``.
+        multimask: ask SAM for 3 masks per box and keep the one with the best predicted IoU (SAM's advice
+            for ambiguous prompts); False = one mask per box (its advice for boxes).
+        stability_offset: ``d`` of the stability score (logit units; SAM uses 1.0).
+    """
+
+    model: str = "facebook/sam-vit-base"
+    multimask: bool = False
+    stability_offset: float = 1.0
+    resources: StageResources = field(default_factory=StageResources)
+
+    def __post_init__(self) -> None:
+        if self.stability_offset <= 0:
+            raise ValueError(f"stability_offset: must be > 0, got {self.stability_offset}")
+
+
+@dataclass(frozen=True)
+class FoundationConfig:
+    """The staged foundation teacher (the ``foundation`` block of a labelling config).
+
+    Attributes:
+        captioner, detector, segmenter: the three stages, each with its own model and pool resources.
+        image_size: the side the labelling job decodes images to before the stages (its processors resize
+            further as each model needs); labels are stored at the job's ``label_size`` (default this).
+        local_files_only: never contact the hub (model fields must then be local dirs or cached ids).
+        precision: ``fp32``, or ``fp16``/``bf16`` for the models on CUDA (CPU always runs fp32).
+    """
+
+    captioner: CaptionerConfig = field(default_factory=CaptionerConfig)
+    detector: DetectorConfig = field(default_factory=DetectorConfig)
+    segmenter: SegmenterConfig = field(default_factory=SegmenterConfig)
+    image_size: int = 512
+    local_files_only: bool = False
+    precision: str = "fp32"
+
+    def __post_init__(self) -> None:
+        if self.image_size < 32:
+            raise ValueError(f"image_size: must be >= 32, got {self.image_size}")
+        if self.precision not in ("fp32", "fp16", "bf16"):
+            raise ValueError(f"precision: expected fp32, fp16 or bf16, got {self.precision!r}")
+
+
+def teacher_id(cfg: FoundationConfig) -> str:
+    """What the label shards record as TEACHER, e.g. ``foundation(blip=...,gdino=...,sam=...)``."""
+    first = (f"prompt={cfg.captioner.fixed_prompt!r}" if cfg.captioner.fixed_prompt is not None
+             else f"blip={cfg.captioner.model}")
+    return f"foundation({first},gdino={cfg.detector.model},sam={cfg.segmenter.model})"
+
+
+# --- pure helpers (unit-tested without models) -------------------------------------------------------------
+
+def caption_to_query(caption: str, prefix: str = "", fallback: str = "the main object") -> str:
+    """A caption as GroundingDINO wants its text: lower case, the captioning prefix removed, one final '.'."""
+    text = " ".join(str(caption).lower().split())
+    pre = " ".join(prefix.lower().split())
+    if pre and text.startswith(pre):
+        text = text[len(pre):].strip()
+    text = text.strip(" .,;:!?")
+    if not text:
+        text = " ".join(fallback.lower().split()).strip(" .")
+    return f"{text}."
+
+
+def nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float) -> np.ndarray:
+    """Greedy non-maximum suppression: indices of the kept boxes, best score first.
+
+    Args:
+        boxes: (K, 4) x0, y0, x1, y1. scores: (K,). A box is dropped when its IoU with a kept, better box is
+            greater than ``iou_threshold``.
+    """
+    order = np.argsort(-scores, kind="stable")
+    keep: list[int] = []
+    area = np.clip(boxes[:, 2] - boxes[:, 0], 0, None) * np.clip(boxes[:, 3] - boxes[:, 1], 0, None)
+    for i in order:
+        ok = True
+        for j in keep:
+            iw = min(boxes[i, 2], boxes[j, 2]) - max(boxes[i, 0], boxes[j, 0])
+            ih = min(boxes[i, 3], boxes[j, 3]) - max(boxes[i, 1], boxes[j, 1])
+            inter = max(iw, 0.0) * max(ih, 0.0)
+            union = area[i] + area[j] - inter
+            if union > 0 and inter / union > iou_threshold:
+                ok = False
+                break
+        if ok:
+            keep.append(int(i))
+    return np.asarray(keep, dtype=np.int64)
+
+
+def stability_score(logits: np.ndarray, offset: float) -> float:
+    """SAM's stability score ``|{L > +d}| / |{L > -d}|`` of one mask's logits (0 when nothing is > -d)."""
+    hi = int((logits > offset).sum())
+    lo = int((logits > -offset).sum())
+    return hi / lo if lo else 0.0
+
+
+def confidence_map(mask_logits: np.ndarray, box_scores: np.ndarray, pred_iou: np.ndarray,
+                   stability: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Combine K object masks into the pseudo mask ``p`` and the confidence ``c`` (module docstring).
+
+    Args:
+        mask_logits: (K, H, W) SAM logits per kept box. box_scores, pred_iou, stability: (K,).
+    Returns:
+        ``(p, c, q)``: (H, W) float32 probability, (H, W) float32 confidence in [0, 1], (K,) object quality.
+    """
+    if mask_logits.ndim != 3 or mask_logits.shape[0] == 0:
+        raise ValueError(f"mask_logits must be (K>0, H, W), got {mask_logits.shape}")
+    k = mask_logits.shape[0]
+    for name, v in (("box_scores", box_scores), ("pred_iou", pred_iou), ("stability", stability)):
+        if np.shape(v) != (k,):
+            raise ValueError(f"{name} must have shape ({k},), got {np.shape(v)}")
+    q = (np.clip(box_scores, 0, 1) * np.clip(pred_iou, 0, 1) * np.clip(stability, 0, 1)).astype(np.float32)
+    probs = 1.0 / (1.0 + np.exp(-mask_logits.astype(np.float32)))
+    owner = probs.argmax(axis=0)
+    p = np.take_along_axis(probs, owner[None], axis=0)[0]
+    c = q[owner] * np.abs(2.0 * p - 1.0)
+    return p.astype(np.float32), np.clip(c, 0.0, 1.0).astype(np.float32), q
+
+
+def _to_uint8(x: np.ndarray) -> np.ndarray:
+    return np.clip(np.rint(x * 255.0), 0, 255).astype(np.uint8)
+
+
+# --- stage plumbing ------------------------------------------------------------------------------------------
+
+def _device(resources: StageResources):
+    import torch
+    torch.set_num_threads(resources.threads())
+    if resources.num_gpus > 0 and torch.cuda.is_available():
+        return torch.device("cuda")
+    if resources.num_gpus > 0:
+        log.warning("stage asks for %s GPU(s) but CUDA is not available here; running on CPU", resources.num_gpus)
+    return torch.device("cpu")
+
+
+def _dtype(precision: str, device):
+    import torch
+    if device.type != "cuda" or precision == "fp32":
+        return torch.float32
+    return torch.float16 if precision == "fp16" else torch.bfloat16
+
+
+def _model_hash(model) -> str:
+    """sha256 (16 hex) over a model's parameters and buffers in state-dict order: which weights made a label."""
+    h = hashlib.sha256()
+    for name, t in model.state_dict().items():
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().float().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _n(batch: dict[str, Any]) -> int:
+    return len(batch[schema.ID])
+
+
+def _ok_rows(batch: dict[str, Any]) -> list[int]:
+    """Indices of rows not already rejected upstream (decode errors pass through every stage)."""
+    reasons = batch.get(schema.REASON)
+    if reasons is None:
+        return list(range(_n(batch)))
+    return [i for i, r in enumerate(reasons) if not r]
+
+
+def _ensure_columns(batch: dict[str, Any]) -> dict[str, Any]:
+    n = _n(batch)
+    out = dict(batch)
+    out.setdefault(schema.REASON, np.array([""] * n, dtype=object))
+    out.setdefault(schema.DETAIL, np.array([""] * n, dtype=object))
+    out[schema.REASON] = np.asarray(out[schema.REASON], dtype=object).copy()
+    out[schema.DETAIL] = np.asarray(out[schema.DETAIL], dtype=object).copy()
+    out.setdefault(_HASH_COL, np.array([""] * n, dtype=object))
+    out[_HASH_COL] = np.asarray(out[_HASH_COL], dtype=object).copy()
+    return out
+
+
+def _image(batch: dict[str, Any], i: int) -> np.ndarray:
+    img = np.asarray(batch[schema.IMAGE][i])
+    if img.ndim != 3 or img.shape[2] != 3 or img.dtype != np.uint8:
+        raise ValueError(f"{schema.IMAGE} of {batch[schema.KEY][i]!r}: expected uint8 HxWx3, "
+                         f"got {img.dtype} {img.shape}")
+    return img
+
+
+# --- the three stages ------------------------------------------------------------------------------------------
+
+class Captioner:
+    """Stage 1: BLIP captions (or the fixed prompt) -> ``CAPTION`` (the text the detector grounds)."""
+
+    def __init__(self, cfg: CaptionerConfig, local_files_only: bool = False, precision: str = "fp32"):
+        self.cfg = cfg
+        self.model = None
+        self.hash = "fixed"
+        if cfg.fixed_prompt is not None:
+            return
+        import torch
+        from transformers import BlipForConditionalGeneration, BlipProcessor
+
+        self.device = _device(cfg.resources)
+        self.processor = BlipProcessor.from_pretrained(cfg.model, local_files_only=local_files_only)
+        self.model = BlipForConditionalGeneration.from_pretrained(
+            cfg.model, local_files_only=local_files_only).eval()
+        self.hash = _model_hash(self.model)
+        self.model.to(self.device, _dtype(precision, self.device))
+        self.dtype = next(self.model.parameters()).dtype
+        torch.set_grad_enabled(False)
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        import torch
+
+        out = _ensure_columns(batch)
+        n = _n(batch)
+        captions = np.array([""] * n, dtype=object)
+        rows = _ok_rows(out)
+        if self.model is None:
+            for i in rows:
+                captions[i] = self.cfg.fixed_prompt
+        elif rows:
+            images = [_image(batch, i) for i in rows]
+            kwargs: dict[str, Any] = {"images": images, "return_tensors": "pt"}
+            if self.cfg.prompt_prefix:
+                kwargs["text"] = [self.cfg.prompt_prefix] * len(images)
+            inputs = self.processor(**kwargs)
+            inputs = {k: (v.to(self.device, self.dtype) if v.is_floating_point() else v.to(self.device))
+                      for k, v in inputs.items()}
+            with torch.inference_mode():
+                ids = self.model.generate(**inputs, max_new_tokens=self.cfg.max_new_tokens,
+                                          num_beams=self.cfg.num_beams)
+            for i, text in zip(rows, self.processor.batch_decode(ids, skip_special_tokens=True)):
+                captions[i] = text.strip()
+        out[schema.CAPTION] = captions
+        out[_HASH_COL] = np.array([f"{h}captioner={self.hash};" for h in out[_HASH_COL]], dtype=object)
+        return out
+
+
+class Grounder:
+    """Stage 2: GroundingDINO boxes for the caption -> ``BOXES`` (original-image pixels), ``BOX_SCORES``.
+
+    Rows without any box >= ``box_threshold`` get ``REASON = "no_detection"``.
+    """
+
+    def __init__(self, cfg: DetectorConfig, captioner: CaptionerConfig, local_files_only: bool = False,
+                 precision: str = "fp32"):
+        import torch
+        from transformers import GroundingDinoForObjectDetection, GroundingDinoProcessor
+
+        self.cfg, self.captioner = cfg, captioner
+        self.device = _device(cfg.resources)
+        self.processor = GroundingDinoProcessor.from_pretrained(cfg.model, local_files_only=local_files_only)
+        self.model = GroundingDinoForObjectDetection.from_pretrained(
+            cfg.model, local_files_only=local_files_only).eval()
+        self.hash = _model_hash(self.model)
+        self.model.to(self.device, _dtype(precision, self.device))
+        self.dtype = next(self.model.parameters()).dtype
+        self.max_text_len = int(getattr(self.model.config, "max_text_len", 256))
+        torch.set_grad_enabled(False)
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        import torch
+
+        out = _ensure_columns(batch)
+        n = _n(batch)
+        boxes_col = [np.zeros(0, np.float32) for _ in range(n)]
+        scores_col = [np.zeros(0, np.float32) for _ in range(n)]
+        rows = _ok_rows(out)
+        if rows:
+            images = [_image(batch, i) for i in rows]
+            queries = [caption_to_query(batch[schema.CAPTION][i], self.captioner.prompt_prefix,
+                                        self.captioner.empty_caption_prompt) for i in rows]
+            inputs = self.processor(images=images, text=queries, return_tensors="pt", padding="longest",
+                                    truncation=True, max_length=self.max_text_len)
+            inputs = {k: (v.to(self.device, self.dtype) if v.is_floating_point() else v.to(self.device))
+                      for k, v in inputs.items()}
+            with torch.inference_mode():
+                outputs = self.model(**inputs)
+            sizes = [img.shape[:2] for img in images]
+            results = self.processor.post_process_grounded_object_detection(
+                outputs, inputs["input_ids"], threshold=self.cfg.box_threshold,
+                text_threshold=self.cfg.text_threshold, target_sizes=sizes)
+            for i, img, query, res in zip(rows, images, queries, results):
+                h, w = img.shape[:2]
+                b = res["boxes"].float().cpu().numpy().reshape(-1, 4)
+                s = res["scores"].float().cpu().numpy().reshape(-1)
+                b[:, [0, 2]] = b[:, [0, 2]].clip(0, w)
+                b[:, [1, 3]] = b[:, [1, 3]].clip(0, h)
+                valid = ((b[:, 2] - b[:, 0]) >= 1) & ((b[:, 3] - b[:, 1]) >= 1)
+                b, s = b[valid], s[valid]
+                keep = nms(b, s, self.cfg.nms_iou)[: self.cfg.max_boxes]
+                if keep.size == 0:
+                    out[schema.REASON][i] = "no_detection"
+                    out[schema.DETAIL][i] = (f"no box scored >= {self.cfg.box_threshold} for {query!r}")
+                    continue
+                sx = float(batch[schema.ORIG_W][i]) / w
+                sy = float(batch[schema.ORIG_H][i]) / h
+                orig = b[keep] * np.array([sx, sy, sx, sy], np.float32)
+                boxes_col[i] = orig.astype(np.float32).reshape(-1)
+                scores_col[i] = s[keep].astype(np.float32)
+        out[schema.BOXES] = _object_array(boxes_col)
+        out[schema.BOX_SCORES] = _object_array(scores_col)
+        out[_HASH_COL] = np.array([f"{h}detector={self.hash};" for h in out[_HASH_COL]], dtype=object)
+        return out
+
+
+class Segmenter:
+    """Stage 3: SAM masks for the boxes -> ``LABEL`` (pseudo mask), ``CONF`` (confidence map), provenance.
+
+    ``p`` and ``c`` are computed at the size of ``IMAGE``, then resized to the square ``label_size`` (as a SOD
+    teacher's labels are) and quantised to uint8 (``round(255 x)``). The per-image summary follows the SOD
+    teacher's: ``conf_mean = mean |2p - 1|``, ``conf_frac = mean [p < 0.1 or p > 0.9]``,
+    ``fg_frac = mean [p > 0.5]``. The ``image`` column is dropped.
+    """
+
+    def __init__(self, cfg: SegmenterConfig, teacher: str, label_size: int, local_files_only: bool = False,
+                 precision: str = "fp32"):
+        import torch
+        from transformers import SamModel, SamProcessor
+
+        if label_size < 1:
+            raise ValueError(f"label_size: must be >= 1, got {label_size}")
+        self.cfg, self.teacher, self.label_size = cfg, teacher, int(label_size)
+        self.device = _device(cfg.resources)
+        self.processor = SamProcessor.from_pretrained(cfg.model, local_files_only=local_files_only)
+        self.model = SamModel.from_pretrained(cfg.model, local_files_only=local_files_only).eval()
+        self.hash = _model_hash(self.model)
+        self.model.to(self.device, _dtype(precision, self.device))
+        self.dtype = next(self.model.parameters()).dtype
+        torch.set_grad_enabled(False)
+
+    def _segment(self, embedding, img: np.ndarray, boxes_img: np.ndarray, reshaped: tuple[int, int]):
+        """SAM on one image: (K, 4) boxes in IMAGE pixels -> (K, H, W) logits, (K,) predicted IoU."""
+        import torch
+
+        h, w = img.shape[:2]
+        rh, rw = reshaped
+        scale = np.array([rw / w, rh / h, rw / w, rh / h], np.float32)
+        prompt = torch.from_numpy(boxes_img * scale)[None].to(self.device, self.dtype)  # (1, K, 4)
+        with torch.inference_mode():
+            res = self.model(image_embeddings=embedding, input_boxes=prompt,
+                             multimask_output=self.cfg.multimask)
+        iou = res.iou_scores[0].float()                                 # (K, M)
+        best = iou.argmax(dim=-1)                                       # (K,)
+        masks = self.processor.image_processor.post_process_masks(
+            res.pred_masks.float().cpu(), [[h, w]], [[rh, rw]], binarize=False)[0]  # (K, M, h, w) logits
+        k = torch.arange(masks.shape[0])
+        return masks[k, best.cpu()].numpy(), iou[k, best].cpu().numpy()
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        import torch
+
+        out = _ensure_columns(batch)
+        n, size = _n(batch), self.label_size
+        labels = np.zeros((n, size, size), np.uint8)
+        confs = np.zeros((n, size, size), np.uint8)
+        stats = np.full((n, 3), np.nan, np.float32)
+        quality = [np.zeros(0, np.float32) for _ in range(n)]
+        rows = _ok_rows(out)
+        if rows:
+            images = [_image(batch, i) for i in rows]
+            inputs = self.processor(images=images, return_tensors="pt")
+            with torch.inference_mode():
+                emb = self.model.get_image_embeddings(inputs["pixel_values"].to(self.device, self.dtype))
+            for j, (i, img) in enumerate(zip(rows, images)):
+                h, w = img.shape[:2]
+                flat = np.asarray(batch[schema.BOXES][i], np.float32).reshape(-1, 4)
+                sx = w / float(batch[schema.ORIG_W][i])
+                sy = h / float(batch[schema.ORIG_H][i])
+                boxes_img = flat * np.array([sx, sy, sx, sy], np.float32)
+                reshaped = tuple(int(v) for v in inputs["reshaped_input_sizes"][j])
+                logits, iou = self._segment(emb[j:j + 1], img, boxes_img, reshaped)
+                stab = np.array([stability_score(m, self.cfg.stability_offset) for m in logits], np.float32)
+                p, c, q = confidence_map(logits, np.asarray(batch[schema.BOX_SCORES][i], np.float32), iou, stab)
+                p, c = _resize_maps(np.stack([p, c]), size)
+                labels[i], confs[i], quality[i] = _to_uint8(p), _to_uint8(c), q
+                stats[i] = (np.abs(2.0 * p - 1.0).mean(), ((p < 0.1) | (p > 0.9)).mean(), (p > 0.5).mean())
+        out.pop(schema.IMAGE, None)
+        out[schema.LABEL] = labels
+        out[schema.CONF] = confs
+        out[schema.CONF_MEAN], out[schema.CONF_FRAC], out[schema.FG_FRAC] = stats[:, 0], stats[:, 1], stats[:, 2]
+        out[schema.MASK_SCORES] = _object_array(quality)
+        hashes = [f"{h}segmenter={self.hash};" for h in out.pop(_HASH_COL)]
+        out[schema.TEACHER] = np.array([self.teacher] * n, dtype=object)
+        out[schema.WEIGHTS_HASH] = np.array([hashlib.sha256(h.encode()).hexdigest()[:16] for h in hashes],
+                                            dtype=object)
+        out[schema.TTA] = np.array(["none"] * n, dtype=object)
+        return out
+
+
+def _resize_maps(maps: np.ndarray, size: int) -> np.ndarray:
+    """(C, H, W) float maps in [0, 1] -> (C, size, size), bilinear (antialiased when shrinking)."""
+    import torch
+    import torch.nn.functional as F
+
+    if maps.shape[1:] == (size, size):
+        return maps
+    t = torch.from_numpy(np.ascontiguousarray(maps, np.float32))[None]
+    shrink = size < max(maps.shape[1:])
+    r = F.interpolate(t, size=(size, size), mode="bilinear", align_corners=False, antialias=shrink)
+    return r[0].clamp_(0.0, 1.0).numpy()
+
+
+def foundation_fields():
+    """The extra label-shard columns of foundation labels, as pyarrow fields (after the SOD label schema)."""
+    import pyarrow as pa
+    return [pa.field(schema.CONF_PNG, pa.binary()), pa.field(schema.CAPTION, pa.string()),
+            pa.field(schema.BOXES, pa.list_(pa.float32())), pa.field(schema.BOX_SCORES, pa.list_(pa.float32())),
+            pa.field(schema.MASK_SCORES, pa.list_(pa.float32()))]
+
+
+def foundation_columns(batch: dict[str, Any], idx: np.ndarray) -> dict[str, list]:
+    """The :func:`foundation_fields` values of rows ``idx`` of a Segmenter output batch (``CONF`` as PNG)."""
+    from kd.imageio import encode_png
+
+    def floats(col: str) -> list[list[float]]:
+        return [np.asarray(batch[col][i], np.float32).reshape(-1).tolist() for i in idx]
+
+    return {schema.CONF_PNG: [encode_png(np.asarray(batch[schema.CONF][i], np.uint8)) for i in idx],
+            schema.CAPTION: [str(batch[schema.CAPTION][i]) for i in idx],
+            schema.BOXES: floats(schema.BOXES), schema.BOX_SCORES: floats(schema.BOX_SCORES),
+            schema.MASK_SCORES: floats(schema.MASK_SCORES)}
+
+
+def _object_array(items: list) -> np.ndarray:
+    arr = np.empty(len(items), dtype=object)
+    for i, x in enumerate(items):
+        arr[i] = x
+    return arr
+
+
+# --- composition -----------------------------------------------------------------------------------------------
+
+def _compute(res: StageResources):
+    import ray.data
+    if res.max_pool_size is not None and res.max_pool_size > res.pool_size:
+        return ray.data.ActorPoolStrategy(min_size=res.pool_size, max_size=res.max_pool_size)
+    return ray.data.ActorPoolStrategy(size=res.pool_size)
+
+
+def _map(ds, cls, res: StageResources, **kwargs):
+    return ds.map_batches(cls, fn_constructor_kwargs=kwargs, compute=_compute(res), batch_size=res.batch_size,
+                          num_cpus=res.num_cpus, num_gpus=res.num_gpus, batch_format="numpy",
+                          zero_copy_batch=False)
+
+
+def _fixed_caption(batch: dict[str, Any], cfg: CaptionerConfig) -> dict[str, Any]:
+    return Captioner(cfg)(batch)
+
+
+def foundation_stages(ds, cfg: FoundationConfig, label_size: int | None = None):
+    """Append the three stages to a Ray Dataset of decoded images, each in its own actor pool.
+
+    With a ``fixed_prompt`` the captioner is a cheap task-based ``map_batches`` (no model, no pool).
+    ``label_size`` defaults to ``cfg.image_size``.
+    """
+    common = {"local_files_only": cfg.local_files_only, "precision": cfg.precision}
+    if cfg.captioner.fixed_prompt is not None:
+        ds = ds.map_batches(_fixed_caption, fn_kwargs={"cfg": cfg.captioner}, batch_format="numpy",
+                            batch_size=cfg.captioner.resources.batch_size, zero_copy_batch=False,
+                            num_cpus=min(cfg.captioner.resources.num_cpus, 0.25) or 0.25)
+    else:
+        ds = _map(ds, Captioner, cfg.captioner.resources, cfg=cfg.captioner, **common)
+    ds = _map(ds, Grounder, cfg.detector.resources, cfg=cfg.detector, captioner=cfg.captioner, **common)
+    return _map(ds, Segmenter, cfg.segmenter.resources, cfg=cfg.segmenter, teacher=teacher_id(cfg),
+                label_size=label_size or cfg.image_size, **common)
+
+
+def label_batch_locally(batch: dict[str, Any], cfg: FoundationConfig,
+                        label_size: int | None = None) -> dict[str, Any]:
+    """The three stages in this process, one after the other (unit tests, debugging one image)."""
+    common = {"local_files_only": cfg.local_files_only, "precision": cfg.precision}
+    batch = Captioner(cfg.captioner, **common)(batch)
+    batch = Grounder(cfg.detector, cfg.captioner, **common)(batch)
+    return Segmenter(cfg.segmenter, teacher_id(cfg), label_size or cfg.image_size, **common)(batch)
+
+
+def stage_pool_params(cfg: FoundationConfig) -> dict[str, Any]:
+    """The per-stage pool settings, flat, as MLflow params (``foundation.segmenter.pool_size`` ...)."""
+    out: dict[str, Any] = {}
+    for stage in ("captioner", "detector", "segmenter"):
+        res = getattr(cfg, stage).resources
+        for f in dataclasses.fields(res):
+            out[f"foundation.{stage}.{f.name}"] = getattr(res, f.name)
+    return out
