@@ -53,6 +53,10 @@ VAL_SM = "val/sm"
 VAL_MAXF = "val/maxf"
 VAL_EM = "val/em"
 
+# --- training rows (Ray Data batches fed to the trainer) ---
+TARGET = "target"          # uint8 HxW training target at the image's size: a mask, or teacher probability x 255
+SOFT = "soft"              # bool: True when TARGET is a teacher's soft label (distillation loss), False for a mask
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm")
 
