@@ -32,10 +32,11 @@ def model_table(size: int = 352, pattern: str = "*") -> list[dict]:
 
 
 def format_table(rows: list[dict], size: int) -> str:
-    header = f"{'model':<14} {'params (M)':>10} {f'GMACs@{size}':>11}  description"
+    w = max([len("model"), *(len(r["name"]) for r in rows)])
+    header = f"{'model':<{w}} {'params (M)':>10} {f'GMACs@{size}':>11}  description"
     lines = [header, "-" * len(header)]
     for r in rows:
-        lines.append(f"{r['name']:<14} {r['params'] / 1e6:>10.3f} {r['macs'] / 1e9:>11.3f}  {r['description']}")
+        lines.append(f"{r['name']:<{w}} {r['params'] / 1e6:>10.3f} {r['macs'] / 1e9:>11.3f}  {r['description']}")
     return "\n".join(lines)
 
 
