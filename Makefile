@@ -5,6 +5,10 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 TORCH   := torch==2.13.0
 PYTEST_ARGS ?=
+# Idle OpenMP threads spin at barriers by default; on a small, shared machine (2 cores, Ray workers beside
+# the driver) that costs 10-100x. Passive waiting is what we measured to be fast here.
+export OMP_WAIT_POLICY ?= PASSIVE
+export RAY_USAGE_STATS_ENABLED ?= 0
 
 .PHONY: setup test unit integration demo bench clean
 
