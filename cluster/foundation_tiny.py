@@ -56,8 +56,9 @@ def build_tiny_foundation(root: str | Path, seed: int = 0, image_size: int = 64)
         encoder_attention_heads=2, decoder_attention_heads=2, num_queries=10, max_text_len=32,
         encoder_n_points=2, decoder_n_points=2))
     gdino_proc = GroundingDinoProcessor(
-        image_processor=GroundingDinoImageProcessor(size={"shortest_edge": image_size,
-                                                          "longest_edge": image_size * 3 // 2}),
+        # twice the side: the extra stride-64 level must stay larger than 1x1 (its GroupNorm needs 2 values)
+        image_processor=GroundingDinoImageProcessor(size={"shortest_edge": 2 * image_size,
+                                                          "longest_edge": 3 * image_size}),
         tokenizer=tok)
 
     # initializer_range 0.5: mask logits of order 1 (the default 0.02 gives ~1e-5, every pixel at p = 0.5)

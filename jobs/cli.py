@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "jobs": ("jobs.jobs_cmd", "list, follow or stop submitted jobs"),
     "local": ("jobs.local_cmd", "start or stop a local Ray + MLflow + S3 stack on 127.0.0.1"),
     "label": ("jobs.label_cmd", "soft-label images with a teacher into Parquet shards (Ray Data)"),
+    "train-fm": ("jobs.train_fm_cmd", "train a student (DEDecoder) on foundation-model pseudo labels"),
     "predict": ("jobs.predict_cmd", "saliency maps for an image, a folder of images or a video file"),
     "eval-video": ("jobs.eval_video_cmd", "score models on video sequences: per sequence, overall, flicker"),
 }

@@ -1,0 +1,238 @@
+"""Foundation-model pseudo labels end to end on real images, offline.
+
+Tiny random-weight BLIP, GroundingDINO and SAM (``cluster.foundation_tiny``) run through the real labelling
+job (``sodkd label`` with ``teachers: [foundation]``): real Ray Data, one ``ActorPoolStrategy`` pool per
+stage with fractional CPUs, real images from ../shared/data, shards on disk, an MLflow sqlite store. Then
+the DEDecoder student trains a few steps on those shards with the composite loss. The labels are noise
+(random weights); what is checked is the plumbing: shapes, ids, confidence ranges, columns, params.
+"""
+
+from __future__ import annotations
+
+import io
+import shutil
+
+import mlflow
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+from cluster import foundation as fm
+from cluster.fm_train import FMTrainConfig, load_samples, train_fm
+from cluster.foundation_tiny import build_tiny_foundation
+from cluster.labelling import load_label_config, run_labelling
+from cluster.labels import read_labels, read_rejects
+from kd import schema as S
+from kd.config import load_config
+from models import load_weights
+
+pytestmark = pytest.mark.integration
+
+N_IMAGES = 5
+IMAGE_SIZE = 96
+POOLS = {"captioner": 1, "detector": 1, "segmenter": 2}
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory):
+    return build_tiny_foundation(tmp_path_factory.mktemp("tiny-foundation"))
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory, shared_data):
+    d = tmp_path_factory.mktemp("images")
+    src = sorted((shared_data / "unlabeled" / "imagenet-1k").glob("*.jpg"))[:N_IMAGES]
+    for p in src:
+        shutil.copy(p, d / p.name)
+    (d / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    return d
+
+
+def _foundation_block(tiny_models, **detector) -> dict:
+    res = lambda n: {"pool_size": n, "num_cpus": 0.25, "batch_size": 2, "torch_threads": 1}  # noqa: E731
+    return {
+        "image_size": IMAGE_SIZE, "local_files_only": True,
+        "captioner": {"model": tiny_models["captioner"], "max_new_tokens": 6, "resources": res(POOLS["captioner"])},
+        "detector": {"model": tiny_models["detector"], "box_threshold": 0.0, "max_boxes": 2,
+                     "resources": res(POOLS["detector"]), **detector},
+        # the tiny SAM's logits are of order 1, so SAM's default offset (1.0) would call every mask unstable
+        "segmenter": {"model": tiny_models["segmenter"], "stability_offset": 0.1,
+                      "resources": res(POOLS["segmenter"])},
+    }
+
+
+@pytest.fixture(scope="module")
+def labelled(ray_local, tiny_models, images, tmp_path_factory):
+    out = tmp_path_factory.mktemp("fm-labels")
+    db = tmp_path_factory.mktemp("mlflow") / "mlflow.db"
+    cfg = load_label_config({
+        "input": str(images), "output": str(out), "teachers": ["foundation"], "layout": "images",
+        "label_size": 64, "progress": False, "decode": {"num_cpus": 0.25, "batch_size": 4},
+        "write": {"num_cpus": 0.25, "shard_rows": 4},
+        "foundation": _foundation_block(tiny_models),
+        "tracking": {"uri": f"sqlite:///{db}", "experiment": "fm-test"},
+    })
+    summary = run_labelling(cfg, samples=2)
+    return {"cfg": cfg, "out": out, "summary": summary, "db": db}
+
+
+def test_pipeline_writes_masks_confidences_captions_and_boxes(labelled, images):
+    summary, out = labelled["summary"], labelled["out"]
+    assert summary.labelled == N_IMAGES and summary.rejected == 1
+    assert summary.teacher.startswith("foundation(blip=")
+    table = read_labels(str(out))
+    keys = sorted(p.name for p in images.glob("*.jpg") if p.name != "broken.jpg")
+    assert sorted(table.column(S.KEY).to_pylist()) == keys
+    for row in table.to_pylist():
+        assert row[S.ID] == S.stable_id(row[S.KEY])
+        label = np.asarray(Image.open(io.BytesIO(row[S.LABEL_PNG])))
+        conf = np.asarray(Image.open(io.BytesIO(row[S.CONF_PNG])))
+        assert label.shape == conf.shape == (64, 64) and label.dtype == conf.dtype == np.uint8
+        assert (row[S.LABEL_H], row[S.LABEL_W]) == (64, 64)
+        assert conf.max() > 0, "confidence map is all zero"          # the tiny models do produce trust
+        assert 0.0 <= row[S.CONF_MEAN] <= 1.0 and 0.0 <= row[S.FG_FRAC] <= 1.0
+        assert isinstance(row[S.CAPTION], str) and row[S.CAPTION].strip()
+        boxes = np.asarray(row[S.BOXES], np.float32).reshape(-1, 4)
+        assert 1 <= len(boxes) <= 2 and len(row[S.BOX_SCORES]) == len(row[S.MASK_SCORES]) == len(boxes)
+        assert (boxes[:, 0] >= 0).all() and (boxes[:, 2] <= row[S.ORIG_W] + 1e-3).all()
+        assert (boxes[:, 1] >= 0).all() and (boxes[:, 3] <= row[S.ORIG_H] + 1e-3).all()
+        assert (boxes[:, 2] > boxes[:, 0]).all() and (boxes[:, 3] > boxes[:, 1]).all()
+        assert all(0.0 <= s <= 1.0 for s in row[S.BOX_SCORES] + row[S.MASK_SCORES])
+        # the confidence never exceeds the quality of the best object (c = q_k |2p - 1| <= max q)
+        assert conf.max() <= round(255 * max(row[S.MASK_SCORES])) + 1
+        assert len(row[S.WEIGHTS_HASH]) == 16 and row[S.TEACHER] == summary.teacher
+    rejects = read_rejects(str(out)).to_pylist()
+    assert [(r[S.KEY], r[S.REASON]) for r in rejects] == [("broken.jpg", "not_an_image")]
+
+
+def test_each_stage_pool_is_configurable_and_recorded_in_mlflow(labelled):
+    runs = mlflow.MlflowClient(tracking_uri=f"sqlite:///{labelled['db']}").search_runs(
+        [mlflow.MlflowClient(tracking_uri=f"sqlite:///{labelled['db']}").get_experiment_by_name("fm-test")
+         .experiment_id])
+    params = runs[0].data.params
+    for stage, size in POOLS.items():
+        assert params[f"foundation.{stage}.resources.pool_size"] == str(size)
+        assert params[f"foundation.{stage}.resources.num_cpus"] == "0.25"
+    assert params["teachers"] == "['foundation']"
+    assert runs[0].data.metrics["label/labelled"] == N_IMAGES
+
+
+def test_rerun_labels_nothing_and_no_detection_becomes_a_reject(labelled, tiny_models, images, tmp_path):
+    again = run_labelling(labelled["cfg"], samples=0)
+    assert again.labelled == 0 and again.skipped_done == N_IMAGES + 1
+    # a threshold no random box reaches: every decodable image is rejected as "no_detection"
+    cfg = load_label_config({
+        "input": str(images), "output": str(tmp_path / "none"), "teachers": ["foundation"], "layout": "images",
+        "label_size": 32, "progress": False, "limit": 2, "tracking": {"enabled": False},
+        "foundation": _foundation_block(tiny_models, box_threshold=1.0)})
+    s = run_labelling(cfg, samples=0)
+    assert s.labelled == 0 and s.reasons.get("no_detection", 0) >= 1
+
+
+def test_dedecoder_trains_on_the_pseudo_label_shards(labelled, images, tmp_path):
+    torch.manual_seed(0)
+    db = tmp_path / "train.db"
+    cfg = load_config(FMTrainConfig, {
+        "labels": str(labelled["out"]), "images": str(images), "steps": 6, "batch_size": 4, "sizes": [64],
+        "lr": 0.05, "threads": 1, "output": str(tmp_path / "student.pt"),
+        "loss": {"conf_threshold": 0.05, "w_edge": 0.5},
+        "tracking": {"uri": f"sqlite:///{db}", "experiment": "fm-train"}})
+    samples = load_samples(cfg)
+    assert len(samples) == N_IMAGES
+    assert all(s.image.shape == (64, 64, 3) and s.target.shape == s.conf.shape == (64, 64) for s in samples)
+    from models import create_model
+    before = {k: v.clone() for k, v in create_model("dedecoder_m3").state_dict().items()}
+    result = train_fm(cfg)
+    assert len(result.losses) == 6 and all(np.isfinite(result.losses))
+    after = result.model.state_dict()
+    changed = [k for k in before if before[k].dtype.is_floating_point and not torch.equal(before[k], after[k])]
+    assert any(k.startswith("edge_head") for k in changed) and any(k.startswith("backbone") for k in changed)
+    assert any(".up.offset" in k for k in changed), "DySample offsets did not learn"
+    loaded = load_weights(str(tmp_path / "student.pt"))
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x)[0], result.model(x)[0])
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{db}")
+    run = client.get_run(result.run_id)
+    assert run.data.params["loss.conf_threshold"] == "0.05" and run.data.params["model"] == "dedecoder_m3"
+    history = client.get_metric_history(result.run_id, S.TRAIN_LOSS)
+    assert len(history) == 6 and history[-1].value == pytest.approx(result.losses[-1])
+    assert "train/edge" in run.data.metrics and "train/trusted_frac" in run.data.metrics
+
+
+def test_fusion_with_sod_teacher_labels_joins_by_id(labelled, images, tmp_path):
+    """Teacher labels for some of the images (written as a SOD labelling run would), fused per pixel."""
+    import pyarrow as pa
+
+    from cluster import labels as L
+    from kd.imageio import encode_png
+    from kd.pseudo_labels import fuse_with_teacher
+
+    fm_rows = sorted(read_labels(str(labelled["out"])).to_pylist(), key=lambda r: r[S.ID])
+    teacher_rows = fm_rows[:2][::-1]  # only two images, in another order: the join must go by id
+    t_map = np.zeros((32, 32), np.uint8)
+    t_map[8:24, 8:24] = 255                      # a different size from the 64 px foundation labels
+    table = pa.table({
+        S.ID: [r[S.ID] for r in teacher_rows], S.KEY: [r[S.KEY] for r in teacher_rows],
+        S.SEQUENCE: ["", ""], S.FRAME: [-1, -1], S.ORIG_H: [r[S.ORIG_H] for r in teacher_rows],
+        S.ORIG_W: [r[S.ORIG_W] for r in teacher_rows], S.TEACHER: ["scfnet_r50"] * 2,
+        S.WEIGHTS_HASH: ["0" * 16] * 2, S.TTA: ["none"] * 2, S.LABEL_H: [32, 32], S.LABEL_W: [32, 32],
+        S.LABEL_PNG: [encode_png(t_map)] * 2, S.CONF_MEAN: [1.0, 1.0], S.CONF_FRAC: [1.0, 1.0],
+        S.FG_FRAC: [0.25, 0.25]}, schema=L.LABEL_SCHEMA)
+    L.write_shard(pa.fs.LocalFileSystem(), str(tmp_path / "teacher"), S.LABELS_DIR, table)
+    base = {"labels": str(labelled["out"]), "images": str(images), "tracking": {"enabled": False}}
+    plain = {s.id: s for s in load_samples(load_config(FMTrainConfig, base))}
+    fused = {s.id: s for s in load_samples(load_config(FMTrainConfig, {**base,
+                                                                       "teacher_labels": str(tmp_path / "teacher")}))}
+    assert plain.keys() == fused.keys()
+    with_teacher = {r[S.ID] for r in teacher_rows}
+    for i in plain:
+        if i not in with_teacher:
+            assert np.array_equal(plain[i].target, fused[i].target) and np.array_equal(plain[i].conf, fused[i].conf)
+            continue
+        t = np.asarray(Image.fromarray(t_map).resize((64, 64), Image.BILINEAR), np.float32) / 255.0
+        y, c = fuse_with_teacher(torch.from_numpy(plain[i].target), torch.from_numpy(plain[i].conf),
+                                 torch.from_numpy(t))
+        np.testing.assert_allclose(fused[i].target, y.numpy(), atol=1e-6)
+        np.testing.assert_allclose(fused[i].conf, c.numpy(), atol=1e-6)
+        assert not np.array_equal(fused[i].target, plain[i].target)
+
+
+def test_sod_label_output_is_refused_for_foundation_training(tmp_path, images):
+    import pyarrow as pa
+
+    from cluster import labels as L
+    table = L.LABEL_SCHEMA.empty_table()
+    L.write_shard(pa.fs.LocalFileSystem(), str(tmp_path / "sod"), S.LABELS_DIR, table)
+    with pytest.raises(ValueError, match="conf_png"):
+        load_samples(load_config(FMTrainConfig, {"labels": str(tmp_path / "sod"), "images": str(images)}))
+
+
+def test_stages_run_in_process_with_a_fixed_prompt(tiny_models, shared_data):
+    """Without Ray: the three callables in sequence (the captioner replaced by a fixed prompt)."""
+    from kd.imageio import decode_image
+    paths = sorted((shared_data / "ecssd" / "images").glob("*.jpg"))[:2]
+    imgs = [decode_image(p.read_bytes()) for p in paths]
+    batch = {S.ID: np.array([S.stable_id(p.name) for p in paths], dtype=object),
+             S.KEY: np.array([p.name for p in paths], dtype=object),
+             S.IMAGE: fm._object_array(imgs),
+             S.ORIG_H: np.array([i.shape[0] for i in imgs]), S.ORIG_W: np.array([i.shape[1] for i in imgs]),
+             S.REASON: np.array(["", "truncated"], dtype=object)}
+    cfg = load_config(fm.FoundationConfig, {**_foundation_block(tiny_models),
+                                            "captioner": {"fixed_prompt": "a bird"}})
+    out = fm.label_batch_locally(batch, cfg, label_size=48)
+    assert list(out[S.CAPTION]) == ["a bird", ""]
+    assert out[S.LABEL].shape == out[S.CONF].shape == (2, 48, 48)
+    assert out[S.LABEL][1].max() == 0 and out[S.REASON][1] == "truncated"   # a reject passes untouched
+    assert len(out[S.BOXES][0]) in (4, 8) and len(out[S.BOXES][1]) == 0
+    assert S.IMAGE not in out and "prompt='a bird'" in out[S.TEACHER][0]
