@@ -40,7 +40,6 @@ them, with the columns of :func:`foundation_fields`, to the same label shards as
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import logging
 from dataclasses import dataclass, field
@@ -55,7 +54,7 @@ log = logging.getLogger(__name__)
 __all__ = ["StageResources", "CaptionerConfig", "DetectorConfig", "SegmenterConfig", "FoundationConfig",
            "Captioner", "Grounder", "Segmenter", "foundation_stages", "label_batch_locally", "teacher_id",
            "confidence_map", "stability_score", "caption_to_query", "nms", "foundation_fields",
-           "foundation_columns", "stage_pool_params"]
+           "foundation_columns"]
 
 _HASH_COL = "fm_hashes"  # in-flight: "captioner=<h>;detector=<h>;" accumulated stage by stage
 
@@ -629,13 +628,3 @@ def label_batch_locally(batch: dict[str, Any], cfg: FoundationConfig,
     batch = Captioner(cfg.captioner, **common)(batch)
     batch = Grounder(cfg.detector, cfg.captioner, **common)(batch)
     return Segmenter(cfg.segmenter, teacher_id(cfg), label_size or cfg.image_size, **common)(batch)
-
-
-def stage_pool_params(cfg: FoundationConfig) -> dict[str, Any]:
-    """The per-stage pool settings, flat, as MLflow params (``foundation.segmenter.pool_size`` ...)."""
-    out: dict[str, Any] = {}
-    for stage in ("captioner", "detector", "segmenter"):
-        res = getattr(cfg, stage).resources
-        for f in dataclasses.fields(res):
-            out[f"foundation.{stage}.{f.name}"] = getattr(res, f.name)
-    return out

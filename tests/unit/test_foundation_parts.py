@@ -78,15 +78,6 @@ def test_configs_are_strict_and_name_the_key():
         load_config(fm.FoundationConfig, {"detector": {"box_threshold": 1.5}})
 
 
-def test_stage_pool_params_are_flat_and_per_stage():
-    cfg = load_config(fm.FoundationConfig, {"captioner": {"resources": {"pool_size": 2}},
-                                            "segmenter": {"resources": {"pool_size": 4, "num_gpus": 1.0}}})
-    params = fm.stage_pool_params(cfg)
-    assert params["foundation.captioner.pool_size"] == 2
-    assert params["foundation.detector.pool_size"] == 1
-    assert params["foundation.segmenter.pool_size"] == 4 and params["foundation.segmenter.num_gpus"] == 1.0
-
-
 def test_foundation_columns_encode_conf_png_and_ragged_boxes():
     conf = np.arange(12, dtype=np.uint8).reshape(1, 3, 4).repeat(2, axis=0)
     batch = {schema.CONF: conf, schema.CAPTION: np.array(["a dog", "a cat"], dtype=object),
