@@ -21,6 +21,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "jobs": ("jobs.jobs_cmd", "list, follow or stop submitted jobs"),
     "local": ("jobs.local_cmd", "start or stop a local Ray + MLflow + S3 stack on 127.0.0.1"),
     "label": ("jobs.label_cmd", "soft-label images with a teacher into Parquet shards (Ray Data)"),
+    "train-teacher": ("jobs.train_cmd", "train a teacher on image/mask pairs (Ray Train)"),
+    "train": ("jobs.train_cmd", "train a student on labels: `sodkd train --supervised` (the FS baseline)"),
+    "distill": ("jobs.train_cmd", "distil a student from a teacher's soft labels on unlabeled images"),
     "train-fm": ("jobs.train_fm_cmd", "train a student (DEDecoder) on foundation-model pseudo labels"),
     "predict": ("jobs.predict_cmd", "saliency maps for an image, a folder of images or a video file"),
     "eval-video": ("jobs.eval_video_cmd", "score models on video sequences: per sequence, overall, flicker"),
@@ -52,6 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     sub = argparse.ArgumentParser(prog=f"sodkd {top.command}", description=help_text)
     module.add_arguments(sub)
     args = sub.parse_args(argv[split + 1:])
+    if not hasattr(args, "command"):  # one module may serve several subcommands (train, train-teacher, ...)
+        args.command = top.command
     try:
         return int(module.run(args) or 0)
     except KeyboardInterrupt:

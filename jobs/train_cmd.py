@@ -1,0 +1,114 @@
+"""``sodkd train-teacher``, ``sodkd train --supervised`` and ``sodkd distill``: three jobs, one training core.
+
+    sodkd train-teacher --paired s3://bucket/duts-tr --val s3://bucket/ecssd --name r50-duts \\
+                        [model.name=scfnet_r50 optim.epochs=69 scaling.num_workers=8 scaling.use_gpu=true]
+    sodkd train --supervised --paired data/duts-tr --val data/ecssd --name fs-m3
+    sodkd distill --unlabeled data/imagenet-1k --labels out/labels-r50 --val data/ecssd --name kd-m3
+    sodkd distill --unlabeled data/imagenet-1k --teacher scfnet_r50:r50.pt ...      # online soft labels
+
+Settings come from the YAML (default ``jobs/configs/{teacher,supervised,distill}.yaml``), then the flags,
+then ``dotted.key=value`` overrides, validated into ``cluster.train.TrainConfig``. Resubmitting the same
+``--name`` with the same storage resumes from the run's latest checkpoint. On success the final weights
+(best by val/mae) are written with ``models.save_weights`` (fp32 and fp16) and their paths printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+# subcommand -> (default YAML, mode it forces or None when the flags decide)
+DEFAULTS = {"train-teacher": ("teacher.yaml", "teacher"), "distill": ("distill.yaml", "distill"),
+            "train": (None, None)}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML config (default: the subcommand's file in jobs/configs/)")
+    p.add_argument("--supervised", action="store_true",
+                   help="(sodkd train) the student on labels only: the paper's FS baseline")
+    p.add_argument("--name", help="run name (= run.name); the same name resumes")
+    p.add_argument("--storage", help="where runs live, local or s3:// (= run.storage)")
+    p.add_argument("--paired", action="append", default=[], metavar="URI",
+                   help="ROOT with images/ and masks/ (repeat for several)")
+    p.add_argument("--unlabeled", action="append", default=[], metavar="URI",
+                   help="a folder or bucket prefix of images (repeat for several)")
+    p.add_argument("--labels", action="append", default=[], metavar="URI",
+                   help="`sodkd label` output for the unlabeled source in the same position")
+    p.add_argument("--teacher", action="append", default=[], metavar="SPEC",
+                   help="online teacher (MODEL:WEIGHTS, FILE.ts, FILE.onnx) for sources without --labels")
+    p.add_argument("--val", metavar="URI", help="labelled validation set (images/ + masks/)")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="dotted config overrides, e.g. optim.epochs=10 scaling.num_workers=2")
+
+
+def _default_config(command: str, supervised: bool) -> tuple[Path | None, str | None]:
+    yaml_name, mode = DEFAULTS.get(command, (None, None))
+    if command == "train":
+        if supervised:
+            return CONFIG_DIR / "supervised.yaml", "supervised"
+        return None, None
+    return (CONFIG_DIR / yaml_name if yaml_name else None), mode
+
+
+def build_config(args: argparse.Namespace):
+    """YAML, then the flags, then the dotted overrides -> a validated TrainConfig."""
+    from cluster.train import load_train_config
+    from kd.config import ConfigError, load_yaml
+
+    command = getattr(args, "command", "train")
+    default_yaml, forced_mode = _default_config(command, args.supervised)
+    if args.supervised and command != "train":
+        raise ConfigError(f"--supervised: only for `sodkd train` (not `sodkd {command}`)")
+    path = args.config or default_yaml
+    if path is None:
+        raise ConfigError("sodkd train: pass --supervised (the FS baseline) or --config FILE "
+                          "(use `sodkd distill` and `sodkd train-teacher` for the other jobs)")
+    data = load_yaml(path)
+    if forced_mode:
+        data["mode"] = forced_mode
+    if args.name:
+        data.setdefault("run", {})["name"] = args.name
+    if args.storage:
+        data.setdefault("run", {})["storage"] = args.storage
+    section = data.setdefault("data", {})
+    if args.paired:
+        section["paired"] = [{"uri": u} for u in args.paired]
+    if args.labels and len(args.labels) != len(args.unlabeled):
+        raise ConfigError(f"--labels: give one per --unlabeled ({len(args.unlabeled)}), got {len(args.labels)}")
+    if args.unlabeled:
+        section["unlabeled"] = [{"uri": u, **({"labels": args.labels[i]} if args.labels else {})}
+                                for i, u in enumerate(args.unlabeled)]
+    if args.teacher:
+        section.setdefault("teacher", {})["teachers"] = list(args.teacher)
+    if args.val:
+        data.setdefault("val", {})["uri"] = args.val
+    cfg = load_train_config(data, args.overrides)
+    if forced_mode and cfg.mode != forced_mode:
+        raise ConfigError(f"mode: `sodkd {command}` trains mode {forced_mode}, the overrides ask for {cfg.mode}")
+    return cfg
+
+
+def run(args: argparse.Namespace) -> int:
+    from kd.config import to_dict
+
+    cfg = build_config(args)
+    if args.print_config:
+        print(json.dumps(to_dict(cfg), indent=1))
+        return 0
+    from cluster.train import run_training
+
+    out = run_training(cfg)
+    figures = ", ".join(f"{k} {v:.4f}" for k, v in out.metrics.items() if k.startswith("val/"))
+    print(f"sodkd {args.command}: run {out.run_name}: {out.rows} rows, {out.steps_per_epoch} steps/epoch, "
+          f"{out.wall_s:.1f} s{'; ' + figures if figures else ''}")
+    if out.resumed_from:
+        print(f"resumed after epoch(s) {out.resumed_from}")
+    print(f"checkpoint {out.checkpoint}")
+    for w in out.weights:
+        print(f"weights {w}")
+    if out.mlflow_run_id:
+        print(f"mlflow run {out.mlflow_run_id}" + (f", model version {out.model_version}" if out.model_version else ""))
+    return 0
