@@ -1,0 +1,608 @@
+"""Teacher labelling at scale: images in a folder or bucket -> soft-label Parquet shards, with Ray Data.
+
+The pipeline (one streaming Ray Data job)::
+
+    manifest (driver)   list keys; stable id = sha1(key); video frame folders carry sequence and frame;
+                        ids already in OUTPUT/labels or OUTPUT/rejects are skipped ("skipped as done")
+    load_images         CPU tasks: read bytes, decode robustly, resize to the teacher's input size;
+                        an image that cannot be decoded becomes a reject row (reason, detail), not a crash
+    TeacherLabeler      an actor pool (ActorPoolStrategy: fixed size or min/max autoscaling; num_cpus and
+                        num_gpus per actor; explicit batch size; fp16 on GPU): probabilities, resized to
+                        the label size, quantised to uint8, plus a per-image confidence summary
+    write_label_shards  CPU tasks: PNG-encode the maps, write OUTPUT/labels/part-*.parquet and
+                        OUTPUT/rejects/part-*.parquet atomically (a shard is complete or absent)
+
+Nothing lost, nothing twice: every input ends either in a label shard or in a reject shard; a rerun skips
+every id already present in either, so rerunning a finished job labels nothing and rerunning a killed job
+labels exactly the rest. Readers dedupe by id in case Ray retried a task that had already written.
+
+Reject rows travel through the teacher stage untouched (the actor only runs the network on decodable
+images) so both tables come out of one pass over the data.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import io
+import json
+import logging
+import os
+import posixpath
+import sys
+import time
+from typing import Any, Literal, Mapping, Sequence
+
+import numpy as np
+import pyarrow as pa
+
+from cluster import catalog, storage
+from cluster import labels as L
+from cluster.foundation import FoundationConfig
+from cluster.storage import S3Config
+from cluster.tracking import TrackingConfig
+from kd import schema as S
+from kd.config import ConfigError, load_config
+from kd.imageio import ImageDecodeError, decode_image, encode_png, resize
+
+log = logging.getLogger(__name__)
+
+__all__ = ["PoolConfig", "DecodeConfig", "WriteConfig", "LabelConfig", "load_label_config", "Manifest",
+           "build_manifest", "load_images", "TeacherLabeler", "write_label_shards", "LabelSummary",
+           "run_labelling", "sample_figure"]
+
+_DETAIL_CHARS = 300
+FOUNDATION = "foundation"  # teacher spec of the staged BLIP -> GroundingDINO -> SAM teacher
+
+
+# --- configuration ---------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class PoolConfig:
+    """The teacher actor pool.
+
+    Attributes:
+        size: a fixed number of actors; set it to None to autoscale between ``min_size`` and ``max_size``.
+        min_size, max_size: autoscaling bounds (used when ``size`` is None).
+        num_cpus, num_gpus: Ray resources per actor. Keep ``num_cpus`` fractional on small machines, or the
+            actors can take every CPU and starve the decode tasks.
+        batch_size: images per forward pass.
+        torch_threads: intra-op threads per actor; 0 = one per whole CPU asked for (at least 1).
+        device: ``auto`` (CUDA when the actor has a GPU), ``cpu`` or ``cuda``.
+        precision: ``auto`` (fp16 on CUDA, fp32 on CPU), ``fp32`` or ``fp16``.
+    """
+
+    size: int | None = 1
+    min_size: int | None = None
+    max_size: int | None = None
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+    batch_size: int = 16
+    torch_threads: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["auto", "fp32", "fp16"] = "auto"
+
+    def __post_init__(self) -> None:
+        if self.size is None:
+            if self.min_size is None or self.max_size is None:
+                raise ConfigError("pool: set size, or min_size and max_size for autoscaling")
+            if not 1 <= self.min_size <= self.max_size:
+                raise ConfigError(f"pool: need 1 <= min_size <= max_size, got {self.min_size}, {self.max_size}")
+        elif self.size < 1:
+            raise ConfigError(f"pool.size: must be >= 1, got {self.size}")
+        elif self.min_size is not None or self.max_size is not None:
+            raise ConfigError("pool: give either size or min_size/max_size, not both")
+        if self.num_cpus < 0 or self.num_gpus < 0:
+            raise ConfigError("pool: num_cpus and num_gpus must be >= 0")
+        if self.batch_size < 1:
+            raise ConfigError(f"pool.batch_size: must be >= 1, got {self.batch_size}")
+        if self.torch_threads < 0:
+            raise ConfigError(f"pool.torch_threads: must be >= 0, got {self.torch_threads}")
+
+    def threads(self) -> int:
+        return self.torch_threads or max(1, int(self.num_cpus))
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeConfig:
+    """Read + decode + resize tasks: Ray CPUs per task and images per task batch."""
+
+    num_cpus: float = 0.5
+    batch_size: int = 16
+
+    def __post_init__(self) -> None:
+        if self.num_cpus <= 0 or self.batch_size < 1:
+            raise ConfigError(f"decode: need num_cpus > 0 and batch_size >= 1, got {self.num_cpus}, {self.batch_size}")
+
+
+@dataclasses.dataclass(frozen=True)
+class WriteConfig:
+    """Shard-writing tasks: Ray CPUs per task and rows per shard (the unit a kill can lose)."""
+
+    num_cpus: float = 0.25
+    shard_rows: int = 256
+
+    def __post_init__(self) -> None:
+        if self.num_cpus <= 0 or self.shard_rows < 1:
+            raise ConfigError(f"write: need num_cpus > 0 and shard_rows >= 1, got {self.num_cpus}, {self.shard_rows}")
+
+
+@dataclasses.dataclass(frozen=True)
+class LabelConfig:
+    """``sodkd label``: what to label, with which teacher(s), where to, and how to spread the work.
+
+    Attributes:
+        input: local folder or ``s3://bucket/prefix`` of images or video frame folders.
+        output: where ``labels/`` and ``rejects/`` go (local or ``s3://``); may be inside the input bucket.
+        teachers: teacher specs (see :mod:`cluster.teachers`); several make an ensemble (mean probability).
+        layout: ``images`` (any tree of images), ``video`` (``ROOT/<seq>/images/*.jpg`` or
+            ``ROOT/<seq>/*.jpg``: rows carry sequence and frame) or ``auto`` (video when every file sits
+            under ``<seq>/images/`` or ``<seq>/masks/``, else images).
+        s3: S3 endpoint and region (credentials always come from the AWS chain, never from here).
+        label_size: side of the square soft label stored; None = the teacher's input size.
+        teacher_size: input side for registered-model teachers; None = the model's own ``input_size``.
+        tta: ``none`` or ``hflip`` (average with the mirrored prediction).
+        ray_address: Ray cluster to join; None = ``$RAY_ADDRESS`` (set by ``sodkd submit``) or a private
+            local instance.
+        limit: label at most this many new images in this run (the rest stay for a later run); video
+            files, which are only recorded as rejects, do not count.
+        progress: show Ray Data progress bars.
+    """
+
+    input: str
+    output: str
+    teachers: tuple[str, ...]
+    layout: Literal["auto", "images", "video"] = "auto"
+    s3: S3Config = dataclasses.field(default_factory=S3Config)
+    label_size: int | None = None
+    teacher_size: int | None = None
+    tta: Literal["none", "hflip"] = "none"
+    pool: PoolConfig = dataclasses.field(default_factory=PoolConfig)
+    decode: DecodeConfig = dataclasses.field(default_factory=DecodeConfig)
+    write: WriteConfig = dataclasses.field(default_factory=WriteConfig)
+    limit: int | None = None
+    progress: bool = True
+    ray_address: str | None = None
+    tracking: TrackingConfig = dataclasses.field(default_factory=lambda: TrackingConfig(experiment="sodkd-label"))
+    foundation: FoundationConfig | None = None
+
+    @property
+    def is_foundation(self) -> bool:
+        return self.teachers == (FOUNDATION,)
+
+    def __post_init__(self) -> None:
+        if not self.input or not self.output:
+            raise ConfigError("input and output: both are required")
+        if not self.teachers:
+            raise ConfigError("teachers: at least one teacher spec is required")
+        if FOUNDATION in self.teachers:  # the staged foundation teacher (cluster.foundation), not a SOD model
+            if len(self.teachers) > 1:
+                raise ConfigError("teachers: 'foundation' cannot be ensembled with other teachers (fuse a SOD "
+                                  "teacher's labels at training time: sodkd train-fm --teacher-labels)")
+            if self.foundation is None:
+                object.__setattr__(self, "foundation", FoundationConfig())
+        elif self.foundation is not None:
+            raise ConfigError("foundation: only used with teachers: [foundation]")
+        for name in ("label_size", "teacher_size", "limit"):
+            v = getattr(self, name)
+            if v is not None and v < 1:
+                raise ConfigError(f"{name}: must be >= 1 or null, got {v}")
+
+
+def load_label_config(source: Any = None, overrides: Any = None) -> LabelConfig:
+    """YAML path or mapping + dotted overrides -> :class:`LabelConfig` (strict, see :mod:`kd.config`)."""
+    return load_config(LabelConfig, source, overrides)
+
+
+# --- manifest --------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Manifest:
+    items: list[catalog.Item]        # images (or frames) to label
+    unsupported: list[catalog.Item]  # inputs the job cannot label (video files): recorded as rejects
+    layout: str
+
+
+def _looks_like_video(keys: Sequence[str]) -> bool:
+    parts = [k.split("/") for k in keys]
+    return bool(parts) and all(len(p) == 3 and p[1] in ("images", "masks") for p in parts) and any(
+        p[1] == "images" for p in parts)
+
+
+def build_manifest(cfg: LabelConfig) -> Manifest:
+    """List the input once: every image (or video frame) with its stable id, sorted by key."""
+    layout = cfg.layout
+    if layout != "video":
+        cat = catalog.image_folder(cfg.input, cfg.s3)
+        if layout == "images" or not _looks_like_video([i.key for i in cat.items]):
+            return Manifest(cat.items, [], "images")
+        layout = "video"
+    cat = catalog.video_folders(cfg.input, cfg.s3)
+    frames = [i for i in cat.items if i.frame >= 0]
+    videos = [i for i in cat.items if i.frame < 0]
+    return Manifest(frames, videos, layout)
+
+
+def _manifest_table(items: Sequence[catalog.Item]) -> pa.Table:
+    return pa.table({
+        S.ID: pa.array([i.id for i in items], pa.string()),
+        S.KEY: pa.array([i.key for i in items], pa.string()),
+        S.SEQUENCE: pa.array([i.sequence for i in items], pa.string()),
+        S.FRAME: pa.array([i.frame for i in items], pa.int32()),
+    })
+
+
+# --- stage: read + decode + resize (CPU tasks) -------------------------------------------------------------
+
+_FS_CACHE: dict[tuple[str, S3Config | None], tuple[Any, str]] = {}
+
+
+def _filesystem(uri: str, s3: S3Config | None):
+    """One filesystem per (uri, s3) per worker process, rebuilt from plain config (no credentials shipped)."""
+    key = (uri, s3)
+    if key not in _FS_CACHE:
+        _FS_CACHE[key] = storage.get_filesystem(uri, s3)
+    return _FS_CACHE[key]
+
+
+def _image_size(data: bytes) -> tuple[int, int]:
+    from PIL import Image
+    with Image.open(io.BytesIO(data)) as img:
+        w, h = img.size
+    return h, w
+
+
+def load_images(batch: Mapping[str, np.ndarray], *, input_uri: str, s3: S3Config | None,
+                size: int) -> dict[str, np.ndarray]:
+    """Manifest rows -> rows with ``image`` uint8 (N, size, size, 3) and ``reason`` ("" when decodable).
+
+    A row whose bytes cannot be read or decoded keeps a black placeholder image and gets the machine
+    reason (``empty``, ``truncated``, ``not_an_image``, ``too_large``, ``read_error`` ...) and the message.
+    ``orig_h``/``orig_w`` are the source image's own size (not the draft-decoded one).
+    """
+    fs, root = _filesystem(input_uri, s3)
+    keys = batch[S.KEY]
+    n = len(keys)
+    images = np.zeros((n, size, size, 3), np.uint8)
+    orig_h = np.zeros(n, np.int32)
+    orig_w = np.zeros(n, np.int32)
+    reasons = np.full(n, "", dtype=object)
+    details = np.full(n, "", dtype=object)
+    for i, key in enumerate(keys):
+        try:
+            data = storage.read_bytes(fs, storage.join(root, str(key)))
+        except OSError as e:
+            reasons[i], details[i] = "read_error", str(e)[:_DETAIL_CHARS]
+            continue
+        try:
+            rgb = decode_image(data, max_side=size)
+            orig_h[i], orig_w[i] = _image_size(data)
+            images[i] = resize(rgb, (size, size))
+        except ImageDecodeError as e:
+            reasons[i], details[i] = e.reason, str(e)[:_DETAIL_CHARS]
+        except MemoryError as e:
+            reasons[i], details[i] = "too_large", f"MemoryError: {e}"[:_DETAIL_CHARS]
+        except Exception as e:  # noqa: BLE001 - any decoder failure is a reject, never a job failure
+            reasons[i], details[i] = "decode_error", f"{type(e).__name__}: {e}"[:_DETAIL_CHARS]
+    return {S.ID: batch[S.ID], S.KEY: keys, S.SEQUENCE: batch[S.SEQUENCE], S.FRAME: batch[S.FRAME],
+            S.ORIG_H: orig_h, S.ORIG_W: orig_w, S.IMAGE: images, S.REASON: reasons, S.DETAIL: details}
+
+
+# --- stage: teacher (actor pool) --------------------------------------------------------------------------
+
+class TeacherLabeler:
+    """Ray Data callable class: decoded batch -> soft labels. Also callable directly (unit tests).
+
+    ``__init__`` loads the teacher(s) once per actor; ``__call__`` runs the network on the rows whose
+    ``reason`` is empty, resizes the probabilities to ``label_size`` (bilinear), quantises them to uint8
+    (``round(255 p)``) and computes the confidence summary on the float map:
+
+        conf_mean = mean |2p - 1|,   conf_frac = mean [p < 0.1 or p > 0.9],   fg_frac = mean [p > 0.5]
+
+    Reject rows pass through with an all-zero label and NaN statistics. The ``image`` column is dropped.
+    """
+
+    def __init__(self, teachers: Sequence[str], *, s3: S3Config | None = None, tta: str = "none",
+                 label_size: int | None = None, teacher_size: int | None = None, device: str = "auto",
+                 precision: str = "auto", threads: int = 1):
+        import torch
+
+        from cluster.teachers import build_teacher
+        if threads:
+            torch.set_num_threads(int(threads))
+        self.teacher = build_teacher(list(teachers), tta=tta, s3=s3, device=device, precision=precision,
+                                     input_size=teacher_size, threads=threads or None)
+        self.tta = tta
+        self.label_size = int(label_size or self.teacher.input_size)
+
+    def __call__(self, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        import torch
+        import torch.nn.functional as F
+        reasons = np.asarray(batch[S.REASON])
+        n, size = len(reasons), self.label_size
+        ok = reasons == ""
+        label = np.zeros((n, size, size), np.uint8)
+        conf_mean = np.full(n, np.nan, np.float32)
+        conf_frac = np.full(n, np.nan, np.float32)
+        fg_frac = np.full(n, np.nan, np.float32)
+        if ok.any():
+            images = batch[S.IMAGE] if ok.all() else batch[S.IMAGE][ok]
+            with torch.inference_mode():
+                p = self.teacher.predict_tensor(images)
+                if p.shape[-1] != size or p.shape[-2] != size:
+                    p = F.interpolate(p[:, None], size=(size, size), mode="bilinear", align_corners=False,
+                                      antialias=size < p.shape[-1])[:, 0].clamp_(0.0, 1.0)
+                q = (p * 255.0).round_().to(torch.uint8)
+                stats = torch.stack([(2.0 * p - 1.0).abs().mean((1, 2)),
+                                     ((p < 0.1) | (p > 0.9)).float().mean((1, 2)),
+                                     (p > 0.5).float().mean((1, 2))], 1).cpu().numpy()
+            label[ok] = q.cpu().numpy()
+            conf_mean[ok], conf_frac[ok], fg_frac[ok] = stats[:, 0], stats[:, 1], stats[:, 2]
+        out = {k: batch[k] for k in (S.ID, S.KEY, S.SEQUENCE, S.FRAME, S.ORIG_H, S.ORIG_W, S.REASON, S.DETAIL)}
+        out.update({
+            S.LABEL: label, S.CONF_MEAN: conf_mean, S.CONF_FRAC: conf_frac, S.FG_FRAC: fg_frac,
+            S.TEACHER: np.full(n, self.teacher.id, dtype=object),
+            S.WEIGHTS_HASH: np.full(n, self.teacher.weights_hash, dtype=object),
+            S.TTA: np.full(n, self.tta, dtype=object),
+        })
+        return out
+
+
+# --- stage: encode + write (CPU tasks) --------------------------------------------------------------------
+
+def _col(batch: Mapping[str, np.ndarray], name: str, idx: np.ndarray) -> list:
+    return np.asarray(batch[name])[idx].tolist()
+
+
+def write_label_shards(batch: Mapping[str, np.ndarray], *, output_uri: str,
+                       s3: S3Config | None) -> dict[str, np.ndarray]:
+    """PNG-encode the labels and write one label shard and/or one reject shard; returns one row of counts.
+
+    The returned row: ``labelled``, ``rejected``, ``reasons`` (JSON ``{reason: count}``), ``shard``.
+    """
+    fs, root = _filesystem(output_uri, s3)
+    reasons = np.asarray(batch[S.REASON])
+    ok = np.flatnonzero(reasons == "")
+    bad = np.flatnonzero(reasons != "")
+    shards = []
+    if len(ok):
+        labels = np.asarray(batch[S.LABEL])
+        h, w = labels.shape[1:3]
+        table = pa.table({
+            S.ID: _col(batch, S.ID, ok), S.KEY: _col(batch, S.KEY, ok),
+            S.SEQUENCE: _col(batch, S.SEQUENCE, ok), S.FRAME: _col(batch, S.FRAME, ok),
+            S.ORIG_H: _col(batch, S.ORIG_H, ok), S.ORIG_W: _col(batch, S.ORIG_W, ok),
+            S.TEACHER: _col(batch, S.TEACHER, ok), S.WEIGHTS_HASH: _col(batch, S.WEIGHTS_HASH, ok),
+            S.TTA: _col(batch, S.TTA, ok),
+            S.LABEL_H: [int(h)] * len(ok), S.LABEL_W: [int(w)] * len(ok),
+            S.LABEL_PNG: [encode_png(labels[i]) for i in ok],
+            S.CONF_MEAN: _col(batch, S.CONF_MEAN, ok), S.CONF_FRAC: _col(batch, S.CONF_FRAC, ok),
+            S.FG_FRAC: _col(batch, S.FG_FRAC, ok),
+        }, schema=L.LABEL_SCHEMA)
+        if S.CONF in batch:  # foundation labels: + confidence map, caption, boxes (cluster.foundation)
+            from cluster.foundation import foundation_columns, foundation_fields
+            values = foundation_columns(batch, ok)
+            for f in foundation_fields():
+                table = table.append_column(f, pa.array(values[f.name], f.type))
+        shards.append(L.write_shard(fs, root, S.LABELS_DIR, table))
+    if len(bad):
+        shards.append(L.write_shard(fs, root, S.REJECTS_DIR, _reject_table(batch, bad)))
+    counts = collections.Counter(reasons[bad].tolist())
+    return {"labelled": np.array([len(ok)], np.int64), "rejected": np.array([len(bad)], np.int64),
+            "reasons": np.array([json.dumps(counts)], dtype=object),
+            "shards": np.array([",".join(posixpath.basename(s) for s in shards)], dtype=object)}
+
+
+def _reject_table(batch: Mapping[str, np.ndarray], idx: np.ndarray) -> pa.Table:
+    return pa.table({
+        S.ID: _col(batch, S.ID, idx), S.KEY: _col(batch, S.KEY, idx),
+        S.SEQUENCE: _col(batch, S.SEQUENCE, idx), S.FRAME: _col(batch, S.FRAME, idx),
+        S.REASON: _col(batch, S.REASON, idx), S.DETAIL: _col(batch, S.DETAIL, idx),
+    }, schema=L.REJECT_SCHEMA)
+
+
+# --- the job ---------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class LabelSummary:
+    """What one run of the job did. ``images_per_s`` counts labelled + rejected images over ``wall_s``
+    (the pipeline's wall time, actor start-up included)."""
+
+    total: int = 0
+    labelled: int = 0
+    rejected: int = 0
+    skipped_done: int = 0
+    deferred: int = 0                 # left for a later run by ``limit``
+    wall_s: float = 0.0
+    images_per_s: float = 0.0
+    reasons: dict[str, int] = dataclasses.field(default_factory=dict)
+    teacher: str = ""
+    weights_hash: str = ""
+    layout: str = ""
+    run_id: str | None = None
+
+    def line(self) -> str:
+        reasons = ", ".join(f"{k} {v}" for k, v in sorted(self.reasons.items()))
+        return (f"sodkd label: {self.total} inputs: labelled {self.labelled}, rejected {self.rejected}"
+                f"{f' ({reasons})' if reasons else ''}, skipped as done {self.skipped_done}"
+                f"{f', deferred by limit {self.deferred}' if self.deferred else ''}; "
+                f"{self.wall_s:.1f} s, {self.images_per_s:.2f} images/s; teacher {self.teacher} "
+                f"({self.weights_hash})")
+
+
+def _ensure_ray(address: str | None = None) -> None:
+    """Connect to ``address`` (or ``$RAY_ADDRESS``, as set by the Ray Jobs API), else start a local instance.
+
+    A bare ``ray.init()`` would attach to whatever cluster ``ray start`` last left on this machine (even a
+    dead one); a job must not depend on that, so the default is an explicit private local instance.
+    """
+    import ray
+    if not ray.is_initialized():
+        ray.init(address=address or os.environ.get("RAY_ADDRESS") or "local", logging_level=logging.WARNING)
+
+
+def _teacher_info(cfg: LabelConfig) -> tuple[str, str, int]:
+    """Load the teacher once on the driver (CPU, fp32): fails fast on a bad spec; gives id, hash, size.
+
+    The foundation teacher's models load in its stage actors; its hash is per row (see cluster.foundation).
+    """
+    if cfg.is_foundation:
+        from cluster.foundation import teacher_id
+        return teacher_id(cfg.foundation), "", cfg.foundation.image_size
+    from cluster.teachers import build_teacher
+    t = build_teacher(list(cfg.teachers), tta=cfg.tta, s3=cfg.s3, device="cpu", precision="fp32",
+                      input_size=cfg.teacher_size)
+    return t.id, t.weights_hash, t.input_size
+
+
+def build_dataset(cfg: LabelConfig, items: Sequence[catalog.Item], teacher_size: int):
+    """The Ray Data pipeline over ``items`` (lazy: nothing runs until it is consumed)."""
+    import ray
+    _ensure_ray(cfg.ray_address)
+    table = _manifest_table(items)
+    step = cfg.decode.batch_size
+    ds = ray.data.from_arrow([table.slice(i, step) for i in range(0, table.num_rows, step)])
+    ds = ds.map_batches(load_images, batch_size=step, num_cpus=cfg.decode.num_cpus,
+                        fn_kwargs={"input_uri": cfg.input, "s3": cfg.s3, "size": teacher_size})
+    if cfg.is_foundation:
+        from cluster.foundation import foundation_stages
+        ds = foundation_stages(ds, cfg.foundation, cfg.label_size or teacher_size)
+        return ds.map_batches(write_label_shards, batch_size=cfg.write.shard_rows, num_cpus=cfg.write.num_cpus,
+                              fn_kwargs={"output_uri": cfg.output, "s3": cfg.s3})
+    pool = cfg.pool
+    compute = (ray.data.ActorPoolStrategy(size=pool.size) if pool.size is not None
+               else ray.data.ActorPoolStrategy(min_size=pool.min_size, max_size=pool.max_size))
+    device = pool.device if pool.device != "auto" else ("cuda" if pool.num_gpus > 0 else "cpu")
+    ds = ds.map_batches(
+        TeacherLabeler, batch_size=pool.batch_size, compute=compute, num_cpus=pool.num_cpus,
+        num_gpus=pool.num_gpus or None,
+        fn_constructor_kwargs={"teachers": list(cfg.teachers), "s3": cfg.s3, "tta": cfg.tta,
+                               "label_size": cfg.label_size, "teacher_size": cfg.teacher_size,
+                               "device": device, "precision": pool.precision, "threads": pool.threads()})
+    return ds.map_batches(write_label_shards, batch_size=cfg.write.shard_rows, num_cpus=cfg.write.num_cpus,
+                          fn_kwargs={"output_uri": cfg.output, "s3": cfg.s3})
+
+
+def _label(cfg: LabelConfig, summary: LabelSummary) -> None:
+    t_start = time.perf_counter()
+    out_fs, out_root = storage.get_filesystem(cfg.output, cfg.s3)
+    manifest = build_manifest(cfg)
+    summary.layout = manifest.layout
+    summary.total = len(manifest.items) + len(manifest.unsupported)
+    ids = [i.id for i in manifest.items] + [i.id for i in manifest.unsupported]
+    if len(set(ids)) != len(ids):
+        dup = collections.Counter(ids).most_common(1)[0][0]
+        raise ValueError(f"{cfg.input}: two keys hash to the same id {dup}")
+    stale = L.remove_stale_temporaries(out_fs, out_root)
+    if stale:
+        log.info("removed %d temporary files left by an interrupted run", stale)
+    done = L.done_ids(out_fs, out_root)
+    todo = [i for i in manifest.items if i.id not in done]
+    unsupported = [i for i in manifest.unsupported if i.id not in done]
+    summary.skipped_done = summary.total - len(todo) - len(unsupported)
+    if cfg.limit is not None and len(todo) > cfg.limit:
+        summary.deferred = len(todo) - cfg.limit
+        todo = todo[: cfg.limit]
+    reasons: collections.Counter = collections.Counter()
+    if unsupported:
+        n = len(unsupported)
+        batch = {S.ID: np.array([i.id for i in unsupported], dtype=object),
+                 S.KEY: np.array([i.key for i in unsupported], dtype=object),
+                 S.SEQUENCE: np.array([i.sequence for i in unsupported], dtype=object),
+                 S.FRAME: np.array([i.frame for i in unsupported], np.int32),
+                 S.REASON: np.full(n, "video_file", dtype=object),
+                 S.DETAIL: np.full(n, "video files are not labelled: extract frames to <seq>/images/",
+                                   dtype=object)}
+        L.write_shard(out_fs, out_root, S.REJECTS_DIR, _reject_table(batch, np.arange(n)))
+        summary.rejected += n
+        reasons["video_file"] += n
+    summary.teacher, summary.weights_hash, teacher_size = _teacher_info(cfg)
+    log.info("labelling %d images (%d skipped as done) with %s at %d px", len(todo), summary.skipped_done,
+             summary.teacher, teacher_size)
+    if todo:
+        import ray
+        _ensure_ray(cfg.ray_address)
+        ray.data.DataContext.get_current().enable_progress_bars = cfg.progress
+        ds = build_dataset(cfg, todo, teacher_size)
+        for out in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            summary.labelled += int(np.sum(out["labelled"]))
+            summary.rejected += int(np.sum(out["rejected"]))
+            for r in out["reasons"]:
+                reasons.update(json.loads(r))
+    summary.reasons = dict(reasons)
+    if cfg.is_foundation and summary.labelled:
+        summary.weights_hash = L.read_labels(cfg.output, cfg.s3, [S.WEIGHTS_HASH]).column(S.WEIGHTS_HASH)[0].as_py()
+    summary.wall_s = time.perf_counter() - t_start
+    processed = summary.labelled + summary.rejected
+    summary.images_per_s = processed / summary.wall_s if summary.wall_s > 0 else 0.0
+
+
+def run_labelling(cfg: LabelConfig, samples: int = 6) -> LabelSummary:
+    """Run the labelling job described by ``cfg``; print a summary line; record an MLflow run.
+
+    The MLflow run (when ``cfg.tracking.enabled``) gets the flattened config as params, the teacher id and
+    weights hash as tags, the counts and images/s as metrics, and ``samples/labels.png`` (sample images
+    beside their labels).
+    """
+    summary = LabelSummary()
+    if not cfg.tracking.enabled:
+        _label(cfg, summary)
+        print(summary.line(), file=sys.stderr, flush=True)
+        return summary
+    from cluster import tracking
+    with tracking.start_run(cfg.tracking, run_name=cfg.tracking.run_name or "label",
+                            tags={"sodkd.job": "label"}) as run:
+        summary.run_id = run.info.run_id
+        tracking.log_params(cfg)
+        _label(cfg, summary)
+        import mlflow
+        mlflow.set_tags({"teacher": summary.teacher, "weights_hash": summary.weights_hash,
+                         "layout": summary.layout})
+        tracking.log_metrics({
+            "label/total": summary.total, "label/labelled": summary.labelled,
+            "label/rejected": summary.rejected, "label/skipped_done": summary.skipped_done,
+            "label/deferred": summary.deferred, "label/wall_s": summary.wall_s,
+            "label/images_per_s": summary.images_per_s,
+            **{f"label/rejected.{k}": v for k, v in summary.reasons.items()},
+        })
+        if samples > 0:
+            fig = sample_figure(cfg, samples)
+            if fig is not None:
+                tracking.log_figure(fig, "samples/labels.png")
+    print(summary.line(), file=sys.stderr, flush=True)
+    return summary
+
+
+def sample_figure(cfg: LabelConfig, n: int = 6):
+    """A matplotlib figure: ``n`` labelled images (from the first label shard) beside their soft labels.
+
+    Returns None when the output holds no labels yet.
+    """
+    import matplotlib
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+    import pyarrow.parquet as pq
+
+    out_fs, out_root = storage.get_filesystem(cfg.output, cfg.s3)
+    shards = L.shard_paths(out_fs, out_root, S.LABELS_DIR)
+    if not shards:
+        return None
+    rows = pq.read_table(shards[0], filesystem=out_fs).slice(0, n).to_pylist()
+    in_fs, in_root = storage.get_filesystem(cfg.input, cfg.s3)
+    fig, axes = plt.subplots(len(rows), 2, figsize=(5, 2.5 * len(rows)), squeeze=False)
+    for ax_row, row in zip(axes, rows):
+        try:
+            image = decode_image(storage.read_bytes(in_fs, storage.join(in_root, row[S.KEY])), max_side=512)
+        except (OSError, ImageDecodeError):
+            image = np.zeros((8, 8, 3), np.uint8)
+        label = resize((L.decode_label(row) * 255).astype(np.uint8), image.shape[:2])
+        ax_row[0].imshow(image)
+        ax_row[0].set_title(row[S.KEY][-40:], fontsize=7)
+        ax_row[1].imshow(label, cmap="gray", vmin=0, vmax=255)
+        ax_row[1].set_title(f"conf {row[S.CONF_MEAN]:.2f}  fg {row[S.FG_FRAC]:.2f}", fontsize=7)
+        for ax in ax_row:
+            ax.axis("off")
+    fig.suptitle(f"{rows[0][S.TEACHER]} ({rows[0][S.WEIGHTS_HASH]})", fontsize=8)
+    fig.tight_layout()
+    return fig
+

@@ -1,0 +1,206 @@
+"""Soft-label shards on storage: their schema, atomic writing, and reading them back by id.
+
+A labelling job writes to ``OUTPUT/labels/part-*.parquet`` (one row per labelled image) and
+``OUTPUT/rejects/part-*.parquet`` (one row per image that could not be labelled, with the reason). Each
+shard is written atomically -- to a hidden temporary name and renamed on a local disk, as a single object
+PUT/multipart-complete on S3 -- so a shard is either complete or absent, and readers ignore hidden names.
+A killed job therefore leaves only complete shards; its rerun skips every id they hold.
+
+Ray may retry a task after it wrote its shard, so an id can, rarely, sit in two shards; readers dedupe by
+id (first shard in name order wins). The distillation trainer joins labels to images by ``id`` (the stable
+hash of the image key, :func:`kd.schema.stable_id`), never by row order.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import posixpath
+import time
+import uuid
+from typing import Any, Iterable, Mapping
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+from PIL import Image
+
+from cluster import storage
+from cluster.storage import S3Config
+from kd import schema as S
+
+log = logging.getLogger(__name__)
+
+__all__ = ["LABEL_SCHEMA", "REJECT_SCHEMA", "shard_paths", "read_ids", "done_ids", "write_shard",
+           "read_labels", "read_rejects", "decode_label", "labels_dir", "remove_stale_temporaries"]
+
+LABEL_SCHEMA = pa.schema([
+    (S.ID, pa.string()), (S.KEY, pa.string()), (S.SEQUENCE, pa.string()), (S.FRAME, pa.int32()),
+    (S.ORIG_H, pa.int32()), (S.ORIG_W, pa.int32()),
+    (S.TEACHER, pa.string()), (S.WEIGHTS_HASH, pa.string()), (S.TTA, pa.string()),
+    (S.LABEL_H, pa.int32()), (S.LABEL_W, pa.int32()), (S.LABEL_PNG, pa.binary()),
+    (S.CONF_MEAN, pa.float32()), (S.CONF_FRAC, pa.float32()), (S.FG_FRAC, pa.float32()),
+])
+
+REJECT_SCHEMA = pa.schema([
+    (S.ID, pa.string()), (S.KEY, pa.string()), (S.SEQUENCE, pa.string()), (S.FRAME, pa.int32()),
+    (S.REASON, pa.string()), (S.DETAIL, pa.string()),
+])
+
+SHARD_SUFFIX = ".parquet"
+_TMP_MARK = ".tmp-"
+
+
+def _dir(root: str, kind: str) -> str:
+    if kind not in (S.LABELS_DIR, S.REJECTS_DIR):
+        raise ValueError(f"shard kind: expected {S.LABELS_DIR!r} or {S.REJECTS_DIR!r}, got {kind!r}")
+    return storage.join(root, kind)
+
+
+def shard_paths(fs: pafs.FileSystem, root: str, kind: str = S.LABELS_DIR) -> list[str]:
+    """Complete shards of ``kind`` under the job output ``root``, sorted by name (hidden temporaries skipped)."""
+    d = _dir(root, kind)
+    if not storage.is_dir(fs, d):
+        return []
+    return storage.list_files(fs, d, [SHARD_SUFFIX], recursive=False)
+
+
+def _read_shards(fs: pafs.FileSystem, paths: Iterable[str], columns: list[str] | None,
+                 schema: pa.Schema) -> pa.Table:
+    tables = []
+    for p in paths:
+        try:
+            t = pq.read_table(p, filesystem=fs, columns=columns)
+        except (OSError, pa.ArrowInvalid) as e:
+            # Cannot come from our atomic writer; a foreign or damaged file. Its ids count as not done,
+            # so a rerun labels them again into a new shard.
+            log.warning("skipping unreadable shard %s: %s", storage.to_uri(fs, p), e)
+            continue
+        tables.append(t)
+    if not tables:
+        fields = [schema.field(c) for c in columns] if columns else list(schema)
+        return pa.schema(fields).empty_table()
+    return pa.concat_tables(tables, promote_options="default")
+
+
+def _dedupe(table: pa.Table) -> pa.Table:
+    if table.num_rows == 0:
+        return table
+    ids = table.column(S.ID).to_numpy(zero_copy_only=False)
+    _, first = np.unique(ids, return_index=True)
+    if len(first) == table.num_rows:
+        return table
+    return table.take(pa.array(np.sort(first)))
+
+
+def read_ids(fs: pafs.FileSystem, root: str, kind: str = S.LABELS_DIR) -> set[str]:
+    """Ids present in the ``kind`` shards under ``root`` (only the id column is read)."""
+    schema = LABEL_SCHEMA if kind == S.LABELS_DIR else REJECT_SCHEMA
+    t = _read_shards(fs, shard_paths(fs, root, kind), [S.ID], schema)
+    return set(t.column(S.ID).to_pylist())
+
+
+def done_ids(fs: pafs.FileSystem, root: str) -> set[str]:
+    """Ids a job with output ``root`` has finished: labelled or rejected. A rerun skips these."""
+    return read_ids(fs, root, S.LABELS_DIR) | read_ids(fs, root, S.REJECTS_DIR)
+
+
+def remove_stale_temporaries(fs: pafs.FileSystem, root: str) -> int:
+    """Delete hidden temporaries left by a writer killed mid-shard (local output only); returns how many.
+
+    Call it only when no other job writes to the same output (one job per output at a time).
+    """
+    if not isinstance(fs, pafs.LocalFileSystem):
+        return 0  # S3 writes are single objects: a killed upload leaves nothing visible
+    n = 0
+    for kind in (S.LABELS_DIR, S.REJECTS_DIR):
+        d = _dir(root, kind)
+        if not storage.is_dir(fs, d):
+            continue
+        for info in fs.get_file_info(pafs.FileSelector(d, recursive=False)):
+            if posixpath.basename(info.path).startswith(".") and _TMP_MARK in info.path:
+                fs.delete_file(info.path)
+                n += 1
+    return n
+
+
+def write_shard(fs: pafs.FileSystem, root: str, kind: str, table: pa.Table) -> str:
+    """Write ``table`` as a new uniquely named shard of ``kind`` under ``root``, atomically; returns its path.
+
+    Local: written to ``.part-*.tmp-*`` in the same folder, then renamed (atomic on one filesystem).
+    S3: written straight to the final key; the object only appears when the upload completes.
+    """
+    d = _dir(root, kind)
+    name = f"part-{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:12]}{SHARD_SUFFIX}"
+    final = storage.join(d, name)
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, compression="snappy")
+    data = sink.getvalue()
+    fs.create_dir(d, recursive=True)
+    if isinstance(fs, pafs.LocalFileSystem):
+        tmp = storage.join(d, f".{name}{_TMP_MARK}{uuid.uuid4().hex[:8]}")
+        try:
+            with fs.open_output_stream(tmp) as f:
+                f.write(data)
+            fs.move(tmp, final)
+        except BaseException:
+            try:
+                fs.delete_file(tmp)
+            except OSError:
+                pass
+            raise
+    else:
+        with fs.open_output_stream(final) as f:
+            f.write(data)
+    return final
+
+
+def _resolve_root(uri: str, s3: S3Config | None) -> tuple[pafs.FileSystem, str]:
+    fs, path = storage.get_filesystem(uri, s3)
+    if not storage.exists(fs, path):
+        raise FileNotFoundError(f"{uri}: no such label output")
+    base = posixpath.basename(path.rstrip("/"))
+    if base in (S.LABELS_DIR, S.REJECTS_DIR):  # the labels/ (or rejects/) folder itself was given
+        path = posixpath.dirname(path.rstrip("/"))
+    return fs, path
+
+
+def read_labels(uri: str, s3: S3Config | None = None, columns: list[str] | None = None) -> pa.Table:
+    """Every label row under the job output ``uri`` (or its ``labels/`` folder), one row per id.
+
+    ``columns`` restricts what is read (``id`` is always included). Rows are in shard-name order; the
+    trainer joins them to images by ``id``.
+    """
+    fs, root = _resolve_root(uri, s3)
+    cols = None if columns is None else list(dict.fromkeys([S.ID, *columns]))
+    return _dedupe(_read_shards(fs, shard_paths(fs, root, S.LABELS_DIR), cols, LABEL_SCHEMA))
+
+
+def read_rejects(uri: str, s3: S3Config | None = None) -> pa.Table:
+    """Every rejected image under the job output ``uri``: id, key, sequence, frame, reason, detail."""
+    fs, root = _resolve_root(uri, s3)
+    return _dedupe(_read_shards(fs, shard_paths(fs, root, S.REJECTS_DIR), None, REJECT_SCHEMA))
+
+
+def labels_dir(uri: str) -> str:
+    return storage.join(uri.rstrip("/"), S.LABELS_DIR)
+
+
+def decode_label(row: Mapping[str, Any] | bytes) -> np.ndarray:
+    """A label row (or its PNG bytes) -> the soft map, float32 (LABEL_H, LABEL_W) in [0, 1] (= uint8 / 255).
+
+    The map is at the label size; resize it to ``(orig_h, orig_w)`` to compare with the source image.
+    """
+    data = row if isinstance(row, (bytes, bytearray, memoryview)) else row[S.LABEL_PNG]
+    if data is None:
+        raise ValueError("decode_label: the row has no label PNG")
+    with Image.open(io.BytesIO(bytes(data))) as img:
+        if img.mode != "L":
+            raise ValueError(f"decode_label: expected an 8-bit grayscale PNG, got mode {img.mode}")
+        arr = np.asarray(img, dtype=np.float32)
+    if not isinstance(row, (bytes, bytearray, memoryview)) and S.LABEL_H in row:
+        expected = (int(row[S.LABEL_H]), int(row[S.LABEL_W]))
+        if arr.shape != expected:
+            raise ValueError(f"decode_label: PNG is {arr.shape}, the row says {expected} (id {row.get(S.ID)})")
+    return arr / 255.0

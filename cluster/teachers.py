@@ -1,0 +1,533 @@
+"""Teachers for offline labelling: what a teacher spec names, how it is loaded, how it predicts.
+
+A *teacher spec* is one string, the form the CLI and configs use:
+
+- ``NAME:WEIGHTS`` -- a model of the registry (``models.create_model``) with a weights file written by
+  ``models.save_weights`` (or a bare state dict), e.g. ``scfnet_r50:/ckpt/teacher.pt`` or
+  ``scfnet_r50:s3://bucket/teachers/r50.pt``;
+- ``FILE.ts`` / ``FILE.torchscript`` -- a TorchScript module written by :func:`export_teacher`;
+- ``FILE.onnx`` -- an ONNX model written by :func:`export_teacher`, run by onnxruntime (CUDA provider when
+  one is available and asked for, else CPU).
+
+Every teacher declares its preprocessing: RGB mean and std in 0..255 units and the square input size. A
+registered model carries them as attributes; an exported file carries them as JSON metadata (TorchScript
+``_extra_files``, ONNX ``metadata_props``) next to the graph, so labelling never guesses them. Exported
+graphs take the *normalised* image ``(x - mean) / std`` (N, 3, S, S) and return probabilities (N, 1, S, S),
+the sigmoid of the finest side output -- the same quantity ``SODModel.predict`` returns, so the three forms
+of one set of weights give the same labels (tested).
+
+:class:`Teacher` is the common interface: ``predict(uint8 N x S x S x 3) -> float32 N x S x S`` probabilities.
+:class:`Ensemble` averages the probabilities of several teachers and :class:`HFlipTTA` averages a teacher
+with its prediction on the mirrored image (flipped back) -- both beyond the paper, both cheap gains in label
+quality. On CUDA the torch forms run in half precision unless ``precision="fp32"``.
+
+Every teacher also has an ``id`` (which model, which form) and a ``weights_hash`` (sha256 of the file it runs,
+16 hex chars) that the label shards record, so a label can always be traced to the weights that made it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import os
+import re
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any, Literal, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cluster import storage
+from cluster.storage import S3Config
+
+__all__ = [
+    "TeacherSpec", "TeacherSpecError", "parse_teacher_spec", "Teacher", "EagerTeacher", "TorchScriptTeacher",
+    "OnnxTeacher", "Ensemble", "HFlipTTA", "load_teacher", "build_teacher", "export_teacher",
+    "read_export_metadata", "weights_hash", "METADATA_KEY",
+]
+
+METADATA_KEY = "sodkd_teacher"          # TorchScript extra file "<key>.json", ONNX metadata_props key
+EXPORT_FORMAT = "sodkd-teacher"
+EXPORT_FORMAT_VERSION = 1
+TORCHSCRIPT_SUFFIXES = (".ts", ".torchscript")
+ONNX_SUFFIXES = (".onnx",)
+_NAME_RE = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*):(.+)$")
+_URI_SCHEMES = ("s3", "file")
+
+Kind = Literal["registered", "torchscript", "onnx"]
+
+
+class TeacherSpecError(ValueError):
+    """A teacher spec is malformed or names something that cannot be loaded; the message quotes it."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TeacherSpec:
+    """A parsed teacher spec: ``kind``, the file's URI and, for registered models, the model name."""
+
+    kind: Kind
+    path: str
+    model: str | None = None
+    text: str = ""
+
+    def __str__(self) -> str:
+        return self.text or (f"{self.model}:{self.path}" if self.model else self.path)
+
+
+def parse_teacher_spec(spec: str) -> TeacherSpec:
+    """``"scfnet_r50:w.pt"`` / ``"t.ts"`` / ``"t.onnx"`` -> :class:`TeacherSpec` (no file is read here)."""
+    if not isinstance(spec, str) or not spec.strip():
+        raise TeacherSpecError(f"teacher spec {spec!r}: empty")
+    text = spec.strip()
+    lower = text.lower()
+    m = _NAME_RE.match(text)
+    named = m is not None and m.group(1).lower() not in _URI_SCHEMES
+    if named:
+        name, path = m.group(1), m.group(2)
+        if path.lower().endswith(TORCHSCRIPT_SUFFIXES + ONNX_SUFFIXES):
+            raise TeacherSpecError(f"teacher spec {text!r}: TorchScript and ONNX files carry their own model; "
+                                   f"give the file alone ({path!r})")
+        from models import list_models
+        if name not in list_models():
+            raise TeacherSpecError(f"teacher spec {text!r}: unknown model {name!r}; registered models: "
+                                   f"{', '.join(list_models())}")
+        return TeacherSpec("registered", path, name, text)
+    if lower.endswith(TORCHSCRIPT_SUFFIXES):
+        return TeacherSpec("torchscript", text, None, text)
+    if lower.endswith(ONNX_SUFFIXES):
+        return TeacherSpec("onnx", text, None, text)
+    raise TeacherSpecError(
+        f"teacher spec {text!r}: expected MODEL:WEIGHTS (e.g. scfnet_r50:weights.pt), a TorchScript file "
+        f"(*{', *'.join(TORCHSCRIPT_SUFFIXES)}) or an ONNX file (*.onnx)")
+
+
+def weights_hash(data: bytes) -> str:
+    """sha256 of a weights/model file's bytes, 16 hex chars: what label shards record."""
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
+def _read_file(uri: str, s3: S3Config | None, spec: str) -> bytes:
+    fs, path = storage.get_filesystem(uri, s3)
+    info = fs.get_file_info(path)
+    if info.type.name != "File":
+        raise TeacherSpecError(f"teacher spec {spec!r}: file not found: {uri}")
+    return storage.read_bytes(fs, path)
+
+
+def _resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r}: CUDA is not available on this worker")
+    return torch.device(device)
+
+
+def _use_half(device: torch.device, precision: str) -> bool:
+    if precision not in ("auto", "fp32", "fp16"):
+        raise ValueError(f"precision: expected auto, fp32 or fp16, got {precision!r}")
+    if precision == "fp16" and device.type != "cuda":
+        raise ValueError("precision fp16 needs a CUDA device (CPU half-precision convolutions are slow or missing)")
+    return device.type == "cuda" and precision != "fp32"
+
+
+class Teacher:
+    """A frozen saliency teacher: uint8 images in, probabilities out.
+
+    Attributes:
+        id: which teacher (``scfnet_r50``, ``torchscript:scfnet_r50``, ``ensemble(a,b)``).
+        weights_hash: sha256 (16 hex) of the file(s) it runs.
+        input_size: the square size S its images must have.
+        mean, std: RGB statistics in 0..255 units (its preprocessing).
+        device: where its outputs live.
+    """
+
+    id: str
+    weights_hash: str
+    input_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    device: torch.device
+
+    def probs(self, x: torch.Tensor) -> torch.Tensor:
+        """``x``: float32 (N, 3, H, W) RGB in 0..255 on any device -> float32 (N, H, W) on ``self.device``."""
+        raise NotImplementedError
+
+    def to_input(self, images: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """uint8 (N, S, S, 3) -> float32 (N, 3, S, S) in 0..255 on ``self.device`` (one copy to the device)."""
+        if isinstance(images, np.ndarray):
+            with warnings.catch_warnings():  # Ray hands out read-only batches; we only read them
+                warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+                t = torch.from_numpy(np.ascontiguousarray(images))
+        else:
+            t = images
+        if t.dtype != torch.uint8 or t.ndim != 4 or t.shape[-1] != 3:
+            raise ValueError(f"{self.id}: expected uint8 images (N, H, W, 3), got {t.dtype} {tuple(t.shape)}")
+        return t.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float()
+
+    @torch.inference_mode()
+    def predict_tensor(self, images: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """uint8 (N, S, S, 3) -> float32 probabilities (N, S, S) on ``self.device``."""
+        return self.probs(self.to_input(images))
+
+    def predict(self, images: np.ndarray | torch.Tensor) -> np.ndarray:
+        """uint8 (N, S, S, 3) at the teacher's size -> float32 (N, S, S) saliency probabilities in [0, 1]."""
+        return self.predict_tensor(images).float().cpu().numpy()
+
+    def describe(self) -> dict[str, Any]:
+        return {"id": self.id, "weights_hash": self.weights_hash, "input_size": self.input_size,
+                "mean": list(self.mean), "std": list(self.std), "device": str(self.device)}
+
+
+class _SingleTeacher(Teacher):
+    """Shared preprocessing of one network: resize to its size if needed, normalise, run, resize back."""
+
+    def __init__(self, id: str, weights_hash: str, mean: Sequence[float], std: Sequence[float],
+                 input_size: int, device: torch.device, half: bool):
+        self.id, self.weights_hash, self.input_size = id, weights_hash, int(input_size)
+        self.mean = tuple(float(v) for v in mean)  # type: ignore[assignment]
+        self.std = tuple(float(v) for v in std)  # type: ignore[assignment]
+        if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
+            raise TeacherSpecError(f"{id}: bad preprocessing mean={self.mean} std={self.std}")
+        self.device, self.half = device, half
+        self._mean_t = torch.tensor(self.mean, device=device).view(1, 3, 1, 1)
+        self._inv_std_t = 1.0 / torch.tensor(self.std, device=device).view(1, 3, 1, 1)
+
+    def _run(self, xn: torch.Tensor) -> torch.Tensor:
+        """Normalised (N, 3, S, S) -> probabilities (N, 1, S, S)."""
+        raise NotImplementedError
+
+    def probs(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.device)
+        h, w = x.shape[-2:]
+        s = self.input_size
+        if (h, w) != (s, s):
+            x = F.interpolate(x, size=(s, s), mode="bilinear", align_corners=False, antialias=True)
+        xn = (x - self._mean_t) * self._inv_std_t
+        p = self._run(xn.half() if self.half else xn).float()
+        if (h, w) != (s, s):
+            p = F.interpolate(p, size=(h, w), mode="bilinear", align_corners=False)
+        return p[:, 0]
+
+
+class EagerTeacher(_SingleTeacher):
+    """A registered ``SODModel`` in PyTorch eager mode (``model.predict``)."""
+
+    def __init__(self, model: nn.Module, id: str, weights_hash: str, device: torch.device, half: bool,
+                 input_size: int | None = None):
+        super().__init__(id, weights_hash, model.mean, model.std, input_size or model.input_size, device, half)
+        self.model = model.to(device).eval()
+        if half:
+            self.model.half()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+
+    def _run(self, xn: torch.Tensor) -> torch.Tensor:
+        return self.model.predict(xn)
+
+
+class TorchScriptTeacher(_SingleTeacher):
+    """A TorchScript module from :func:`export_teacher` (normalised image -> probabilities)."""
+
+    def __init__(self, module: torch.jit.ScriptModule, meta: dict[str, Any], id: str, weights_hash: str,
+                 device: torch.device, half: bool):
+        super().__init__(id, weights_hash, meta["mean"], meta["std"], meta["input_size"], device, half)
+        self.meta = meta
+        self.module = module.to(device).eval()
+        if half:
+            self.module.half()
+
+    def _run(self, xn: torch.Tensor) -> torch.Tensor:
+        return self.module(xn)
+
+
+class OnnxTeacher(_SingleTeacher):
+    """An ONNX model from :func:`export_teacher`, run by onnxruntime.
+
+    Its tensors live on the CPU (onnxruntime copies them to the GPU itself when it runs the CUDA provider);
+    it runs in the precision the file was exported in (float32).
+    """
+
+    def __init__(self, session: Any, meta: dict[str, Any], id: str, weights_hash: str):
+        super().__init__(id, weights_hash, meta["mean"], meta["std"], meta["input_size"], torch.device("cpu"), False)
+        self.meta = meta
+        self.session = session
+        self.input_name = session.get_inputs()[0].name
+        self.providers = session.get_providers()
+
+    def _run(self, xn: torch.Tensor) -> torch.Tensor:
+        out = self.session.run(None, {self.input_name: np.ascontiguousarray(xn.numpy(), dtype=np.float32)})[0]
+        return torch.from_numpy(out)
+
+
+class Ensemble(Teacher):
+    """Mean of the members' probabilities: ``p = (1/K) * sum_k p_k``.
+
+    Members may have different input sizes: the ensemble works at the first member's size and each member
+    resizes its input and output itself. ``weights_hash`` hashes the members' hashes in order.
+    """
+
+    def __init__(self, members: Sequence[Teacher]):
+        if len(members) < 2:
+            raise ValueError("Ensemble: needs at least two teachers")
+        self.members = list(members)
+        first = self.members[0]
+        self.id = "ensemble(" + ",".join(m.id for m in self.members) + ")"
+        self.weights_hash = hashlib.sha256(":".join(m.weights_hash for m in self.members).encode()).hexdigest()[:16]
+        self.input_size, self.mean, self.std, self.device = first.input_size, first.mean, first.std, first.device
+
+    def probs(self, x: torch.Tensor) -> torch.Tensor:
+        total = None
+        for m in self.members:
+            p = m.probs(x).to(self.device)
+            total = p if total is None else total + p
+        return total / len(self.members)
+
+    def describe(self) -> dict[str, Any]:
+        d = super().describe()
+        d["members"] = [m.describe() for m in self.members]
+        return d
+
+
+class HFlipTTA(Teacher):
+    """Horizontal-flip test-time augmentation: ``p = (t(x) + flip(t(flip(x)))) / 2``, one batched forward.
+
+    The id and hash are the wrapped teacher's; the label shards record the TTA in their own column.
+    """
+
+    def __init__(self, teacher: Teacher):
+        self.teacher = teacher
+        for attr in ("id", "weights_hash", "input_size", "mean", "std", "device"):
+            setattr(self, attr, getattr(teacher, attr))
+
+    def probs(self, x: torch.Tensor) -> torch.Tensor:
+        n = x.shape[0]
+        p = self.teacher.probs(torch.cat([x, x.flip(-1)], dim=0))
+        return 0.5 * (p[:n] + p[n:].flip(-1))
+
+    def describe(self) -> dict[str, Any]:
+        return {**self.teacher.describe(), "tta": "hflip"}
+
+
+# --- loading ---------------------------------------------------------------------------------------------
+
+def _load_registered(spec: TeacherSpec, data: bytes, device: torch.device, half: bool,
+                     input_size: int | None) -> EagerTeacher:
+    from models import WeightsFormatError, create_model, load_state, load_weights
+    try:
+        try:
+            model = load_weights(io.BytesIO(data))
+        except WeightsFormatError as e:
+            if "no sodkd metadata header" not in str(e):
+                raise
+            model = load_state(create_model(spec.model), io.BytesIO(data))  # a bare state dict
+    except (WeightsFormatError, RuntimeError, ValueError) as e:
+        raise TeacherSpecError(f"teacher spec {spec}: {e}") from e
+    if model.name != spec.model:
+        raise TeacherSpecError(f"teacher spec {spec}: the weights file holds {model.name!r}, not {spec.model!r}")
+    return EagerTeacher(model, spec.model, weights_hash(data), device, half, input_size)
+
+
+def _check_meta(meta: Any, spec: TeacherSpec) -> dict[str, Any]:
+    if not isinstance(meta, dict) or meta.get("format") != EXPORT_FORMAT:
+        raise TeacherSpecError(f"teacher spec {spec}: no sodkd teacher metadata (export it with "
+                               "cluster.teachers.export_teacher)")
+    if meta.get("format_version", 0) > EXPORT_FORMAT_VERSION:
+        raise TeacherSpecError(f"teacher spec {spec}: metadata version {meta['format_version']} is newer than "
+                               f"this sodkd understands ({EXPORT_FORMAT_VERSION})")
+    for key in ("mean", "std", "input_size"):
+        if key not in meta:
+            raise TeacherSpecError(f"teacher spec {spec}: metadata lacks {key!r}")
+    return meta
+
+
+def _jit_load(data: bytes, device: torch.device, extra: dict[str, Any]) -> Any:
+    # TorchScript is deprecated upstream in favour of torch.export, but it is the format asked for here
+    # (self-contained, loadable without sodkd): silence the per-load deprecation warning.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=DeprecationWarning, message=".*torch.jit.*")
+        return torch.jit.load(io.BytesIO(data), map_location=device, _extra_files=extra)
+
+
+def _load_torchscript(spec: TeacherSpec, data: bytes, device: torch.device, half: bool,
+                      input_size: int | None) -> TorchScriptTeacher:
+    extra = {f"{METADATA_KEY}.json": ""}
+    try:
+        module = _jit_load(data, device, extra)
+    except Exception as e:  # noqa: BLE001 - torch raises RuntimeError or others for a foreign file
+        raise TeacherSpecError(f"teacher spec {spec}: not a TorchScript file ({type(e).__name__}: {e})") from e
+    raw = extra[f"{METADATA_KEY}.json"]
+    meta = _check_meta(json.loads(raw) if raw else None, spec)
+    _check_size(spec, meta, input_size)
+    return TorchScriptTeacher(module, meta, f"torchscript:{meta.get('model', 'unknown')}", weights_hash(data),
+                              device, half)
+
+
+def _onnx_providers(device: torch.device | str) -> list[str]:
+    import onnxruntime as ort
+    available = ort.get_available_providers()
+    wants_cuda = str(device).startswith("cuda") or (str(device) == "auto" and torch.cuda.is_available())
+    if wants_cuda and "CUDAExecutionProvider" in available:
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+def _load_onnx(spec: TeacherSpec, data: bytes, device: str, input_size: int | None,
+               threads: int | None) -> OnnxTeacher:
+    import onnxruntime as ort
+    opts = ort.SessionOptions()
+    if threads:
+        opts.intra_op_num_threads = int(threads)
+        opts.inter_op_num_threads = 1
+    try:
+        session = ort.InferenceSession(data, sess_options=opts, providers=_onnx_providers(device))
+    except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types
+        raise TeacherSpecError(f"teacher spec {spec}: not a loadable ONNX model ({type(e).__name__}: {e})") from e
+    raw = session.get_modelmeta().custom_metadata_map.get(METADATA_KEY)
+    meta = _check_meta(json.loads(raw) if raw else None, spec)
+    _check_size(spec, meta, input_size)
+    return OnnxTeacher(session, meta, f"onnx:{meta.get('model', 'unknown')}", weights_hash(data))
+
+
+def _check_size(spec: TeacherSpec, meta: dict[str, Any], input_size: int | None) -> None:
+    if input_size is not None and int(input_size) != int(meta["input_size"]):
+        raise TeacherSpecError(f"teacher spec {spec}: exported at input size {meta['input_size']}, "
+                               f"not the {input_size} asked for (export it again at that size)")
+
+
+def load_teacher(spec: str | TeacherSpec, s3: S3Config | None = None, device: str = "auto",
+                 precision: str = "auto", input_size: int | None = None, threads: int | None = None) -> Teacher:
+    """Load one teacher from its spec (local path or ``s3://`` URI).
+
+    Args:
+        device: ``auto`` (CUDA when available), ``cpu`` or ``cuda[:i]``.
+        precision: ``auto`` (fp16 on CUDA, fp32 on CPU), ``fp32`` or ``fp16`` (CUDA only); torch forms only.
+        input_size: override the registered model's working size (exported files are fixed at theirs).
+        threads: onnxruntime intra-op threads (torch threads are per process: the caller sets them).
+    """
+    spec = parse_teacher_spec(spec) if isinstance(spec, str) else spec
+    data = _read_file(spec.path, s3, str(spec))
+    if spec.kind == "onnx":
+        return _load_onnx(spec, data, device, input_size, threads)
+    dev = _resolve_device(device)
+    half = _use_half(dev, precision)
+    if spec.kind == "torchscript":
+        return _load_torchscript(spec, data, dev, half, input_size)
+    return _load_registered(spec, data, dev, half, input_size)
+
+
+def build_teacher(specs: str | Sequence[str], tta: str = "none", s3: S3Config | None = None,
+                  device: str = "auto", precision: str = "auto", input_size: int | None = None,
+                  threads: int | None = None) -> Teacher:
+    """One spec -> that teacher; several -> their :class:`Ensemble`; ``tta="hflip"`` wraps in :class:`HFlipTTA`."""
+    specs = [specs] if isinstance(specs, str) else list(specs)
+    if not specs:
+        raise TeacherSpecError("no teacher spec given")
+    if tta not in ("none", "hflip"):
+        raise ValueError(f"tta: expected 'none' or 'hflip', got {tta!r}")
+    members = [load_teacher(s, s3, device, precision, input_size, threads) for s in specs]
+    teacher = members[0] if len(members) == 1 else Ensemble(members)
+    return HFlipTTA(teacher) if tta == "hflip" else teacher
+
+
+# --- export ----------------------------------------------------------------------------------------------
+
+class _ProbsHead(nn.Module):
+    """Normalised image (N, 3, S, S) -> probabilities of the finest side output (N, 1, S, S)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.model(x)[0])
+
+
+def export_teacher(model: nn.Module, path: str | os.PathLike, fmt: Literal["torchscript", "onnx"],
+                   input_size: int | None = None, extra_meta: dict[str, Any] | None = None,
+                   onnx_exporter: Literal["dynamo", "torchscript"] = "dynamo") -> dict[str, Any]:
+    """Write ``model`` (a ``SODModel``) as a self-describing TorchScript or ONNX teacher file.
+
+    The graph maps the normalised image ``(x - mean) / std``, float32 (N, 3, S, S), to probabilities
+    (N, 1, S, S); N is dynamic, S is fixed at ``input_size`` (default ``model.input_size``). The metadata
+    (model name and config, mean, std, input size, I/O description, ``extra_meta``) is stored as JSON in the
+    TorchScript ``_extra_files`` / ONNX ``metadata_props`` under ``sodkd_teacher``. The file is written
+    atomically (temporary name + rename). Returns the metadata.
+
+    ``onnx_exporter``: ``dynamo`` (``torch.export``, the supported path) or ``torchscript`` (the older,
+    faster tracer-based exporter).
+    """
+    if fmt not in ("torchscript", "onnx"):
+        raise ValueError(f"export format: expected 'torchscript' or 'onnx', got {fmt!r}")
+    for attr in ("mean", "std", "input_size"):
+        if not hasattr(model, attr):
+            raise TypeError(f"export_teacher: model lacks {attr!r} (expected a models.SODModel)")
+    size = int(input_size or model.input_size)
+    meta: dict[str, Any] = {
+        "format": EXPORT_FORMAT, "format_version": EXPORT_FORMAT_VERSION,
+        "model": getattr(model, "name", type(model).__name__),
+        "config": json.loads(json.dumps(getattr(model, "config", {}))),
+        "mean": [float(v) for v in model.mean], "std": [float(v) for v in model.std], "input_size": size,
+        "input": "float32 (N, 3, S, S) RGB normalised as (x - mean) / std with x in 0..255",
+        "output": "float32 (N, 1, S, S) saliency probabilities (sigmoid of the finest side output)",
+        "torch_version": str(torch.__version__),
+    }
+    meta.update(json.loads(json.dumps(extra_meta or {})))
+    dest = Path(path)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    was_training = model.training
+    head = _ProbsHead(model).cpu().float().eval()
+    example = torch.zeros(2, 3, size, size)
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        with torch.no_grad():
+            if fmt == "torchscript":
+                traced = torch.jit.trace(head, example, check_trace=False)
+                torch.jit.save(traced, tmp, _extra_files={f"{METADATA_KEY}.json": json.dumps(meta)})
+            else:
+                _export_onnx(head, example, tmp, meta, onnx_exporter)
+        os.replace(tmp, dest)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+        model.train(was_training)
+    return meta
+
+
+def _export_onnx(head: nn.Module, example: torch.Tensor, tmp: str, meta: dict[str, Any], exporter: str) -> None:
+    import onnx
+    if exporter == "dynamo":
+        torch.onnx.export(head, (example,), tmp, input_names=["image"], output_names=["probs"],
+                          dynamic_shapes={"x": {0: torch.export.Dim("batch")}}, external_data=False,
+                          dynamo=True, verbose=False)
+    elif exporter == "torchscript":
+        torch.onnx.export(head, (example,), tmp, input_names=["image"], output_names=["probs"],
+                          dynamic_axes={"image": {0: "batch"}, "probs": {0: "batch"}}, dynamo=False)
+    else:
+        raise ValueError(f"onnx_exporter: expected 'dynamo' or 'torchscript', got {exporter!r}")
+    proto = onnx.load(tmp)
+    entry = proto.metadata_props.add()
+    entry.key, entry.value = METADATA_KEY, json.dumps(meta)
+    onnx.save(proto, tmp)
+
+
+def read_export_metadata(path: str, s3: S3Config | None = None) -> dict[str, Any]:
+    """The ``sodkd_teacher`` metadata of an exported TorchScript or ONNX file."""
+    spec = parse_teacher_spec(path)
+    if spec.kind == "registered":
+        raise TeacherSpecError(f"{path}: not an exported teacher file (*.ts, *.torchscript, *.onnx)")
+    data = _read_file(spec.path, s3, path)
+    if spec.kind == "torchscript":
+        extra = {f"{METADATA_KEY}.json": ""}
+        _jit_load(data, torch.device("cpu"), extra)
+        raw = extra[f"{METADATA_KEY}.json"]
+    else:
+        import onnx
+        props = {p.key: p.value for p in onnx.load_from_string(data).metadata_props}
+        raw = props.get(METADATA_KEY)
+    return _check_meta(json.loads(raw) if raw else None, spec)

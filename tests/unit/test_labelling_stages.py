@@ -1,0 +1,221 @@
+"""The labelling job's stages called directly, without Ray: load_images, TeacherLabeler,
+write_label_shards, the shard readers, the config and the CLI wiring. Real images, a real saved teacher."""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+
+import numpy as np
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+from cluster import labelling as LB
+from cluster import labels as L
+from cluster import tracking
+from cluster.teachers import build_teacher, weights_hash
+from kd import schema as S
+from kd.config import ConfigError
+from kd.imageio import decode_image, resize
+from models import create_model, save_weights
+
+SIZE = 64
+
+
+@pytest.fixture(scope="module")
+def teacher_file(tmp_path_factory):
+    torch.manual_seed(0)
+    m = create_model("scfnet_m3").eval()
+    with torch.no_grad():
+        m.heads[0].weight.mul_(40.0)  # probabilities that span (0, 1)
+    path = tmp_path_factory.mktemp("teacher") / "m3.pt"
+    save_weights(m, path)
+    return path
+
+
+@pytest.fixture
+def image_dir(tmp_path, shared_data):
+    d = tmp_path / "in"
+    d.mkdir()
+    for p in sorted((shared_data / "ecssd" / "images").glob("*.jpg"))[:3]:
+        shutil.copy(p, d / p.name)
+    (d / "empty.jpg").write_bytes(b"")
+    (d / "notes.png").write_bytes(b"not an image at all\n" * 4)
+    real = sorted((shared_data / "ecssd" / "images").glob("*.jpg"))[3].read_bytes()
+    (d / "half.jpg").write_bytes(real[: len(real) // 2])
+    return d
+
+
+def _manifest_batch(keys):
+    return {S.ID: np.array([S.stable_id(k) for k in keys], dtype=object), S.KEY: np.array(keys, dtype=object),
+            S.SEQUENCE: np.array([""] * len(keys), dtype=object), S.FRAME: np.full(len(keys), -1, np.int32)}
+
+
+def test_load_images_decodes_and_rejects(image_dir):
+    keys = sorted(p.name for p in image_dir.iterdir()) + ["missing.jpg"]
+    out = LB.load_images(_manifest_batch(keys), input_uri=str(image_dir), s3=None, size=SIZE)
+    reasons = dict(zip(out[S.KEY], out[S.REASON]))
+    assert reasons["empty.jpg"] == "empty"
+    assert reasons["notes.png"] == "not_an_image"
+    assert reasons["half.jpg"] == "truncated"
+    assert reasons["missing.jpg"] == "read_error"
+    assert out[S.IMAGE].shape == (len(keys), SIZE, SIZE, 3) and out[S.IMAGE].dtype == np.uint8
+    for i, k in enumerate(keys):
+        if reasons[k] == "":
+            with Image.open(image_dir / k) as im:
+                assert (out[S.ORIG_H][i], out[S.ORIG_W][i]) == (im.height, im.width)
+            expected = resize(decode_image((image_dir / k).read_bytes(), max_side=SIZE), (SIZE, SIZE))
+            np.testing.assert_array_equal(out[S.IMAGE][i], expected)
+        else:
+            assert out[S.DETAIL][i] != ""
+            assert not out[S.IMAGE][i].any()
+    assert sum(r == "" for r in reasons.values()) == 3
+
+
+def test_teacher_labeler_called_directly(image_dir, teacher_file):
+    keys = sorted(p.name for p in image_dir.iterdir())
+    batch = LB.load_images(_manifest_batch(keys), input_uri=str(image_dir), s3=None, size=SIZE)
+    spec = f"scfnet_m3:{teacher_file}"
+    labeler = LB.TeacherLabeler([spec], teacher_size=SIZE, device="cpu", threads=1)
+    out = labeler(batch)
+    assert S.IMAGE not in out
+    ok = out[S.REASON] == ""
+    assert ok.sum() == 3
+    probs = build_teacher(spec, input_size=SIZE, device="cpu").predict(batch[S.IMAGE][ok])
+    assert probs.min() < 0.1 and probs.max() > 0.9
+    np.testing.assert_array_equal(out[S.LABEL][ok], np.round(probs * 255).astype(np.uint8))
+    np.testing.assert_allclose(out[S.CONF_MEAN][ok], np.abs(2 * probs - 1).mean((1, 2)), atol=1e-5)
+    np.testing.assert_allclose(out[S.CONF_FRAC][ok], ((probs < 0.1) | (probs > 0.9)).mean((1, 2)), atol=1e-6)
+    np.testing.assert_allclose(out[S.FG_FRAC][ok], (probs > 0.5).mean((1, 2)), atol=1e-6)
+    assert not out[S.LABEL][~ok].any() and np.isnan(out[S.CONF_MEAN][~ok]).all()
+    assert set(out[S.TEACHER]) == {"scfnet_m3"}
+    assert set(out[S.WEIGHTS_HASH]) == {weights_hash(teacher_file.read_bytes())}
+    assert list(out[S.ID]) == list(batch[S.ID]) and list(out[S.REASON]) == list(batch[S.REASON])
+
+
+def test_teacher_labeler_label_size_and_tta(image_dir, teacher_file):
+    keys = sorted(p.name for p in image_dir.iterdir() if p.suffix == ".jpg")
+    batch = LB.load_images(_manifest_batch(keys), input_uri=str(image_dir), s3=None, size=SIZE)
+    out = LB.TeacherLabeler([f"scfnet_m3:{teacher_file}"], teacher_size=SIZE, label_size=32, tta="hflip",
+                            device="cpu")(batch)
+    ok = out[S.REASON] == ""
+    assert out[S.LABEL].shape == (len(keys), 32, 32)
+    assert set(out[S.TTA]) == {"hflip"}
+    ref = build_teacher(f"scfnet_m3:{teacher_file}", tta="hflip", input_size=SIZE).predict(batch[S.IMAGE][ok])
+    # the label is the antialiased bilinear downscale of the probabilities (as PIL does it), quantised
+    down = np.stack([np.asarray(Image.fromarray(p, "F").resize((32, 32), Image.BILINEAR)) for p in ref])
+    err = np.abs(out[S.LABEL][ok].astype(np.float32) / 255 - down).max()
+    assert err <= 0.5 / 255 + 1e-3, f"max error {err * 255:.2f}/255"
+
+
+def test_write_shards_and_read_back(tmp_path, image_dir, teacher_file):
+    keys = sorted(p.name for p in image_dir.iterdir())
+    batch = LB.load_images(_manifest_batch(keys), input_uri=str(image_dir), s3=None, size=SIZE)
+    labelled = LB.TeacherLabeler([f"scfnet_m3:{teacher_file}"], teacher_size=SIZE, device="cpu")(batch)
+    out_dir = tmp_path / "out"
+    counts = LB.write_label_shards(labelled, output_uri=str(out_dir), s3=None)
+    assert (counts["labelled"][0], counts["rejected"][0]) == (3, 3)
+    table = L.read_labels(str(out_dir))
+    assert table.schema == L.LABEL_SCHEMA
+    rows = {r[S.KEY]: r for r in table.to_pylist()}
+    ok = labelled[S.REASON] == ""
+    for i in np.flatnonzero(ok):
+        row = rows[labelled[S.KEY][i]]
+        assert row[S.ID] == S.stable_id(row[S.KEY])
+        np.testing.assert_allclose(L.decode_label(row), labelled[S.LABEL][i] / 255.0, atol=1e-7)
+        assert (row[S.LABEL_H], row[S.LABEL_W]) == (SIZE, SIZE)
+    rejects = L.read_rejects(str(out_dir)).to_pylist()
+    assert {r[S.KEY]: r[S.REASON] for r in rejects} == {"empty.jpg": "empty", "notes.png": "not_an_image",
+                                                        "half.jpg": "truncated"}
+    fs = pafs.LocalFileSystem()
+    assert L.done_ids(fs, str(out_dir)) == {S.stable_id(k) for k in keys}
+    # the labels/ folder itself is accepted too
+    assert L.read_labels(str(out_dir / "labels")).num_rows == 3
+
+
+def test_readers_dedupe_and_ignore_temporaries(tmp_path):
+    fs = pafs.LocalFileSystem()
+    root = str(tmp_path)
+    batch = {S.ID: np.array(["a", "b"], dtype=object), S.KEY: np.array(["x/a.jpg", "x/b.jpg"], dtype=object),
+             S.SEQUENCE: np.array(["", ""], dtype=object), S.FRAME: np.array([-1, -1], np.int32),
+             S.REASON: np.array(["empty", "corrupt"], dtype=object),
+             S.DETAIL: np.array(["zero bytes", "bad"], dtype=object)}
+    t = LB._reject_table(batch, np.arange(2))
+    p1 = L.write_shard(fs, root, S.REJECTS_DIR, t)
+    L.write_shard(fs, root, S.REJECTS_DIR, t.slice(1, 1))   # a retried task wrote "b" again
+    assert pq.read_table(p1).num_rows == 2
+    assert L.read_rejects(root).num_rows == 2 and sorted(L.read_rejects(root).column(S.ID).to_pylist()) == ["a", "b"]
+    # a writer killed between write and rename leaves a hidden temporary: ignored, then cleaned up
+    stale = tmp_path / S.REJECTS_DIR / ".part-x.parquet.tmp-1234"
+    stale.write_bytes(b"PAR1 half a shard")
+    (tmp_path / S.REJECTS_DIR / "part-foreign.parquet").write_bytes(b"garbage")  # unreadable: skipped
+    assert L.read_ids(fs, root, S.REJECTS_DIR) == {"a", "b"}
+    assert L.remove_stale_temporaries(fs, root) == 1 and not stale.exists()
+    assert L.read_labels(root).num_rows == 0
+
+
+def test_decode_label_checks_shape():
+    from kd.imageio import encode_png
+    png = encode_png(np.full((4, 6), 255, np.uint8))
+    assert L.decode_label(png).shape == (4, 6) and L.decode_label(png).max() == 1.0
+    with pytest.raises(ValueError, match="the row says"):
+        L.decode_label({S.LABEL_PNG: png, S.LABEL_H: 6, S.LABEL_W: 4, S.ID: "x"})
+
+
+def test_manifest_layouts(tmp_path, shared_data):
+    davis = shared_data / "davis2016-dev"
+    seqs = sorted(p.name for p in davis.iterdir() if p.is_dir())[:2]
+    for s in seqs:
+        for sub in ("images", "masks"):
+            (tmp_path / "v" / s / sub).mkdir(parents=True)
+            for p in sorted((davis / s / sub).iterdir())[:2]:
+                shutil.copy(p, tmp_path / "v" / s / sub / p.name)
+    cfg = LB.LabelConfig(input=str(tmp_path / "v"), output=str(tmp_path / "o"), teachers=("x.onnx",))
+    m = LB.build_manifest(cfg)
+    assert m.layout == "video"
+    assert [(i.sequence, i.frame) for i in m.items] == [(s, f) for s in seqs for f in (0, 1)]
+    assert all("/images/" in i.key for i in m.items)
+    import dataclasses
+    m = LB.build_manifest(dataclasses.replace(cfg, layout="images"))
+    assert m.layout == "images" and len(m.items) == 8 and all(i.frame == -1 for i in m.items)
+
+
+def test_config_from_yaml_flags_and_overrides(tmp_path):
+    from jobs import label_cmd
+    p = argparse.ArgumentParser()
+    label_cmd.add_arguments(p)
+    args = p.parse_args(["--input", "s3://b/in", "--output", "s3://b/out", "--teacher", "scfnet_r50:w.pt",
+                         "--teacher", "t.onnx", "pool.size=null", "pool.min_size=1", "pool.max_size=4",
+                         "pool.num_gpus=1", "tta=hflip", "s3.endpoint_url=http://127.0.0.1:9000"])
+    cfg = label_cmd.build_config(args)
+    assert cfg.teachers == ("scfnet_r50:w.pt", "t.onnx") and cfg.tta == "hflip"
+    assert (cfg.pool.size, cfg.pool.min_size, cfg.pool.max_size, cfg.pool.num_gpus) == (None, 1, 4, 1.0)
+    assert cfg.s3.endpoint_url == "http://127.0.0.1:9000"
+    assert cfg.tracking.experiment == "sodkd-label"
+    with pytest.raises(ConfigError, match="pool.batchsize: unknown key"):
+        label_cmd.build_config(p.parse_args(["--input", "a", "--output", "b", "--teacher", "t.ts",
+                                             "pool.batchsize=4"]))
+    with pytest.raises(ConfigError, match="teachers: required key is missing"):
+        label_cmd.build_config(p.parse_args(["--input", "a", "--output", "b"]))
+    with pytest.raises(ConfigError, match="pool: give either size or min_size/max_size"):
+        label_cmd.build_config(p.parse_args(["--input", "a", "--output", "b", "--teacher", "t.ts",
+                                             "pool.max_size=3"]))
+    with pytest.raises(ConfigError, match="tta: expected one of"):
+        label_cmd.build_config(p.parse_args(["--input", "a", "--output", "b", "--teacher", "t.ts", "tta=vflip"]))
+
+
+def test_label_command_is_registered():
+    from jobs.cli import COMMANDS
+    assert COMMANDS["label"][0] == "jobs.label_cmd"
+
+
+def test_tracking_params_never_carry_credentials():
+    flat = {"s3.endpoint_url": "http://user:hunter2@minio:9000", "aws_secret_access_key": "abc",
+            "db.password": "pw", "api_token": "t", "pool.size": 2, "input": "s3://bucket/x"}
+    clean = tracking.sanitize_params(flat)
+    assert clean == {"s3.endpoint_url": "http://minio:9000", "pool.size": "2", "input": "s3://bucket/x"}
+    assert "hunter2" not in str(clean)
+    assert len(tracking.sanitize_params({"k": "x" * 10_000})["k"]) == tracking.MAX_PARAM_CHARS
