@@ -92,3 +92,31 @@ def test_foundation_columns_encode_conf_png_and_ragged_boxes():
     import pyarrow as pa
     table = pa.table(cols, schema=pa.schema(fm.foundation_fields()))
     assert table.num_rows == 2 and table.schema.field(schema.BOXES).type == pa.list_(pa.float32())
+
+
+def test_label_and_train_configs_select_the_foundation_teacher():
+    import argparse
+
+    from jobs import label_cmd, train_fm_cmd
+
+    p = argparse.ArgumentParser()
+    label_cmd.add_arguments(p)
+    cfg = label_cmd.build_config(p.parse_args(["--config", "jobs/configs/foundation.yaml", "--input", "in",
+                                               "--output", "out", "foundation.segmenter.resources.pool_size=3"]))
+    assert cfg.is_foundation and cfg.foundation.segmenter.resources.pool_size == 3
+    assert cfg.foundation.detector.model == "IDEA-Research/grounding-dino-tiny"
+    plain = label_cmd.build_config(p.parse_args(["--input", "in", "--output", "out", "--teacher", "foundation"]))
+    assert plain.is_foundation and plain.foundation == fm.FoundationConfig()  # hub ids by default
+    with pytest.raises(ConfigError, match="cannot be ensembled"):
+        label_cmd.build_config(p.parse_args(["--input", "in", "--output", "out", "--teacher", "foundation",
+                                             "--teacher", "scfnet_r50:w.pt"]))
+    with pytest.raises(ConfigError, match="only used with teachers"):
+        label_cmd.build_config(p.parse_args(["--input", "in", "--output", "out", "--teacher", "scfnet_r50:w.pt",
+                                             "foundation.image_size=256"]))
+
+    q = argparse.ArgumentParser()
+    train_fm_cmd.add_arguments(q)
+    tcfg = train_fm_cmd.build_config(q.parse_args(["--labels", "l", "--images", "i", "loss.w_edge=0.25"]))
+    assert tcfg.model == "dedecoder_m3" and tcfg.loss.w_edge == 0.25 and tcfg.loss.conf_threshold == 0.5
+    with pytest.raises(ConfigError, match="loss.w_iuo"):
+        train_fm_cmd.build_config(q.parse_args(["--labels", "l", "--images", "i", "loss.w_iuo=1"]))
