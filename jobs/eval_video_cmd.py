@@ -37,29 +37,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", type=Path, default=None, help="also write the results to this JSON file")
 
 
-def load_sequences(data: str, sequences: Sequence[str] | None = None,
-                   max_frames: int | None = None) -> dict[str, tuple[list[np.ndarray], list[np.ndarray]]]:
-    """``{sequence: (frames RGB uint8, masks uint8)}`` of every sequence with a mask for every frame."""
-    from cluster import catalog, storage
-    from kd.imageio import decode_image, decode_mask
-
-    cat = catalog.video_folders(data, sequences=list(sequences) if sequences else None, max_frames=max_frames)
-    out = {}
-    for seq, items in cat.sequences().items():
-        if not seq or items[0].frame < 0:
-            continue
-        missing = [i.key for i in items if i.mask_path is None]
-        if missing:
-            raise FileNotFoundError(f"{data}: sequence {seq!r} has {len(missing)} frames without a mask, "
-                                    f"e.g. {missing[0]}")
-        frames = [decode_image(storage.read_bytes(cat.fs, i.path)) for i in items]
-        masks = [decode_mask(storage.read_bytes(cat.fs, i.mask_path)) for i in items]
-        out[seq] = (frames, masks)
-    if not out:
-        raise FileNotFoundError(f"{data}: no sequences with images/ and masks/ found")
-    return out
-
-
 def evaluate_model(model, data: dict[str, tuple[list[np.ndarray], list[np.ndarray]]],
                    size: int | None = None) -> dict:
     """Run ``model`` over every sequence and score it (see :class:`kd.video_eval.VideoEvaluator`)."""
@@ -78,6 +55,7 @@ def evaluate_model(model, data: dict[str, tuple[list[np.ndarray], list[np.ndarra
 def evaluate_models(weights: Sequence[Path], data: str, sequences: Sequence[str] | None = None,
                     max_frames: int | None = None, size: int | None = None) -> dict[str, dict]:
     """``{weights path: results}`` for each weights file, all on the same frames."""
+    from cluster.video_data import load_sequences
     from models import load_weights
 
     seqs = load_sequences(data, sequences, max_frames)

@@ -1,0 +1,189 @@
+"""Video distillation end to end on real DAVIS frames: the labelling job labels frame folders, the video trainer
+assembles clips from its shards, distils the video student, lowers the loss, logs to MLflow and resumes.
+
+Real Ray (local, 2 CPUs), real label shards on disk, a real MLflow sqlite store in tmp_path. The teacher is an
+``scfnet_r18`` with random weights whose BatchNorm statistics come from the frames themselves, so its maps
+follow the image content (no trained teacher is needed to check that the student learns to imitate one).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cluster.labelling import load_label_config, run_labelling
+from cluster.labels import read_labels
+from cluster.video_data import ClipSet, FrameReader
+from cluster.video_train import load_video_config, run_video_distill
+from jobs.cli import main
+from kd import schema as S
+from kd.clips import ClipConfig
+from kd.videoio import frame_key, write_video
+from models import create_model, load_weights, save_weights
+
+pytestmark = pytest.mark.integration
+
+SEQUENCES = ("blackswan", "car-shadow")
+FRAMES = 8
+SIZE = 64
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def davis(tmp_path_factory, shared_data):
+    """The first frames (and masks) of two real DAVIS sequences, in the DAVIS layout."""
+    root = tmp_path_factory.mktemp("davis")
+    for seq in SEQUENCES:
+        for kind, ext in (("images", "jpg"), ("masks", "png")):
+            (root / seq / kind).mkdir(parents=True)
+            for p in sorted((shared_data / "davis2016-dev" / seq / kind).glob(f"*.{ext}"))[:FRAMES]:
+                shutil.copy(p, root / seq / kind / p.name)
+    return root
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory, davis):
+    torch.manual_seed(0)
+    model = create_model("scfnet_r18")
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.momentum = None
+    frames = [np.asarray(Image.open(p).convert("RGB").resize((96, 96))) for p in sorted(davis.glob("*/images/*.jpg"))]
+    model.train()
+    with torch.no_grad():
+        model(torch.stack([model.normalize(f.transpose(2, 0, 1)) for f in frames]))
+    path = tmp_path_factory.mktemp("teacher") / "r18.pt"
+    save_weights(model.eval(), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def labelled(ray_local, davis, teacher, tmp_path_factory):
+    out = tmp_path_factory.mktemp("kd-labels")
+    db = tmp_path_factory.mktemp("mlflow-label") / "mlflow.db"
+    cfg = load_label_config({
+        "input": str(davis), "output": str(out), "teachers": [f"scfnet_r18:{teacher}"], "layout": "video",
+        "label_size": 96, "teacher_size": 96, "progress": False,
+        "pool": {"num_cpus": 0.5, "batch_size": 8, "torch_threads": 1}, "decode": {"num_cpus": 0.25},
+        "tracking": {"uri": f"sqlite:///{db}"}})
+    summary = run_labelling(cfg, samples=0)
+    assert summary.labelled == len(SEQUENCES) * FRAMES
+    return out
+
+
+def test_label_shards_of_video_frames_carry_sequence_and_frame(labelled, davis):
+    table = read_labels(str(labelled), columns=[S.KEY, S.SEQUENCE, S.FRAME])
+    rows = sorted(zip(table.column(S.SEQUENCE).to_pylist(), table.column(S.FRAME).to_pylist(),
+                      table.column(S.KEY).to_pylist()))
+    assert [r[:2] for r in rows] == [(s, f) for s in SEQUENCES for f in range(FRAMES)]
+    assert rows[3][2] == "blackswan/images/00003.jpg"
+    clips = ClipSet.from_labels(str(labelled), str(davis), clip=ClipConfig(3, 2, 1), augment=None)
+    assert len(clips) == 2 * 3 and clips.sequences() == list(SEQUENCES)
+    frames, labels = clips.sample(0, np.random.default_rng(0), SIZE)
+    assert frames.shape == (3, SIZE, SIZE, 3) and frames.dtype == np.uint8
+    assert labels.shape == (3, SIZE, SIZE) and 0.0 <= labels.min() and labels.max() <= 1.0
+    assert labels.std() > 0.01     # the calibrated teacher's maps follow the image
+
+
+def test_clip_augmentation_is_identical_across_frames(labelled, davis):
+    from kd.augment import AugmentConfig, Augmenter
+    from kd.imageio import resize
+
+    cfg = AugmentConfig(crop_frac=0.3, hflip_p=0.5, vflip_p=0.5)
+    plain = ClipSet.from_labels(str(labelled), str(davis), clip=ClipConfig(3, 2, 1), augment=None)
+    aug = ClipSet.from_labels(str(labelled), str(davis), clip=ClipConfig(3, 2, 1), augment=cfg)
+    frames, labels = aug.sample(1, np.random.default_rng(7), SIZE)
+    # Every frame of the clip went through the same draw: one seed, taken from the clip's generator.
+    seed = int(np.random.default_rng(7).integers(0, 2**63 - 1))
+    for t, row in enumerate(plain.clips[1]):
+        frame, label = plain._row(row)
+        f, lab = Augmenter(cfg)(np.random.default_rng(seed), frame, label)
+        np.testing.assert_array_equal(frames[t], resize(f, (SIZE, SIZE)))
+    # ... and that draw is not the identity (the test would pass vacuously otherwise).
+    p, _ = plain.sample(1, np.random.default_rng(0), SIZE)
+    assert np.abs(frames.astype(int) - p.astype(int)).mean() > 5
+
+
+def test_frames_of_video_files_are_read_by_frame_key(tmp_path, davis):
+    frames = [np.asarray(Image.open(p).convert("RGB")) for p in sorted((davis / "blackswan" / "images").glob("*.jpg"))]
+    (tmp_path / "clips").mkdir()
+    write_video(tmp_path / "clips" / "swan.mkv", frames, fps=24, codec="ffv1")
+    shutil.copy(davis / "blackswan" / "images" / "00002.jpg", tmp_path / "clips" / "still.jpg")
+    reader = FrameReader(str(tmp_path))
+    np.testing.assert_array_equal(reader(frame_key("clips/swan.mkv", 5)), frames[5])
+    np.testing.assert_array_equal(reader("clips/still.jpg"), frames[2])
+    with pytest.raises(IndexError, match="frame 99"):
+        reader(frame_key("clips/swan.mkv", 99))
+    with pytest.raises(FileNotFoundError, match="missing"):
+        reader("clips/none.jpg")
+
+
+def test_distillation_lowers_the_loss_logs_to_mlflow_and_resumes(labelled, davis, tmp_path):
+    db = tmp_path / "mlflow.db"
+    base = {
+        "data": {"labels": str(labelled), "images": str(davis), "size": SIZE},
+        "optim": {"epochs": 8, "batch_size": 2, "lr": 0.05, "warmup_epochs": 0.5},
+        "run": {"name": "kdvideo-test", "storage": str(tmp_path / "runs")},
+        "mlflow": {"uri": f"sqlite:///{db}", "log_every": 1},
+        "val": {"uri": str(davis), "max_frames": 4, "size": SIZE, "every": 4},
+        "scaling": {"num_workers": 0, "torch_threads": 1},
+    }
+    out = run_video_distill(load_video_config(base))
+    losses = [h[S.TRAIN_LOSS] for h in out.history]
+    assert len(losses) == 8 and out.steps_per_epoch == 3 and out.clips == 6
+    assert np.mean(losses[-2:]) < 0.85 * np.mean(losses[:2]), losses
+    assert {"train/spatial", "train/change", "train/relation"} <= set(out.history[-1])
+    assert out.validation is not None and set(out.validation["sequences"]) == set(SEQUENCES)
+    assert out.history[3]["val/mae"] >= 0 and "val/flicker" in out.history[-1]
+
+    # The final weights are a streaming video student.
+    student = load_weights(out.weights[0])
+    assert student.name == "video_scfnet_m3" and hasattr(student, "streamer")
+
+    # MLflow: params (the flat config), per-step and per-epoch losses, validation, per-sequence figures.
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{db}")
+    run = client.get_run(out.mlflow_run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["loss.change"] == "1.0" and run.data.params["data.clip.length"] == "3"
+    steps = client.get_metric_history(out.mlflow_run_id, S.TRAIN_LOSS)
+    assert len(steps) == 24
+    assert {"train/change", "train/relation", "val/mae", "val/flicker", "data/clips",
+            "val_seq/blackswan/sm"} <= set(run.data.metrics)
+    assert "sequences.json" in [a.path.split("/")[-1] for a in client.list_artifacts(out.mlflow_run_id, "validation")]
+
+    # Resubmitting with more epochs resumes from the checkpoint and continues the same MLflow run.
+    more = dict(base, optim={**base["optim"], "epochs": 9})
+    again = run_video_distill(load_video_config(more))
+    assert again.resumed_from == [8] and again.mlflow_run_id == out.mlflow_run_id
+    assert len(again.history) == 9
+    assert len(client.get_metric_history(out.mlflow_run_id, S.TRAIN_LOSS)) == 27
+
+
+def test_cli_distill_video_and_eval_video(labelled, davis, tmp_path, capsys):
+    db = tmp_path / "mlflow.db"
+    rc = main(["distill", "--task", "video", "--unlabeled", str(davis), "--labels", str(labelled),
+               "--name", "cli-video", "--storage", str(tmp_path / "runs"), "optim.epochs=1", "optim.batch_size=2",
+               f"data.size={SIZE}", f"mlflow.uri=sqlite:///{db}", "mlflow.log_every=1"])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "6 clips from 16 frames" in text and "epoch 1:" in text
+    weights = tmp_path / "runs" / "cli-video" / "final" / "cli-video.pt"
+    assert weights.is_file()
+    report = tmp_path / "eval.json"
+    assert main(["eval-video", "--weights", str(weights), "--data", str(davis), "--size", str(SIZE),
+                 "--max-frames", "4", "--json", str(report)]) == 0
+    res = json.loads(report.read_text())[str(weights)]
+    assert res["overall"]["frames"] == 8 and set(res["sequences"]) == set(SEQUENCES)
