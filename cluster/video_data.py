@@ -30,7 +30,7 @@ from kd.videoio import parse_frame_key, read_frames
 
 log = logging.getLogger(__name__)
 
-__all__ = ["load_sequences", "FrameReader", "ClipSet", "LABEL_COLUMNS"]
+__all__ = ["load_sequences", "FrameReader", "ClipSet", "select_sequences", "LABEL_COLUMNS"]
 
 LABEL_COLUMNS = [S.ID, S.KEY, S.SEQUENCE, S.FRAME, S.LABEL_H, S.LABEL_W, S.LABEL_PNG]
 
@@ -101,16 +101,19 @@ class ClipSet:
         table: label rows with at least :data:`LABEL_COLUMNS` (``cluster.labels.read_labels``).
         reader: where the frames are (the labelling job's input root).
         clip: how to cut clips.
+        sequences: keep only these sequences (e.g. to hold others out for evaluation); None = all.
         augment: the KD-SCFNet augmentation, applied *identically* to every frame of a clip (one seed per clip,
             replayed per frame), so a flip or crop never shows up as fake motion; None = no augmentation.
         cache: keep decoded frames (resized to the label size) in memory -- right for a few thousand frames.
     """
 
     def __init__(self, table: pa.Table, reader: FrameReader, clip: ClipConfig = ClipConfig(),
-                 augment: AugmentConfig | None = AugmentConfig(), cache: bool = True):
+                 augment: AugmentConfig | None = AugmentConfig(), cache: bool = True,
+                 sequences: Sequence[str] | None = None):
         missing = [c for c in LABEL_COLUMNS if c not in table.column_names]
         if missing:
             raise ValueError(f"label table lacks columns {missing} (has {table.column_names})")
+        table = select_sequences(table, sequences)
         self.table = table
         self.reader = reader
         self.clip = clip
@@ -153,6 +156,19 @@ class ClipSet:
             frames.append(resize(frame, (size, size)))
             labels.append(_resize_map(label, size))
         return np.stack(frames), np.stack(labels)
+
+
+def select_sequences(table: pa.Table, sequences: Sequence[str] | None) -> pa.Table:
+    """The rows of ``table`` whose ``sequence`` is in ``sequences`` (all rows for None); unknown names are an error."""
+    if sequences is None:
+        return table
+    import pyarrow.compute as pc
+
+    present = set(table.column(S.SEQUENCE).to_pylist())
+    unknown = sorted(set(sequences) - present)
+    if unknown:
+        raise ValueError(f"sequences {unknown} are not in the label shards (they hold {sorted(present)})")
+    return table.filter(pc.is_in(table.column(S.SEQUENCE), value_set=pa.array(list(sequences), pa.string())))
 
 
 def _resize_map(m: np.ndarray, size: int) -> np.ndarray:

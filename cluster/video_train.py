@@ -69,10 +69,12 @@ class VideoDataSection:
         size: training resolution, square (ours: 224, the smallest of KD-SCFNet's scales, for CPU runs).
         augment: KD-SCFNet's augmentation, replayed identically on every frame of a clip.
         cache: keep decoded frames in worker memory (right for a few thousand frames).
+        sequences: train on these sequences only (hold the others out); None = every labelled sequence.
     """
 
     labels: str = ""
     images: str = ""
+    sequences: tuple[str, ...] | None = None
     clip: ClipConfig = dataclasses.field(default_factory=ClipConfig)
     size: int = 224
     augment: AugmentConfig = dataclasses.field(default_factory=AugmentConfig)
@@ -161,9 +163,10 @@ def load_video_config(source: Any = None, overrides: Any = None) -> VideoTrainCo
 def count_clips(cfg: VideoTrainConfig) -> tuple[int, int]:
     """(clips, frames) the label shards give, read from the ``sequence``/``frame`` columns only."""
     from cluster.labels import read_labels
+    from cluster.video_data import select_sequences
     from kd.clips import assemble_clips
 
-    table = read_labels(cfg.data.labels, cfg.s3, columns=[S.SEQUENCE, S.FRAME])
+    table = select_sequences(read_labels(cfg.data.labels, cfg.s3, columns=[S.SEQUENCE, S.FRAME]), cfg.data.sequences)
     clips = assemble_clips(table.column(S.SEQUENCE).to_pylist(), table.column(S.FRAME).to_pylist(), cfg.data.clip)
     return len(clips), table.num_rows
 
@@ -245,7 +248,7 @@ def video_train_loop(config: dict) -> dict:
     device = torch.device("cuda", torch.cuda.current_device()) if use_gpu else torch.device("cpu")
 
     clips = ClipSet.from_labels(cfg.data.labels, cfg.data.images, cfg.s3, clip=cfg.data.clip,
-                                augment=cfg.data.augment, cache=cfg.data.cache)
+                                augment=cfg.data.augment, cache=cfg.data.cache, sequences=cfg.data.sequences)
     batch = cfg.per_worker_batch
     steps = int(runtime["steps_per_epoch"])
     if len(clips) < steps * batch * world:

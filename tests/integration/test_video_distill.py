@@ -92,6 +92,11 @@ def test_label_shards_of_video_frames_carry_sequence_and_frame(labelled, davis):
     assert rows[3][2] == "blackswan/images/00003.jpg"
     clips = ClipSet.from_labels(str(labelled), str(davis), clip=ClipConfig(3, 2, 1), augment=None)
     assert len(clips) == 2 * 3 and clips.sequences() == list(SEQUENCES)
+    only = ClipSet.from_labels(str(labelled), str(davis), clip=ClipConfig(3, 2, 1), augment=None,
+                               sequences=["car-shadow"])
+    assert len(only) == 3 and only.sequences() == ["car-shadow"]
+    with pytest.raises(ValueError, match="dog"):
+        ClipSet.from_labels(str(labelled), str(davis), sequences=["dog"])
     frames, labels = clips.sample(0, np.random.default_rng(0), SIZE)
     assert frames.shape == (3, SIZE, SIZE, 3) and frames.dtype == np.uint8
     assert labels.shape == (3, SIZE, SIZE) and 0.0 <= labels.min() and labels.max() <= 1.0
