@@ -5,6 +5,7 @@
     sodkd train --supervised --paired data/duts-tr --val data/ecssd --name fs-m3
     sodkd distill --unlabeled data/imagenet-1k --labels out/labels-r50 --val data/ecssd --name kd-m3
     sodkd distill --unlabeled data/imagenet-1k --teacher scfnet_r50:r50.pt ...      # online soft labels
+    sodkd distill --task video --unlabeled davis --labels out/davis-labels ...  # jobs/distill_video_cmd.py
 
 Settings come from the YAML (default ``jobs/configs/{teacher,supervised,distill}.yaml``), then the flags,
 then ``dotted.key=value`` overrides, validated into ``cluster.train.TrainConfig``. Resubmitting the same
@@ -39,6 +40,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--teacher", action="append", default=[], metavar="SPEC",
                    help="online teacher (MODEL:WEIGHTS, FILE.ts, FILE.onnx) for sources without --labels")
     p.add_argument("--val", metavar="URI", help="labelled validation set (images/ + masks/)")
+    p.add_argument("--task", choices=["image", "video"], default="image",
+                   help="(sodkd distill) video: the video student on clips, see jobs/distill_video_cmd.py")
     p.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                    help="dotted config overrides, e.g. optim.epochs=10 scaling.num_workers=2")
@@ -92,8 +95,13 @@ def build_config(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    from kd.config import to_dict
+    from kd.config import ConfigError, to_dict
 
+    if getattr(args, "task", "image") == "video":
+        if args.command != "distill":
+            raise ConfigError(f"--task video: only for `sodkd distill` (not `sodkd {args.command}`)")
+        from jobs import distill_video_cmd
+        return distill_video_cmd.run(args)
     cfg = build_config(args)
     if args.print_config:
         print(json.dumps(to_dict(cfg), indent=1))

@@ -1,0 +1,50 @@
+"""``sodkd distill --task video``: flags and YAML resolve into a validated VideoTrainConfig (no Ray here)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from cluster.video_train import load_video_config
+from jobs.cli import main
+from kd.config import ConfigError
+
+
+def _print_config(capsys, *argv: str) -> dict:
+    assert main(["distill", "--task", "video", *argv, "--print-config"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_flags_and_overrides_fill_the_video_config(capsys):
+    cfg = _print_config(capsys, "--unlabeled", "frames", "--labels", "labels-out", "--name", "v1", "--storage",
+                        "runs-x", "--val", "davis", "optim.epochs=2", "loss.change=0.5", "data.clip.length=4")
+    assert cfg["mode"] == "distill-video" and cfg["model"]["name"] == "video_scfnet_m3"
+    assert cfg["data"]["images"] == "frames" and cfg["data"]["labels"] == "labels-out"
+    assert cfg["run"] == {**cfg["run"], "name": "v1", "storage": "runs-x"}
+    assert cfg["val"]["uri"] == "davis" and cfg["optim"]["epochs"] == 2
+    assert cfg["loss"]["change"] == 0.5 and cfg["data"]["clip"]["length"] == 4
+    assert cfg["mlflow"]["experiment"] == "sodkd-video" and cfg["mlflow"]["onnx"] is False
+
+
+def test_bad_video_configs_are_refused_by_key(capsys):
+    base = ["distill", "--task", "video", "--unlabeled", "f", "--labels", "l", "--print-config"]
+    assert main(base + ["model.name=scfnet_m3"]) == 2
+    assert "not a video model" in capsys.readouterr().err
+    assert main(base + ["loss.hint=0.5"]) == 2
+    assert "teacher" in capsys.readouterr().err
+    assert main(base + ["loss.relation_mode=l3"]) == 2
+    assert "relation_mode" in capsys.readouterr().err
+    assert main(["distill", "--task", "video", "--labels", "l", "--print-config"]) == 2
+    assert "data.images" in capsys.readouterr().err
+    assert main(["train-teacher", "--task", "video", "--print-config"]) == 2
+    assert "only for `sodkd distill`" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="optim.batch_size"):
+        load_video_config({"data": {"labels": "l", "images": "i"}, "optim": {"batch_size": 3},
+                           "scaling": {"num_workers": 2}})
+
+
+def test_teacher_spec_or_path_gives_the_teacher_weights(capsys):
+    cfg = _print_config(capsys, "--unlabeled", "f", "--labels", "l", "--teacher", "scfnet_r50:w/r50.pt",
+                        "loss.hint=0.1")
+    assert cfg["teacher"] == "w/r50.pt" and cfg["loss"]["hint"] == 0.1
