@@ -193,6 +193,14 @@ def _stop_ray_head(port: int) -> None:
             except psutil.Error:
                 pass
     procs = list(procs.values())
+    # `ray start` records the head in ray_current_cluster so a bare ray.init() joins it; a stale record
+    # would make every later ray.init() wait for a dead head.
+    for record in (Path("/tmp/ray/ray_current_cluster"), Path(mark) / "ray_current_cluster"):
+        try:
+            if record.read_text().strip().endswith(f":{port}"):
+                record.unlink()
+        except OSError:
+            pass
     for p in procs:
         try:
             p.terminate()

@@ -17,6 +17,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "models": ("jobs.models_cmd", "list registered models with params and MACs"),
     "eval": ("jobs.eval_cmd", "score a folder of predicted maps against masks"),
     "export": ("jobs.export_cmd", "export a model to ONNX or TorchScript with an output-parity check"),
+    "demo": ("jobs.demo", "the main job end to end on embedded defaults (what `make demo` runs)"),
     "submit": ("jobs.submit_cmd", "submit a sodkd job to a Ray cluster (Ray Jobs API)"),
     "jobs": ("jobs.jobs_cmd", "list, follow or stop submitted jobs"),
     "local": ("jobs.local_cmd", "start or stop a local Ray + MLflow + S3 stack on 127.0.0.1"),
@@ -50,6 +51,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     logging.basicConfig(level=logging.DEBUG if top.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("onnx_ir", "onnxscript", "torch.onnx", "torch.export"):  # exporter chatter at INFO
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     module_name, help_text = COMMANDS[top.command]
     module = importlib.import_module(module_name)
     sub = argparse.ArgumentParser(prog=f"sodkd {top.command}", description=help_text)
