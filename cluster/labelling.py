@@ -3,6 +3,7 @@
 The pipeline (one streaming Ray Data job)::
 
     manifest (driver)   list keys; stable id = sha1(key); video frame folders carry sequence and frame;
+                        a video file gives one row per frame (key "<file>#<index>", decoded with PyAV);
                         ids already in OUTPUT/labels or OUTPUT/rejects are skipped ("skipped as done")
     load_images         CPU tasks: read bytes, decode robustly, resize to the teacher's input size;
                         an image that cannot be decoded becomes a reject row (reason, detail), not a crash
@@ -135,8 +136,9 @@ class LabelConfig:
         input: local folder or ``s3://bucket/prefix`` of images or video frame folders.
         output: where ``labels/`` and ``rejects/`` go (local or ``s3://``); may be inside the input bucket.
         teachers: teacher specs (see :mod:`cluster.teachers`); several make an ensemble (mean probability).
-        layout: ``images`` (any tree of images), ``video`` (``ROOT/<seq>/images/*.jpg`` or
-            ``ROOT/<seq>/*.jpg``: rows carry sequence and frame) or ``auto`` (video when every file sits
+        layout: ``images`` (any tree of images), ``video`` (``ROOT/<seq>/images/*.jpg``,
+            ``ROOT/<seq>/*.jpg`` or video files ``ROOT/<name>.mp4``: rows carry sequence and frame) or
+            ``auto`` (video when every file sits
             under ``<seq>/images/`` or ``<seq>/masks/``, else images).
         s3: S3 endpoint and region (credentials always come from the AWS chain, never from here).
         label_size: side of the square soft label stored; None = the teacher's input size.
@@ -145,7 +147,7 @@ class LabelConfig:
         ray_address: Ray cluster to join; None = ``$RAY_ADDRESS`` (set by ``sodkd submit``) or a private
             local instance.
         limit: label at most this many new images in this run (the rest stay for a later run); video
-            files, which are only recorded as rejects, do not count.
+            files that cannot be read, which are only recorded as rejects, do not count.
         progress: show Ray Data progress bars.
     """
 
@@ -219,8 +221,11 @@ def build_manifest(cfg: LabelConfig) -> Manifest:
         layout = "video"
     cat = catalog.video_folders(cfg.input, cfg.s3)
     frames = [i for i in cat.items if i.frame >= 0]
-    videos = [i for i in cat.items if i.frame < 0]
-    return Manifest(frames, videos, layout)
+    # video files: one row per frame (key "<file>#<index>", decoded with PyAV in load_images); a file that
+    # cannot be opened as a video is recorded as a reject
+    from cluster.video_data import expand_videos
+    video_frames, unreadable = expand_videos(cat.fs, [i for i in cat.items if i.frame < 0])
+    return Manifest(frames + video_frames, unreadable, layout)
 
 
 def _manifest_table(items: Sequence[catalog.Item]) -> pa.Table:
@@ -268,7 +273,17 @@ def load_images(batch: Mapping[str, np.ndarray], *, input_uri: str, s3: S3Config
     orig_w = np.zeros(n, np.int32)
     reasons = np.full(n, "", dtype=object)
     details = np.full(n, "", dtype=object)
+    from cluster.video_data import read_video_frames
+    video_frames = read_video_frames(fs, root, keys)  # frames of video files, each file decoded once
     for i, key in enumerate(keys):
+        if key in video_frames:
+            frame = video_frames[key]
+            if isinstance(frame, Exception):
+                reasons[i], details[i] = "video_decode", f"{type(frame).__name__}: {frame}"[:_DETAIL_CHARS]
+            else:
+                orig_h[i], orig_w[i] = frame.shape[:2]
+                images[i] = resize(frame, (size, size))
+            continue
         try:
             data = storage.read_bytes(fs, storage.join(root, str(key)))
         except OSError as e:
@@ -511,7 +526,7 @@ def _label(cfg: LabelConfig, summary: LabelSummary) -> None:
                  S.SEQUENCE: np.array([i.sequence for i in unsupported], dtype=object),
                  S.FRAME: np.array([i.frame for i in unsupported], np.int32),
                  S.REASON: np.full(n, "video_file", dtype=object),
-                 S.DETAIL: np.full(n, "video files are not labelled: extract frames to <seq>/images/",
+                 S.DETAIL: np.full(n, "not a readable video file (PyAV could not open or demux it)",
                                    dtype=object)}
         L.write_shard(out_fs, out_root, S.REJECTS_DIR, _reject_table(batch, np.arange(n)))
         summary.rejected += n

@@ -26,13 +26,60 @@ from kd import schema as S
 from kd.augment import AugmentConfig, Augmenter
 from kd.clips import ClipConfig, assemble_clips
 from kd.imageio import decode_image, decode_mask, resize
-from kd.videoio import parse_frame_key, read_frames
+from kd.videoio import VideoDecodeError, count_frames, frame_key, parse_frame_key, read_frames, read_frames_at
 
 log = logging.getLogger(__name__)
 
-__all__ = ["load_sequences", "FrameReader", "ClipSet", "select_sequences", "LABEL_COLUMNS"]
+__all__ = ["expand_videos", "read_video_frames", "load_sequences", "FrameReader", "ClipSet", "select_sequences", "LABEL_COLUMNS"]
 
 LABEL_COLUMNS = [S.ID, S.KEY, S.SEQUENCE, S.FRAME, S.LABEL_H, S.LABEL_W, S.LABEL_PNG]
+
+
+def expand_videos(fs, items: Sequence[catalog.Item]) -> tuple[list[catalog.Item], list[catalog.Item]]:
+    """Video-file items (``frame == -1``) -> one item per frame, and the videos that could not be opened.
+
+    Frame ``i`` of ``clips/a.mp4`` becomes ``Item(key="clips/a.mp4#0000i", path=<the video's path>,
+    sequence="a", frame=i)``: its id is the hash of that key, so the labelling job, its resume-by-id and the
+    trainer treat it like a frame of a frame folder. Frames are counted from the container's packets.
+    """
+    frames, failed = [], []
+    for it in items:
+        try:
+            with fs.open_input_file(it.path) as f:
+                n = count_frames(f)
+        except (VideoDecodeError, OSError) as e:
+            log.warning("%s: not a readable video (%s)", it.key, e)
+            failed.append(it)
+            continue
+        frames += [catalog.Item(key=frame_key(it.key, i), path=it.path, sequence=it.sequence, frame=i)
+                   for i in range(n)]
+    return frames, failed
+
+
+def read_video_frames(fs, root: str, keys: Sequence[str]) -> dict[str, np.ndarray | Exception]:
+    """The frames behind the video-frame keys among ``keys`` (others are ignored), each video decoded once.
+
+    Returns ``{key: HxWx3 uint8}``, or the exception for a frame that could not be read (the labelling job
+    turns it into a reject row).
+    """
+    by_video: dict[str, dict[int, str]] = {}
+    for key in keys:
+        parsed = parse_frame_key(str(key))
+        if parsed is not None:
+            by_video.setdefault(parsed[0], {})[parsed[1]] = str(key)
+    out: dict[str, np.ndarray | Exception] = {}
+    for video_key, wanted in by_video.items():
+        try:
+            with fs.open_input_file(storage.join(root, video_key)) as f:
+                got = read_frames_at(f, wanted)
+        except (VideoDecodeError, OSError) as e:
+            got, error = {}, e
+        else:
+            error = None
+        for index, key in wanted.items():
+            out[key] = got[index] if index in got else (
+                error or VideoDecodeError(f"{video_key}: frame {index} is past the end of the video"))
+    return out
 
 
 def load_sequences(data: str, sequences: Sequence[str] | None = None, max_frames: int | None = None,

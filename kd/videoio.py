@@ -17,8 +17,8 @@ from typing import IO, Iterator, Union
 
 import numpy as np
 
-__all__ = ["VideoInfo", "VideoDecodeError", "frame_key", "parse_frame_key", "video_info", "iter_frames",
-           "read_frames", "MaskVideoWriter", "write_video"]
+__all__ = ["VideoInfo", "VideoDecodeError", "frame_key", "parse_frame_key", "video_info", "count_frames",
+           "iter_frames", "read_frames", "read_frames_at", "MaskVideoWriter", "write_video"]
 
 Source = Union[str, os.PathLike, bytes, IO[bytes]]
 FRAME_SEP = "#"
@@ -83,6 +83,29 @@ def video_info(source: Source) -> VideoInfo:
         return VideoInfo(width=stream.codec_context.width, height=stream.codec_context.height,
                          fps=float(rate) if rate else 0.0, frames=int(stream.frames or 0),
                          codec=stream.codec_context.name)
+
+
+def count_frames(source: Source) -> int:
+    """Frames in the first video stream, counted from its packets (demuxing only, no decoding: fast)."""
+    with _open(source) as container:
+        try:
+            return sum(1 for packet in container.demux(video=0) if packet.size)
+        except Exception as e:  # noqa: BLE001
+            raise VideoDecodeError(f"{_name(source)}: demuxing failed ({type(e).__name__}: {e})") from e
+
+
+def read_frames_at(source: Source, indices) -> dict[int, np.ndarray]:
+    """The frames at ``indices`` (decode indices, as :func:`iter_frames` numbers them), decoding from the start
+    up to the largest one; indices past the end are missing from the result."""
+    wanted = set(int(i) for i in indices)
+    if not wanted:
+        return {}
+    last = max(wanted)
+    out = {}
+    for index, frame in iter_frames(source, max_frames=last + 1):
+        if index in wanted:
+            out[index] = frame
+    return out
 
 
 def iter_frames(source: Source, max_frames: int | None = None, every: int = 1) -> Iterator[tuple[int, np.ndarray]]:

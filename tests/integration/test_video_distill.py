@@ -136,6 +136,40 @@ def test_frames_of_video_files_are_read_by_frame_key(tmp_path, davis):
         reader("clips/none.jpg")
 
 
+def test_labelling_job_labels_the_frames_of_video_files(ray_local, davis, teacher, tmp_path):
+    """Video files go through the same labelling pipeline: one row per decoded frame, keyed ``<file>#<index>``."""
+    from cluster.labels import read_rejects
+
+    frames = [np.asarray(Image.open(p).convert("RGB")) for p in sorted((davis / "car-shadow" / "images").glob("*.jpg"))]
+    src = tmp_path / "videos"
+    src.mkdir()
+    write_video(src / "car.mp4", frames[:6], fps=24)
+    (src / "broken.mp4").write_bytes(b"not a video at all" * 20)
+    out = tmp_path / "video-labels"
+    cfg = load_label_config({
+        "input": str(src), "output": str(out), "teachers": [f"scfnet_r18:{teacher}"], "layout": "video",
+        "label_size": 64, "teacher_size": 64, "progress": False,
+        "pool": {"num_cpus": 0.5, "batch_size": 8, "torch_threads": 1}, "decode": {"num_cpus": 0.25},
+        "tracking": {"enabled": False}})
+    summary = run_labelling(cfg, samples=0)
+    assert (summary.labelled, summary.rejected) == (6, 1)
+    table = read_labels(str(out), columns=[S.KEY, S.SEQUENCE, S.FRAME, S.ORIG_H, S.ORIG_W])
+    rows = sorted(zip(table.column(S.FRAME).to_pylist(), table.column(S.KEY).to_pylist(),
+                      table.column(S.SEQUENCE).to_pylist()))
+    assert rows == [(i, frame_key("car.mp4", i), "car") for i in range(6)]
+    assert set(table.column(S.ORIG_H).to_pylist()) == {270} and set(table.column(S.ORIG_W).to_pylist()) == {480}
+    rejects = read_rejects(str(out))
+    assert rejects.column(S.KEY).to_pylist() == ["broken.mp4"]
+    # The trainer's clips come straight from these shards, frames decoded from the video file.
+    clips = ClipSet.from_labels(str(out), str(src), clip=ClipConfig(3, 3, 1), augment=None)
+    frame_of = clips.table.column(S.FRAME).to_pylist()
+    assert sorted([frame_of[r] for r in c] for c in clips.clips) == [[0, 1, 2], [3, 4, 5]]
+    f, lab = clips.sample(1, np.random.default_rng(0), SIZE)
+    assert f.shape == (3, SIZE, SIZE, 3) and lab.shape == (3, SIZE, SIZE)
+    # A rerun labels nothing new (ids of video frames are stable).
+    assert run_labelling(cfg, samples=0).labelled == 0
+
+
 def test_distillation_lowers_the_loss_logs_to_mlflow_and_resumes(labelled, davis, tmp_path):
     db = tmp_path / "mlflow.db"
     base = {

@@ -102,3 +102,15 @@ def test_assemble_clips_groups_by_sequence_in_frame_order():
         assemble_clips(["", "a"], [-1, 0], ClipConfig(2, 1, 1))
     with pytest.raises(ValueError, match="frame 0 twice"):
         assemble_clips(["a", "a"], [0, 0], ClipConfig(2, 1, 1))
+
+
+def test_count_frames_and_read_frames_at(tmp_path, davis_frames):
+    from kd.videoio import count_frames, read_frames_at
+
+    path = tmp_path / "v.mkv"
+    write_video(path, davis_frames, fps=24, codec="ffv1")
+    assert count_frames(path) == 6
+    got = read_frames_at(path, [4, 1, 9])
+    assert sorted(got) == [1, 4]                      # 9 is past the end: missing, not an error
+    np.testing.assert_array_equal(got[4], davis_frames[4])
+    assert read_frames_at(path, []) == {}
