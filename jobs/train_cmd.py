@@ -59,7 +59,7 @@ def _default_config(command: str, supervised: bool) -> tuple[Path | None, str | 
 def build_config(args: argparse.Namespace):
     """YAML, then the flags, then the dotted overrides -> a validated TrainConfig."""
     from cluster.train import load_train_config
-    from kd.config import ConfigError, load_yaml
+    from kd.config import ConfigError, load_yaml, parse_overrides
 
     command = getattr(args, "command", "train")
     default_yaml, forced_mode = _default_config(command, args.supervised)
@@ -88,10 +88,11 @@ def build_config(args: argparse.Namespace):
         section.setdefault("teacher", {})["teachers"] = list(args.teacher)
     if args.val:
         data.setdefault("val", {})["uri"] = args.val
-    cfg = load_train_config(data, args.overrides)
-    if forced_mode and cfg.mode != forced_mode:
-        raise ConfigError(f"mode: `sodkd {command}` trains mode {forced_mode}, the overrides ask for {cfg.mode}")
-    return cfg
+    overrides = parse_overrides(args.overrides)
+    if forced_mode and overrides.get("mode", forced_mode) != forced_mode:
+        raise ConfigError(f"mode: `sodkd {command}` trains mode {forced_mode}, the overrides ask for "
+                          f"{overrides['mode']}")
+    return load_train_config(data, overrides)
 
 
 def run(args: argparse.Namespace) -> int:

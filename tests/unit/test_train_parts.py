@@ -1,0 +1,185 @@
+"""The training core's pure parts: the LR schedule (closed-form values), parameter groups and the rates they
+get, the mixed hard/soft batch loss, the picture panel, TrainConfig validation, steps per epoch and the
+job CLI's config resolution. No Ray is started here."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from cluster.train import TrainConfig, load_train_config, steps_per_epoch
+from jobs import cli
+from kd.config import ConfigError
+from kd.losses import kd_dice_loss, teacher_loss
+from kd.schedule import WarmupCosine, set_lr, with_lr_mult
+from kd.step import batch_loss, make_panel
+from models import create_model
+
+PEAK, START, FINAL = 0.064, 6.4e-4, 6.4e-4
+
+
+def test_warmup_then_cosine_closed_form():
+    s = WarmupCosine(total_steps=100, warmup_steps=10, lr_peak=PEAK, lr_start=START, lr_final=FINAL)
+    assert s(0) == pytest.approx(START)
+    assert s(5) == pytest.approx(START + (PEAK - START) * 0.5)          # linear half way
+    assert s(10) == pytest.approx(PEAK)                                  # end of warm-up = peak
+    assert s(55) == pytest.approx(FINAL + (PEAK - FINAL) * 0.5)          # cos(pi/2) = 0: half way down
+    assert s(25) == pytest.approx(FINAL + (PEAK - FINAL) * 0.5 * (1 + math.cos(math.pi / 6)))
+    assert s(100) == pytest.approx(FINAL) and s(1000) == pytest.approx(FINAL)  # clamped after the end
+    values = [s(t) for t in range(101)]
+    assert all(a < b for a, b in zip(values[:10], values[1:11]))        # rises during warm-up
+    assert all(a >= b for a, b in zip(values[10:], values[11:]))        # never rises afterwards
+
+
+def test_schedule_without_warmup_and_bad_arguments():
+    s = WarmupCosine(total_steps=4, warmup_steps=0, lr_peak=1.0, lr_start=0.0, lr_final=0.0)
+    assert [s(t) for t in range(5)] == pytest.approx([1.0, (1 + math.cos(math.pi / 4)) / 2, 0.5,
+                                                      (1 + math.cos(3 * math.pi / 4)) / 2, 0.0])
+    assert WarmupCosine(total_steps=3, warmup_steps=3, lr_peak=1.0, lr_start=0.0)(3) == 1.0
+    with pytest.raises(ValueError, match="warmup_steps"):
+        WarmupCosine(total_steps=3, warmup_steps=4)
+    with pytest.raises(ValueError, match="total_steps"):
+        WarmupCosine(total_steps=0, warmup_steps=0)
+    with pytest.raises(ValueError, match="step"):
+        s(-1)
+
+
+def test_param_groups_split_backbone_and_follow_the_schedule():
+    model = create_model("scfnet_m3")
+    groups = with_lr_mult(model.param_groups(PEAK, 0.1, weight_decay=5e-4), PEAK)
+    names = [g["name"] for g in groups]
+    assert names == ["backbone", "head"]
+    ids = [id(p) for g in groups for p in g["params"]]
+    assert len(ids) == len(set(ids)) == len(list(model.parameters()))   # each parameter exactly once
+    backbone_ids = {id(p) for p in model.backbone.parameters()}
+    assert {id(p) for p in groups[0]["params"]} == backbone_ids
+    assert [g["lr_mult"] for g in groups] == pytest.approx([0.1, 1.0])
+    opt = torch.optim.SGD(groups, lr=PEAK, momentum=0.9)
+    set_lr(opt, 0.01)
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([0.001, 0.01])
+    assert [g["weight_decay"] for g in opt.param_groups] == [5e-4, 5e-4]
+    for p in model.backbone.parameters():
+        p.requires_grad_(False)
+    assert [g["name"] for g in model.param_groups(PEAK)] == ["head"]     # a frozen backbone drops out
+
+
+def _logits(b=4, s=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(b, 1, s, s, generator=g) for _ in range(4)]
+
+
+def test_batch_loss_hard_soft_and_mixed():
+    logits = _logits()
+    target = (torch.rand(4, 1, 16, 16, generator=torch.Generator().manual_seed(1)) > 0.5).float()
+    band = 3
+    hard = torch.zeros(4, dtype=torch.bool)
+    torch.testing.assert_close(batch_loss(logits, target, hard, band), teacher_loss(logits, target, band))
+    torch.testing.assert_close(batch_loss(logits, target, ~hard, band), kd_dice_loss(logits, target))
+    soft = torch.tensor([True, False, False, True])
+    expected = (2 * kd_dice_loss([x[soft] for x in logits], target[soft])
+                + 2 * teacher_loss([x[~soft] for x in logits], target[~soft], band)) / 4
+    torch.testing.assert_close(batch_loss(logits, target, soft, band), expected)
+    with pytest.raises(ValueError, match="soft"):
+        batch_loss(logits, target, torch.zeros(3, dtype=torch.bool), band)
+
+
+def test_make_panel_layout():
+    img = np.full((20, 30, 3), 200, np.uint8)
+    prob = np.full((10, 10), 0.5, np.float32)
+    mask = np.full((40, 40), 255, np.uint8)
+    panel = make_panel([[img, None, prob, mask], [img, None, prob, mask]], tile=32, gap=2)
+    assert panel.shape == (2 * 32 + 2, 4 * 32 + 3 * 2, 3)
+    assert (panel[:32, 34:66] == 0).all()                 # None: a black tile
+    assert (panel[:32, :32] == 200).all()                 # the image tile
+    assert (panel[:32, 68:100] == 128).all()              # 0.5 -> 128
+    assert (panel[:32, 32:34] == 255).all()               # white gap
+    with pytest.raises(ValueError, match="same number"):
+        make_panel([[img, mask], [img]])
+
+
+def _cfg(**over):
+    base = {"mode": "supervised", "data": {"paired": [{"uri": "/data/duts"}]}}
+    for dotted, value in over.items():
+        node = base
+        *path, last = dotted.split(".")
+        for part in path:
+            node = node.setdefault(part, {})
+        node[last] = value
+    return base
+
+
+def test_train_config_defaults_are_the_papers_recipe():
+    cfg = load_train_config(_cfg())
+    o = cfg.optim
+    assert (o.epochs, o.batch_size, o.lr, o.lr_start, o.lr_final, o.warmup_epochs) == (69, 128, 0.064, 6.4e-4, 6.4e-4, 5.0)
+    assert (o.momentum, o.weight_decay, o.backbone_lr_mult) == (0.9, 5e-4, 0.1)
+    assert cfg.data.sizes == (224, 256, 288, 320, 352)
+    assert cfg.data.augment.hflip_p == 0.5 and cfg.data.augment.vflip_p == 0.2
+
+
+@pytest.mark.parametrize("over, message", [
+    ({"mode": "teacher", "data.paired": []}, "data.paired"),
+    ({"mode": "supervised", "data.unlabeled": [{"uri": "/u"}]}, "data.unlabeled"),
+    ({"mode": "distill", "data.paired": [], "data.unlabeled": [{"uri": "/u"}]}, r"data.unlabeled\[0\].labels"),
+    ({"optim.batch_size": 6, "scaling.num_workers": 4}, "does not split evenly"),
+    ({"debug.fail_at_step": 3, "debug.fail_marker": "/m", "scaling.num_workers": 0}, "debug.fail_at_step"),
+    ({"debug.fail_at_step": 3, "scaling.num_workers": 2}, "debug.fail_marker"),
+    ({"scaling.strategy": "deepspeed", "scaling.zero_stage": 3}, "scaling.zero_stage"),
+    ({"scaling.bf16": True}, "scaling.bf16"),
+    ({"model.name": "scfnet_x"}, "model.name"),
+    ({"optim.lr": "fast"}, "optim.lr: expected float"),
+    ({"optim.warmup": 1}, "optim.warmup: unknown key"),
+])
+def test_train_config_rejects_bad_input_naming_the_key(over, message):
+    with pytest.raises(ConfigError, match=message):
+        load_train_config(_cfg(**over))
+
+
+def test_distill_config_with_online_teacher_and_offline_labels():
+    cfg = load_train_config(_cfg(**{"mode": "distill", "data.paired": [],
+                                    "data.unlabeled": [{"uri": "/u", "labels": "/l"}, {"uri": "/v"}],
+                                    "data.teacher.teachers": ["scfnet_r50:/w.pt"],
+                                    "scaling.num_workers": 2, "optim.batch_size": 8}))
+    assert cfg.per_worker_batch == 4 and cfg.data.unlabeled[0].labels == "/l"
+    assert isinstance(cfg, TrainConfig)
+
+
+def test_steps_per_epoch_drops_partial_batches():
+    assert steps_per_epoch(8, 4, 0) == 2          # in-process: one worker
+    assert steps_per_epoch(8, 4, 2) == 2          # 4 rows per worker, 2 per batch
+    assert steps_per_epoch(9, 4, 2) == 2          # the odd row is dropped by the even split
+    assert steps_per_epoch(5277, 128, 4) == 41
+    with pytest.raises(ValueError, match="no full batch"):
+        steps_per_epoch(3, 4, 1)
+
+
+def _print_config(capsys, *argv):
+    assert cli.main([*argv, "--print-config"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_cli_commands_resolve_their_yaml_and_mode(capsys):
+    t = _print_config(capsys, "train-teacher", "--paired", "/d/duts", "--val", "/d/ecssd", "optim.epochs=3")
+    assert (t["mode"], t["model"]["name"], t["optim"]["epochs"]) == ("teacher", "scfnet_r50", 3)
+    assert t["data"]["paired"][0]["uri"] == "/d/duts" and t["val"]["uri"] == "/d/ecssd"
+    f = _print_config(capsys, "train", "--supervised", "--paired", "/d/duts", "--name", "fs1")
+    assert (f["mode"], f["model"]["name"], f["run"]["name"]) == ("supervised", "scfnet_m3", "fs1")
+    k = _print_config(capsys, "distill", "--unlabeled", "/u1", "--labels", "/l1", "--unlabeled", "/u2",
+                      "--labels", "/l2", "scaling.num_workers=2")
+    assert k["mode"] == "distill" and [u["labels"] for u in k["data"]["unlabeled"]] == ["/l1", "/l2"]
+    assert k["scaling"]["num_workers"] == 2
+
+
+def test_cli_errors_are_one_line_and_name_the_problem(capsys):
+    assert cli.main(["train", "--paired", "/d"]) == 2
+    assert "pass --supervised" in capsys.readouterr().err
+    assert cli.main(["distill", "--unlabeled", "/u", "optim.epochs=many"]) == 2
+    assert "optim.epochs: expected int" in capsys.readouterr().err
+    assert cli.main(["distill", "--unlabeled", "/u", "--unlabeled", "/v", "--labels", "/l"]) == 2
+    assert "--labels" in capsys.readouterr().err
+    assert cli.main(["train-teacher", "--paired", "/d", "mode=distill"]) == 2
+    assert "trains mode teacher" in capsys.readouterr().err
