@@ -106,10 +106,17 @@ class PoolConfig:
 
 @dataclasses.dataclass(frozen=True)
 class DecodeConfig:
-    """Read + decode + resize tasks: Ray CPUs per task and images per task batch."""
+    """Read + decode + resize: where it runs, Ray CPUs per task and images per task batch.
+
+    ``placement``: ``tasks`` runs it in separate CPU tasks that overlap the teacher (what a GPU pool needs:
+    the GPU never waits for JPEG decoding); ``actor`` runs it inside the teacher actors, before each forward
+    pass (no hand-off of decoded images through the object store; on a small CPU-only machine the forward
+    pass holds every core anyway). ``num_cpus`` applies to ``tasks`` only.
+    """
 
     num_cpus: float = 0.5
     batch_size: int = 16
+    placement: Literal["tasks", "actor"] = "tasks"
 
     def __post_init__(self) -> None:
         if self.num_cpus <= 0 or self.batch_size < 1:
@@ -315,11 +322,13 @@ class TeacherLabeler:
         conf_mean = mean |2p - 1|,   conf_frac = mean [p < 0.1 or p > 0.9],   fg_frac = mean [p > 0.5]
 
     Reject rows pass through with an all-zero label and NaN statistics. The ``image`` column is dropped.
+    With ``decode`` (the keyword arguments of :func:`load_images` but the batch), manifest rows without an
+    ``image`` column are read and decoded here first (decode placement ``actor``).
     """
 
     def __init__(self, teachers: Sequence[str], *, s3: S3Config | None = None, tta: str = "none",
                  label_size: int | None = None, teacher_size: int | None = None, device: str = "auto",
-                 precision: str = "auto", threads: int = 1):
+                 precision: str = "auto", threads: int = 1, decode: Mapping[str, Any] | None = None):
         import torch
 
         from cluster.teachers import build_teacher
@@ -329,10 +338,15 @@ class TeacherLabeler:
                                      input_size=teacher_size, threads=threads or None)
         self.tta = tta
         self.label_size = int(label_size or self.teacher.input_size)
+        self.decode = dict(decode) if decode else None
 
     def __call__(self, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
         import torch.nn.functional as F
+        if S.IMAGE not in batch:  # decode placement "actor": manifest rows come straight here
+            if self.decode is None:
+                raise ValueError("TeacherLabeler: the batch has no 'image' column and no decode settings were given")
+            batch = load_images(batch, **self.decode)
         reasons = np.asarray(batch[S.REASON])
         n, size = len(reasons), self.label_size
         ok = reasons == ""
@@ -405,7 +419,8 @@ def write_label_shards(batch: Mapping[str, np.ndarray], *, output_uri: str,
     counts = collections.Counter(reasons[bad].tolist())
     return {"labelled": np.array([len(ok)], np.int64), "rejected": np.array([len(bad)], np.int64),
             "reasons": np.array([json.dumps(counts)], dtype=object),
-            "shards": np.array([",".join(posixpath.basename(s) for s in shards)], dtype=object)}
+            "shards": np.array([",".join(posixpath.basename(s) for s in shards)], dtype=object),
+            "written_at": np.array([time.time()], np.float64)}
 
 
 def _reject_table(batch: Mapping[str, np.ndarray], idx: np.ndarray) -> pa.Table:
@@ -420,8 +435,13 @@ def _reject_table(batch: Mapping[str, np.ndarray], idx: np.ndarray) -> pa.Table:
 
 @dataclasses.dataclass
 class LabelSummary:
-    """What one run of the job did. ``images_per_s`` counts labelled + rejected images over ``wall_s``
-    (the pipeline's wall time, actor start-up included)."""
+    """What one run of the job did.
+
+    ``images_per_s`` counts labelled + rejected images over ``wall_s``, the whole run (listing, the driver's
+    teacher check, actor start-up included). ``steady_images_per_s`` is the rate once the pipeline is full:
+    images in the shards that finished after the first one, over the time from the first to the last --
+    the rate a long job runs at, where start-up is amortised. ``startup_s`` is run start to first shard.
+    """
 
     total: int = 0
     labelled: int = 0
@@ -430,6 +450,8 @@ class LabelSummary:
     deferred: int = 0                 # left for a later run by ``limit``
     wall_s: float = 0.0
     images_per_s: float = 0.0
+    steady_images_per_s: float = 0.0
+    startup_s: float = 0.0
     reasons: dict[str, int] = dataclasses.field(default_factory=dict)
     teacher: str = ""
     weights_hash: str = ""
@@ -441,7 +463,8 @@ class LabelSummary:
         return (f"sodkd label: {self.total} inputs: labelled {self.labelled}, rejected {self.rejected}"
                 f"{f' ({reasons})' if reasons else ''}, skipped as done {self.skipped_done}"
                 f"{f', deferred by limit {self.deferred}' if self.deferred else ''}; "
-                f"{self.wall_s:.1f} s, {self.images_per_s:.2f} images/s; teacher {self.teacher} "
+                f"{self.wall_s:.1f} s, {self.images_per_s:.2f} images/s"
+                f"{f' (steady {self.steady_images_per_s:.2f})' if self.steady_images_per_s else ''}; teacher {self.teacher} "
                 f"({self.weights_hash})")
 
 
@@ -470,6 +493,10 @@ def _teacher_info(cfg: LabelConfig) -> tuple[str, str, int]:
     return t.id, t.weights_hash, t.input_size
 
 
+def _no_extra_remote_args() -> dict[str, Any]:
+    return {}
+
+
 def build_dataset(cfg: LabelConfig, items: Sequence[catalog.Item], teacher_size: int):
     """The Ray Data pipeline over ``items`` (lazy: nothing runs until it is consumed)."""
     import ray
@@ -477,8 +504,13 @@ def build_dataset(cfg: LabelConfig, items: Sequence[catalog.Item], teacher_size:
     table = _manifest_table(items)
     step = cfg.decode.batch_size
     ds = ray.data.from_arrow([table.slice(i, step) for i in range(0, table.num_rows, step)])
-    ds = ds.map_batches(load_images, batch_size=step, num_cpus=cfg.decode.num_cpus,
-                        fn_kwargs={"input_uri": cfg.input, "s3": cfg.s3, "size": teacher_size})
+    decode_kwargs = {"input_uri": cfg.input, "s3": cfg.s3, "size": teacher_size}
+    in_actor = cfg.decode.placement == "actor" and not cfg.is_foundation
+    if not in_actor:
+        # ray_remote_args_fn keeps Ray Data from fusing these tasks into the actor stage below when the
+        # resources happen to match: the placement is our decision, not the optimiser's
+        ds = ds.map_batches(load_images, batch_size=step, num_cpus=cfg.decode.num_cpus,
+                            ray_remote_args_fn=_no_extra_remote_args, fn_kwargs=decode_kwargs)
     if cfg.is_foundation:
         from cluster.foundation import foundation_stages
         ds = foundation_stages(ds, cfg.foundation, cfg.label_size or teacher_size)
@@ -493,13 +525,14 @@ def build_dataset(cfg: LabelConfig, items: Sequence[catalog.Item], teacher_size:
         num_gpus=pool.num_gpus or None,
         fn_constructor_kwargs={"teachers": list(cfg.teachers), "s3": cfg.s3, "tta": cfg.tta,
                                "label_size": cfg.label_size, "teacher_size": cfg.teacher_size,
-                               "device": device, "precision": pool.precision, "threads": pool.threads()})
+                               "device": device, "precision": pool.precision, "threads": pool.threads(),
+                               "decode": decode_kwargs if in_actor else None})
     return ds.map_batches(write_label_shards, batch_size=cfg.write.shard_rows, num_cpus=cfg.write.num_cpus,
                           fn_kwargs={"output_uri": cfg.output, "s3": cfg.s3})
 
 
 def _label(cfg: LabelConfig, summary: LabelSummary) -> None:
-    t_start = time.perf_counter()
+    t_start, run_start = time.perf_counter(), time.time()
     out_fs, out_root = storage.get_filesystem(cfg.output, cfg.s3)
     manifest = build_manifest(cfg)
     summary.layout = manifest.layout
@@ -539,17 +572,31 @@ def _label(cfg: LabelConfig, summary: LabelSummary) -> None:
         _ensure_ray(cfg.ray_address)
         ray.data.DataContext.get_current().enable_progress_bars = cfg.progress
         ds = build_dataset(cfg, todo, teacher_size)
+        written: list[tuple[float, int]] = []  # (when a writer task finished, images it wrote)
         for out in ds.iter_batches(batch_size=None, batch_format="numpy"):
             summary.labelled += int(np.sum(out["labelled"]))
             summary.rejected += int(np.sum(out["rejected"]))
             for r in out["reasons"]:
                 reasons.update(json.loads(r))
+            if "written_at" in out:
+                written += zip(out["written_at"].tolist(), (out["labelled"] + out["rejected"]).tolist())
+        _steady_rate(summary, sorted(written), run_start)
     summary.reasons = dict(reasons)
     if cfg.is_foundation and summary.labelled:
         summary.weights_hash = L.read_labels(cfg.output, cfg.s3, [S.WEIGHTS_HASH]).column(S.WEIGHTS_HASH)[0].as_py()
     summary.wall_s = time.perf_counter() - t_start
     processed = summary.labelled + summary.rejected
     summary.images_per_s = processed / summary.wall_s if summary.wall_s > 0 else 0.0
+
+
+def _steady_rate(summary: LabelSummary, written: list[tuple[float, int]], run_start: float) -> None:
+    """Steady-state rate from the writers' finish times: images finished after the first shard, over the
+    time from the first shard to the last (needs >= 2 shards)."""
+    if not written:
+        return
+    summary.startup_s = max(0.0, written[0][0] - run_start)
+    if len(written) >= 2 and written[-1][0] > written[0][0]:
+        summary.steady_images_per_s = sum(n for _, n in written[1:]) / (written[-1][0] - written[0][0])
 
 
 def run_labelling(cfg: LabelConfig, samples: int = 6) -> LabelSummary:
@@ -578,6 +625,7 @@ def run_labelling(cfg: LabelConfig, samples: int = 6) -> LabelSummary:
             "label/rejected": summary.rejected, "label/skipped_done": summary.skipped_done,
             "label/deferred": summary.deferred, "label/wall_s": summary.wall_s,
             "label/images_per_s": summary.images_per_s,
+            "label/images_per_s_steady": summary.steady_images_per_s, "label/startup_s": summary.startup_s,
             **{f"label/rejected.{k}": v for k, v in summary.reasons.items()},
         })
         if samples > 0:

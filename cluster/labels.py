@@ -129,7 +129,8 @@ def write_shard(fs: pafs.FileSystem, root: str, kind: str, table: pa.Table) -> s
     """Write ``table`` as a new uniquely named shard of ``kind`` under ``root``, atomically; returns its path.
 
     Local: written to ``.part-*.tmp-*`` in the same folder, then renamed (atomic on one filesystem).
-    S3: written straight to the final key; the object only appears when the upload completes.
+    S3: written straight to the final key; the object only appears when the upload completes (no
+    directory-marker objects are created: prefixes need none).
     """
     d = _dir(root, kind)
     name = f"part-{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:12]}{SHARD_SUFFIX}"
@@ -137,8 +138,8 @@ def write_shard(fs: pafs.FileSystem, root: str, kind: str, table: pa.Table) -> s
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink, compression="snappy")
     data = sink.getvalue()
-    fs.create_dir(d, recursive=True)
     if isinstance(fs, pafs.LocalFileSystem):
+        fs.create_dir(d, recursive=True)
         tmp = storage.join(d, f".{name}{_TMP_MARK}{uuid.uuid4().hex[:8]}")
         try:
             with fs.open_output_stream(tmp) as f:

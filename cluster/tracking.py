@@ -36,12 +36,15 @@ class TrackingConfig:
             (``MLFLOW_TRACKING_URI`` or its local store).
         experiment: experiment name, created when missing.
         run_name: the run's name; None = the job chooses one.
+        artifact_location: where a *new* experiment keeps its artifacts (``s3://bucket/mlflow``, a folder);
+            None = the tracking server's default (for a local sqlite store: ``./mlruns`` under the cwd).
     """
 
     enabled: bool = True
     uri: str | None = None
     experiment: str = "sodkd"
     run_name: str | None = None
+    artifact_location: str | None = None
 
 
 def sanitize_params(params: Mapping[str, Any]) -> dict[str, str]:
@@ -69,6 +72,8 @@ def start_run(cfg: TrackingConfig, run_name: str | None = None, run_id: str | No
     if cfg.uri:
         mlflow.set_tracking_uri(cfg.uri)
     if run_id is None:
+        if cfg.artifact_location and mlflow.get_experiment_by_name(cfg.experiment) is None:
+            mlflow.create_experiment(cfg.experiment, artifact_location=cfg.artifact_location)
         mlflow.set_experiment(cfg.experiment)
     run = mlflow.start_run(run_id=run_id, run_name=run_name or cfg.run_name,
                            tags=dict(tags) if tags else None)

@@ -94,6 +94,14 @@ def test_teacher_labeler_called_directly(image_dir, teacher_file):
     assert set(out[S.TEACHER]) == {"scfnet_m3"}
     assert set(out[S.WEIGHTS_HASH]) == {weights_hash(teacher_file.read_bytes())}
     assert list(out[S.ID]) == list(batch[S.ID]) and list(out[S.REASON]) == list(batch[S.REASON])
+    # decode placement "actor": the labeler reads and decodes manifest rows itself, with the same result
+    inline = LB.TeacherLabeler([spec], teacher_size=SIZE, device="cpu", threads=1,
+                               decode={"input_uri": str(image_dir), "s3": None, "size": SIZE})
+    out2 = inline(_manifest_batch(keys))
+    np.testing.assert_array_equal(out2[S.LABEL], out[S.LABEL])
+    assert list(out2[S.REASON]) == list(out[S.REASON])
+    with pytest.raises(ValueError, match="no 'image' column"):
+        labeler(_manifest_batch(keys))
 
 
 def test_teacher_labeler_label_size_and_tta(image_dir, teacher_file):

@@ -1,0 +1,323 @@
+"""The labelling job end to end on real Ray (local, 2 CPUs), a real S3 endpoint (moto's ThreadedMotoServer on
+127.0.0.1), a real MLflow sqlite store and real images from ../shared/data.
+
+The teacher is a randomly initialised ``scfnet_r18`` saved with ``save_weights`` (labels are checked against the
+same teacher run in-process, so they need not be meaningful); it runs at 128 px and stores 64 px labels so the
+file stays well under two minutes on two cores.
+"""
+
+from __future__ import annotations
+
+import collections
+import io
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+from cluster import labels as L
+from cluster.labelling import DecodeConfig, LabelConfig, PoolConfig, WriteConfig, run_labelling
+from cluster.storage import S3Config, boto3_client
+from cluster.teachers import build_teacher, weights_hash
+from cluster.tracking import TrackingConfig
+from kd import schema as S
+from kd.imageio import decode_image, resize
+from models import create_model, save_weights
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[2]
+TEACHER_SIZE = 128
+LABEL_SIZE = 64
+BUCKET = "sodkd-test"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def s3_endpoint():
+    """A real S3 HTTP endpoint; AWS credentials for it are set before Ray starts so workers inherit them."""
+    from moto.server import ThreadedMotoServer
+    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+           "AWS_EC2_METADATA_DISABLED": "true"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    port = _free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    yield f"http://127.0.0.1:{port}"
+    server.stop()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture(scope="module")
+def ray_address(s3_endpoint):
+    import ray
+    info = ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR",
+                    log_to_driver=False)
+    yield info.address_info["gcs_address"]
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory):
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("teacher") / "r18.pt"
+    save_weights(create_model("scfnet_r18"), path)
+    return f"scfnet_r18:{path}", path
+
+
+def _images(shared_data, n: int, start: int = 0) -> list[Path]:
+    return sorted((shared_data / "unlabeled" / "imagenet-1k").glob("*.jpg"))[start:start + n]
+
+
+def _copy(paths, dst: Path) -> Path:
+    dst.mkdir(parents=True, exist_ok=True)
+    for p in paths:
+        shutil.copy(p, dst / p.name)
+    return dst
+
+
+def _cfg(inp, out, teacher_spec, **kw) -> LabelConfig:
+    base = dict(input=str(inp), output=str(out), teachers=(teacher_spec,), teacher_size=TEACHER_SIZE,
+                label_size=LABEL_SIZE, progress=False, tracking=TrackingConfig(enabled=False),
+                pool=PoolConfig(size=1, num_cpus=0.5, batch_size=4, torch_threads=2),
+                decode=DecodeConfig(num_cpus=0.25, batch_size=4), write=WriteConfig(num_cpus=0.25, shard_rows=4))
+    base.update(kw)
+    return LabelConfig(**base)
+
+
+def _raw_rows(fs, root, kind=S.LABELS_DIR) -> list[dict]:
+    """Every row of every shard, NOT deduplicated: what "exactly once" is checked on."""
+    rows = []
+    for p in L.shard_paths(fs, root, kind):
+        rows.extend(pq.read_table(p, filesystem=fs).to_pylist())
+    return rows
+
+
+def _assert_exactly_once(fs, root, keys):
+    rows = _raw_rows(fs, root) + _raw_rows(fs, root, S.REJECTS_DIR)
+    counts = collections.Counter(r[S.ID] for r in rows)
+    assert set(counts) == {S.stable_id(k) for k in keys}
+    dupes = {i: c for i, c in counts.items() if c != 1}
+    assert not dupes, f"ids written more than once: {dupes}"
+
+
+def test_local_folder_to_parquet_then_rerun_labels_nothing(ray_address, teacher, shared_data, tmp_path):
+    spec, path = teacher
+    src = _images(shared_data, 8)
+    inp = _copy(src, tmp_path / "in")
+    out = tmp_path / "out"
+    db = tmp_path / "mlflow.db"
+    tracking = TrackingConfig(uri=f"sqlite:///{db}", experiment="label-test",
+                              artifact_location=str(tmp_path / "artifacts"))
+    summary = run_labelling(_cfg(inp, out, spec, tracking=tracking), samples=3)
+    assert (summary.total, summary.labelled, summary.rejected, summary.skipped_done) == (8, 8, 0, 0)
+    assert summary.images_per_s > 0
+
+    table = L.read_labels(str(out))
+    assert table.num_rows == 8 and table.schema == L.LABEL_SCHEMA
+    rows = {r[S.KEY]: r for r in table.to_pylist()}
+    assert set(rows) == {p.name for p in src}
+    ref_teacher = build_teacher(spec, input_size=TEACHER_SIZE, device="cpu")
+    for p in src[:3]:
+        row = rows[p.name]
+        with Image.open(p) as im:
+            assert (row[S.ORIG_H], row[S.ORIG_W]) == (im.height, im.width)
+        assert row[S.ID] == S.stable_id(p.name)
+        assert (row[S.TEACHER], row[S.WEIGHTS_HASH], row[S.TTA]) == ("scfnet_r18", weights_hash(path.read_bytes()),
+                                                                     "none")
+        label = L.decode_label(row)
+        assert label.shape == (LABEL_SIZE, LABEL_SIZE)
+        # the same teacher run in this process on the same decoded image gives the same label
+        image = resize(decode_image(p.read_bytes(), max_side=TEACHER_SIZE), (TEACHER_SIZE, TEACHER_SIZE))
+        prob = ref_teacher.predict(image[None])[0]
+        expected = np.asarray(Image.fromarray(prob, "F").resize((LABEL_SIZE, LABEL_SIZE), Image.BILINEAR))
+        assert np.abs(label - expected).max() <= 1.5 / 255
+        assert np.isclose(row[S.CONF_MEAN], np.abs(2 * prob - 1).mean(), atol=0.02)
+        assert 0.0 <= row[S.CONF_FRAC] <= 1.0 and 0.0 <= row[S.FG_FRAC] <= 1.0
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{db}")
+    run = client.get_run(summary.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["teachers"] == str([spec]) and run.data.params["pool.batch_size"] == "4"
+    assert run.data.params["label_size"] == str(LABEL_SIZE)
+    assert run.data.metrics["label/labelled"] == 8 and run.data.metrics["label/skipped_done"] == 0
+    assert run.data.metrics["label/images_per_s"] > 0
+    assert run.data.tags["teacher"] == "scfnet_r18" and run.data.tags["weights_hash"] == weights_hash(path.read_bytes())
+    picture = Path(client.download_artifacts(summary.run_id, "samples/labels.png", str(tmp_path / "dl")))
+    with Image.open(picture) as im:
+        assert im.format == "PNG" and im.width > 100
+
+    shards_before = sorted(os.listdir(out / S.LABELS_DIR))
+    again = run_labelling(_cfg(inp, out, spec, tracking=tracking), samples=0)
+    assert (again.labelled, again.rejected, again.skipped_done) == (0, 0, 8)
+    assert sorted(os.listdir(out / S.LABELS_DIR)) == shards_before
+    assert client.get_run(again.run_id).data.metrics["label/skipped_done"] == 8
+    _assert_exactly_once(pafs.LocalFileSystem(), str(out), [p.name for p in src])
+
+
+def test_video_frame_folders_carry_sequence_and_frame(ray_address, teacher, shared_data, tmp_path):
+    spec, _ = teacher
+    davis = shared_data / "davis2016-dev"
+    seqs = sorted(p.name for p in davis.iterdir() if p.is_dir())[:2]
+    for s in seqs:
+        _copy(sorted((davis / s / "images").glob("*.jpg"))[:3], tmp_path / "v" / s / "images")
+        _copy(sorted((davis / s / "masks").glob("*.png"))[:3], tmp_path / "v" / s / "masks")
+    summary = run_labelling(_cfg(tmp_path / "v", tmp_path / "out", spec), samples=0)
+    assert summary.layout == "video" and summary.labelled == 6   # masks are not inputs
+    got = sorted((r[S.SEQUENCE], r[S.FRAME], r[S.KEY]) for r in L.read_labels(str(tmp_path / "out")).to_pylist())
+    assert got == [(s, f, f"{s}/images/{f:05d}.jpg") for s in seqs for f in range(3)]
+
+
+def test_s3_input_to_parquet_in_the_same_bucket(ray_address, teacher, shared_data, s3_endpoint):
+    spec, _ = teacher
+    s3 = S3Config(endpoint_url=s3_endpoint)
+    client = boto3_client(s3)
+    client.create_bucket(Bucket=BUCKET)
+    src = _images(shared_data, 6, start=20)
+    for p in src:
+        client.put_object(Bucket=BUCKET, Key=f"unlabeled/{p.name}", Body=p.read_bytes())
+    out = f"s3://{BUCKET}/runs/r18"
+    summary = run_labelling(_cfg(f"s3://{BUCKET}/unlabeled", out, spec, s3=s3), samples=0)
+    assert (summary.labelled, summary.rejected) == (6, 0)
+    keys = [o["Key"] for o in client.list_objects_v2(Bucket=BUCKET, Prefix="runs/r18/")["Contents"]]
+    assert keys and all(k.startswith("runs/r18/labels/part-") and k.endswith(".parquet") for k in keys)
+    table = L.read_labels(out, s3)
+    assert sorted(table.column(S.KEY).to_pylist()) == sorted(p.name for p in src)
+    assert all(L.decode_label(r).shape == (LABEL_SIZE, LABEL_SIZE) for r in table.to_pylist())
+    again = run_labelling(_cfg(f"s3://{BUCKET}/unlabeled", out, spec, s3=s3), samples=0)
+    assert (again.labelled, again.skipped_done) == (0, 6)
+
+
+def test_limit_labels_part_then_the_rest_exactly_once(ray_address, teacher, shared_data, tmp_path):
+    spec, _ = teacher
+    src = _images(shared_data, 7, start=40)
+    inp = _copy(src, tmp_path / "in")
+    first = run_labelling(_cfg(inp, tmp_path / "out", spec, limit=3), samples=0)
+    assert (first.labelled, first.deferred) == (3, 4)
+    rest = run_labelling(_cfg(inp, tmp_path / "out", spec), samples=0)
+    assert (rest.labelled, rest.skipped_done) == (4, 3)
+    _assert_exactly_once(pafs.LocalFileSystem(), str(tmp_path / "out"), [p.name for p in src])
+
+
+def _shards(out: Path) -> list[str]:
+    d = out / S.LABELS_DIR
+    return sorted(os.listdir(d)) if d.is_dir() else []
+
+
+def test_killed_run_then_rerun_labels_every_input_exactly_once(ray_address, teacher, shared_data, tmp_path):
+    """A real kill: the job runs as `sodkd label` in its own process group (a driver attached to this module's
+    Ray cluster) and gets SIGKILL as soon as its first shards appear; the rerun finishes the rest."""
+    spec, _ = teacher
+    n = 40
+    src = _images(shared_data, n, start=100)
+    inp = _copy(src, tmp_path / "in")
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "jobs.cli", "label", "--input", str(inp), "--output", str(out), "--teacher", spec,
+           f"teacher_size={TEACHER_SIZE}", f"label_size={LABEL_SIZE}", "pool.num_cpus=0.5", "pool.batch_size=2",
+           "pool.torch_threads=2", "decode.batch_size=2", "decode.num_cpus=0.25", "write.shard_rows=2",
+           "progress=false", "tracking.enabled=false"]
+    env = {**os.environ, "RAY_ADDRESS": ray_address, "PYTHONUNBUFFERED": "1"}
+    log = open(tmp_path / "job.log", "wb")
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not _shards(out) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert proc.poll() is None, f"the job ended before it could be killed:\n{(tmp_path / 'job.log').read_text()}"
+        os.killpg(proc.pid, signal.SIGKILL)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        log.close()
+    # Ray ends the dead driver's workers; wait until no shard has appeared for 3 s
+    stable_since, seen = time.monotonic(), _shards(out)
+    while time.monotonic() - stable_since < 3:
+        time.sleep(0.2)
+        if _shards(out) != seen:
+            stable_since, seen = time.monotonic(), _shards(out)
+    fs = pafs.LocalFileSystem()
+    done_before = len(_raw_rows(fs, str(out)))
+    assert 0 < done_before < n, f"kill landed after {done_before} of {n} images"
+
+    summary = run_labelling(_cfg(inp, out, spec), samples=0)
+    assert summary.skipped_done == done_before
+    assert summary.labelled == n - done_before
+    _assert_exactly_once(fs, str(out), [p.name for p in src])
+    assert L.read_labels(str(out)).num_rows == n
+
+
+def _broken_inputs(real: bytes, d: Path) -> dict[str, str | None]:
+    """Write every broken kind into ``d``; return name -> expected reject reason (None = converted, labelled)."""
+    d.mkdir(parents=True)
+    rgb = Image.open(io.BytesIO(real)).convert("RGB")
+
+    def save(img, name, fmt, **kw):
+        img.save(d / name, fmt, **kw)
+
+    (d / "empty.jpg").write_bytes(b"")
+    (d / "not_an_image.png").write_bytes(b"name,score\nfoo,1\n" * 20)
+    (d / "truncated.jpg").write_bytes(real[: len(real) // 2])
+    buf = io.BytesIO()
+    rgb.save(buf, "PNG")
+    png = bytearray(buf.getvalue())
+    idat = png.index(b"IDAT")
+    png[idat + 100: idat + 164] = bytes(b ^ 0xFF for b in png[idat + 100: idat + 164])
+    (d / "corrupt.png").write_bytes(bytes(png))
+    save(rgb.convert("CMYK"), "cmyk.jpg", "JPEG")
+    save(Image.fromarray(np.asarray(rgb.convert("L")).astype(np.uint16) * 257), "gray16.png", "PNG")
+    save(rgb.convert("P"), "palette.png", "PNG")
+    save(rgb.convert("L"), "grayscale.jpg", "JPEG")
+    save(rgb.convert("RGBA"), "rgba.png", "PNG")
+    save(Image.new("L", (10000, 7500), 128), "large.jpg", "JPEG")      # 75 MP: decoded at 1/8 via draft
+    save(Image.new("1", (11000, 10000), 1), "huge.png", "PNG")         # 110 MP: over the pixel limit
+    return {"empty.jpg": "empty", "not_an_image.png": "not_an_image", "truncated.jpg": "truncated",
+            "corrupt.png": "corrupt", "huge.png": "too_large", "cmyk.jpg": None, "gray16.png": None,
+            "palette.png": None, "grayscale.jpg": None, "rgba.png": None, "large.jpg": None}
+
+
+def test_broken_and_unusual_images_are_converted_or_rejected(ray_address, teacher, shared_data, tmp_path):
+    spec, _ = teacher
+    real = _images(shared_data, 2, start=60)
+    inp = tmp_path / "in"
+    expected = _broken_inputs(real[0].read_bytes(), inp)
+    _copy(real, inp)
+    expected.update({p.name: None for p in real})
+    summary = run_labelling(_cfg(inp, tmp_path / "out", spec), samples=0)
+    want_rejected = {k: v for k, v in expected.items() if v}
+    assert summary.rejected == len(want_rejected) and summary.labelled == len(expected) - len(want_rejected)
+    assert summary.reasons == dict(collections.Counter(want_rejected.values()))
+    rejects = {r[S.KEY]: r for r in L.read_rejects(str(tmp_path / "out")).to_pylist()}
+    assert {k: r[S.REASON] for k, r in rejects.items()} == want_rejected
+    assert all(r[S.DETAIL] and r[S.ID] == S.stable_id(k) for k, r in rejects.items())
+    labelled = {r[S.KEY]: r for r in L.read_labels(str(tmp_path / "out")).to_pylist()}
+    assert set(labelled) == {k for k, v in expected.items() if v is None}
+    assert (labelled["large.jpg"][S.ORIG_H], labelled["large.jpg"][S.ORIG_W]) == (7500, 10000)
+    with Image.open(real[0]) as im:
+        for name in ("cmyk.jpg", "gray16.png", "palette.png", "grayscale.jpg", "rgba.png"):
+            assert (labelled[name][S.ORIG_H], labelled[name][S.ORIG_W]) == (im.height, im.width), name
+    assert all(L.decode_label(r).shape == (LABEL_SIZE, LABEL_SIZE) for r in labelled.values())
+    again = run_labelling(_cfg(inp, tmp_path / "out", spec), samples=0)
+    assert (again.labelled, again.rejected, again.skipped_done) == (0, 0, len(expected))
