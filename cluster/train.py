@@ -714,6 +714,7 @@ class _Tracker:
         self.run_id = run_id
         self.every = max(1, cfg.mlflow.log_every)
         self._pending: list = []
+        self._flushed = time.monotonic()
         if rank != 0 or not run_id or not cfg.mlflow.enabled:
             return
         import mlflow
@@ -729,13 +730,15 @@ class _Tracker:
         from mlflow.entities import Metric
         now = int(time.time() * 1000)
         self._pending += [Metric(k, float(v), now, step) for k, v in values.items() if math.isfinite(float(v))]
-        if flush or len(self._pending) >= 200:
+        if flush or len(self._pending) >= 200 or time.monotonic() - self._flushed > 15.0:
             self.flush()
 
     def flush(self) -> None:
+        """One ``log_batch`` for what is pending: at most every 15 s or 200 points, and every epoch end."""
         if self.active and self._pending:
             self.client.log_batch(self.run_id, metrics=self._pending)
             self._pending = []
+        self._flushed = time.monotonic()
 
     def image(self, array: np.ndarray, artifact_file: str) -> None:
         if self.active:
@@ -795,14 +798,15 @@ def train_loop(config: dict) -> dict:
     meta: dict[str, Any] = {"epoch": 0, "step": 0, "best_mae": None, "best_epoch": None,
                             "mlflow_run_id": runtime.get("mlflow_run_id"), "resumed_from": []}
     best_state = None
-    ckpt_dir, ckpt_ctx = None, None
+    ckpt_dir = None
     if in_process:
         ckpt_dir = _latest_local_checkpoint(cfg)
     else:
         checkpoint = ray.train.get_checkpoint()
         if checkpoint is not None:
-            ckpt_ctx = checkpoint.as_directory()
-            ckpt_dir = ckpt_ctx.__enter__()
+            # A private copy per worker: Ray's shared as_directory() temp dir can be deleted by one worker
+            # while another on the same node is still reading it.
+            ckpt_dir = checkpoint.to_directory(tempfile.mkdtemp(prefix=f"sodkd-resume-r{rank}-"))
     if ckpt_dir is not None:
         with open(os.path.join(ckpt_dir, META_FILE)) as f:
             saved = json.load(f)
@@ -848,8 +852,8 @@ def train_loop(config: dict) -> dict:
     if ckpt_dir is not None and engine is None:  # after the move to the device: state follows the params
         state = torch.load(os.path.join(ckpt_dir, STATE_FILE), map_location=device, weights_only=True)
         optimizer.load_state_dict(state["optimizer"])
-    if ckpt_ctx is not None:
-        ckpt_ctx.__exit__(None, None, None)
+    if ckpt_dir is not None:
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
 
     # -- data, validation, tracking --------------------------------------------------------------------------
     shard = ray.train.get_dataset_shard("train")
