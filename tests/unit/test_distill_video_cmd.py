@@ -48,3 +48,15 @@ def test_teacher_spec_or_path_gives_the_teacher_weights(capsys):
     cfg = _print_config(capsys, "--unlabeled", "f", "--labels", "l", "--teacher", "scfnet_r50:w/r50.pt",
                         "loss.hint=0.1")
     assert cfg["teacher"] == "w/r50.pt" and cfg["loss"]["hint"] == 0.1
+
+
+def test_partial_sections_keep_the_video_defaults():
+    cfg = load_video_config({"data": {"labels": "l", "images": "i"}, "optim": {"epochs": 3},
+                             "mlflow": {"uri": "sqlite:///x.db"}, "scaling": {"torch_threads": 1}})
+    assert cfg.optim.epochs == 3 and cfg.optim.batch_size == 4 and cfg.optim.lr == 0.01
+    assert cfg.mlflow.experiment == "sodkd-video" and cfg.mlflow.onnx is False and cfg.mlflow.uri == "sqlite:///x.db"
+    assert cfg.scaling.num_workers == 0 and cfg.scaling.torch_threads == 1
+    assert cfg.model.name == "video_scfnet_m3" and cfg.run.name == "kdvideo-video_scfnet_m3"
+    # the dict that crosses into Ray rebuilds the same config
+    from kd.config import to_dict
+    assert load_video_config(to_dict(cfg)) == cfg

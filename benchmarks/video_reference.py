@@ -1,0 +1,221 @@
+"""Reference run of issue 6: the video student distilled on DAVIS frames, against the image student per frame.
+
+    .venv/bin/python benchmarks/video_reference.py [--teacher W] [--image-student W] [--out runs/video-reference]
+
+Stages (each skipped when its output already exists in ``OUT/state.json``, so a killed run continues):
+
+1. labels   the teacher's soft labels on every frame of ../shared/data/davis2016-dev (``sodkd label``,
+            layout video: rows carry sequence and frame; the masks are not read);
+2. video    ``video_scfnet_m3`` initialised from the image student, distilled with the spatiotemporal loss
+            (per-frame soft dice + change consistency + inter-frame relation) on the clips of the TRAIN
+            sequences (``sodkd distill --task video``'s core);
+3. spatial  the same with the temporal terms off (``loss.change=0 loss.relation=0``): the ablation that
+            separates the temporal distillation from the extra training and the architecture;
+4. eval     teacher and image student frame by frame, both video students in streaming mode, on all ten
+            sequences against the DAVIS masks: S, max F, MAE per sequence, and flicker (mean |p_t - p_t-1|
+            where the mask changes on < 1% of the pixels), averaged over the TRAIN and the HELD-OUT sequences.
+
+Defaults come from the image reference run (``benchmarks/reference_runs.py``: ``runs/reference/state.json``
+holds its teacher and KD student); pass ``--teacher`` / ``--image-student`` to use other weights. Figures go to
+RESULTS.md, section ``video-reference``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+DATA = Path(os.environ.get("SODKD_SHARED_DATA", REPO.parent / "shared" / "data"))
+DAVIS = DATA / "davis2016-dev"
+
+SIZE = 160
+EPOCHS = 4
+BATCH = 4
+LR = 0.005                      # from a trained image student: half the default
+TRAIN_SEQS = ("blackswan", "breakdance", "car-roundabout", "cows", "dog")
+HELD_OUT = ("bmx-trees", "camel", "car-shadow", "dance-twirl", "drift-chicane")
+
+
+def _reference_weights(key: str) -> str | None:
+    state = REPO / "runs" / "reference" / "state.json"
+    if state.exists():
+        s = json.loads(state.read_text())
+        if key in s:
+            return s[key]["weights"][0]
+    return None
+
+
+def distill(out: Path, name: str, teacher_labels: Path, init: str | None, loss: dict, log) -> dict:
+    from cluster.video_train import load_video_config, run_video_distill
+    cfg = load_video_config({
+        "model": {"name": "video_scfnet_m3", "init_weights": init},
+        "data": {"labels": str(teacher_labels), "images": str(DAVIS), "size": SIZE, "sequences": list(TRAIN_SEQS)},
+        "loss": loss,
+        "optim": {"epochs": EPOCHS, "batch_size": BATCH, "lr": LR, "lr_start": LR / 100, "lr_final": LR / 100,
+                  "warmup_epochs": 0.3},
+        "scaling": {"num_workers": 0, "torch_threads": 2},
+        "run": {"name": name, "storage": str(out / "runs")},
+        "mlflow": {"uri": f"sqlite:///{out / 'mlflow.db'}", "experiment": "sodkd-video-reference", "log_every": 10},
+        "output": {"dir": str(out / "weights"), "fp16": False},
+    })
+    t0 = time.perf_counter()
+    res = run_video_distill(cfg)
+    wall = time.perf_counter() - t0
+    log.info("%s: %d clips, %d steps/epoch, %.0f s; history %s", name, res.clips, res.steps_per_epoch, wall,
+             res.history)
+    return {"name": name, "weights": res.weights[0], "clips": res.clips, "frames": res.frames,
+            "steps": res.steps_per_epoch * EPOCHS, "epochs": EPOCHS, "wall_s": wall, "history": res.history,
+            "mlflow_run_id": res.mlflow_run_id}
+
+
+def summarize(results: dict) -> dict:
+    """Means over the train and held-out sequences of S, max F, MAE and flicker (flicker over the sequences
+    that have at least one pair of frames whose mask barely changes; ``flicker_seqs`` says how many)."""
+    out = {}
+    for split, seqs in (("train", TRAIN_SEQS), ("held_out", HELD_OUT), ("all", TRAIN_SEQS + HELD_OUT)):
+        figs = [results["sequences"][s] for s in seqs if s in results["sequences"]]
+        row = {k: float(sum(f[k] for f in figs) / len(figs)) for k in ("sm", "fm_max", "mae")}
+        flick = [f["flicker"] for f in figs if f["flicker"] is not None and math.isfinite(f["flicker"])]
+        row["flicker"] = float(sum(flick) / len(flick)) if flick else float("nan")
+        row["flicker_seqs"] = len(flick)
+        out[split] = row
+    return out
+
+
+def main() -> None:
+    global DAVIS, EPOCHS
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=str(REPO / "runs" / "video-reference"))
+    ap.add_argument("--teacher", default=None, help="teacher weights (default: the image reference run's)")
+    ap.add_argument("--image-student", default=None, help="image student weights (default: the reference KD one)")
+    ap.add_argument("--results", default=str(REPO / "benchmarks" / "RESULTS.md"))
+    ap.add_argument("--data", default=str(DAVIS), help="DAVIS-layout root (default ../shared/data/davis2016-dev)")
+    ap.add_argument("--epochs", type=int, default=EPOCHS)
+    args = ap.parse_args()
+    DAVIS, EPOCHS = Path(args.data), args.epochs
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    log = logging.getLogger("video-reference")
+    state_path = out / "state.json"
+    state = json.loads(state_path.read_text()) if state_path.exists() else {}
+
+    def save():
+        state_path.write_text(json.dumps(state, indent=1, default=float))
+
+    teacher = args.teacher or state.get("teacher_weights") or _reference_weights("teacher")
+    student = args.image_student or state.get("image_student_weights") or _reference_weights("kd")
+    if not teacher or not student:
+        raise SystemExit("no teacher / image student weights: run benchmarks/reference_runs.py first or pass "
+                         "--teacher and --image-student")
+    from models import read_metadata
+    teacher_model = read_metadata(teacher)["model"]
+    state.update(teacher_weights=teacher, image_student_weights=student, teacher_model=teacher_model)
+    save()
+
+    from cluster.raylocal import start_private_ray
+    start_private_ray(3)
+
+    labels = out / "davis-labels"
+    if "labels" not in state:
+        from cluster.labelling import load_label_config, run_labelling
+        t0 = time.perf_counter()
+        lcfg = load_label_config({
+            "input": str(DAVIS), "output": str(labels), "teachers": [f"{teacher_model}:{teacher}"],
+            "layout": "video", "label_size": SIZE, "teacher_size": SIZE, "progress": False,
+            "pool": {"size": 1, "num_cpus": 1.0, "batch_size": 16, "torch_threads": 2},
+            "tracking": {"uri": f"sqlite:///{out / 'mlflow.db'}", "experiment": "sodkd-video-reference"}})
+        summary = run_labelling(lcfg, samples=4)
+        log.info(summary.line())
+        state["labels"] = {"labelled": summary.labelled, "wall_s": time.perf_counter() - t0}
+        save()
+
+    if "video" not in state:
+        state["video"] = distill(out, "kdvideo-video_scfnet_m3", labels, student, {}, log)
+        save()
+    if "spatial" not in state:
+        state["spatial"] = distill(out, "kdvideo-spatial-only", labels, student, {"change": 0.0, "relation": 0.0},
+                                   log)
+        save()
+
+    if "eval" not in state:
+        from cluster.video_data import load_sequences
+        from jobs.eval_video_cmd import evaluate_model
+        from models import load_weights
+        seqs = load_sequences(str(DAVIS))
+        state["eval"] = {}
+        for key, path in (("teacher", teacher), ("image", student), ("video", state["video"]["weights"]),
+                          ("spatial", state["spatial"]["weights"])):
+            r = evaluate_model(load_weights(path), seqs, SIZE)
+            state["eval"][key] = {"summary": summarize(r), "overall": r["overall"],
+                                  "sequences": r["sequences"], "ms_per_frame": r["seconds_per_frame"] * 1e3}
+            log.info("%s: %s", key, state["eval"][key]["summary"])
+        save()
+
+    write_results(state, Path(args.results))
+
+
+def _f(v: float, digits: int = 3) -> str:
+    return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{digits}f}"
+
+
+def write_results(state: dict, results: Path) -> None:
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("bench_models", REPO / "benchmarks" / "models.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    ev = state["eval"]
+    names = {"teacher": f"teacher {state['teacher_model']} (per frame)",
+             "image": "image student scfnet_m3 (per frame)",
+             "spatial": "video_scfnet_m3, spatial KD only (streaming)",
+             "video": "video_scfnet_m3, spatiotemporal KD (streaming)"}
+    v = state["video"]
+    lines = [
+        "## Video reference run (issue 6): video student vs image student on DAVIS-2016 (10 dev sequences)",
+        "",
+        f"Teacher `{state['teacher_weights']}` ({state['teacher_model']}), image student "
+        f"`{state['image_student_weights']}` (both from the image reference run). Soft labels: "
+        f"{state['labels']['labelled']} DAVIS frames labelled by the teacher at {SIZE} px in "
+        f"{state['labels']['wall_s'] / 60:.1f} min; no DAVIS mask is used for training.",
+        "",
+        f"Both video students start from the image student's weights and train {v['epochs']} epochs on the clips "
+        f"(3 frames, stride 2) of the TRAIN sequences {', '.join(TRAIN_SEQS)} ({v['clips']} clips, {v['steps']} "
+        f"steps of {BATCH} clips, {SIZE} px, SGD lr {LR}, warm-up + cosine), in {v['wall_s'] / 60:.1f} and "
+        f"{state['spatial']['wall_s'] / 60:.1f} min on 2 shared CPU cores. HELD-OUT sequences: "
+        f"{', '.join(HELD_OUT)}. Everything is evaluated at {SIZE} px against the DAVIS masks (PySODMetrics, "
+        "per-frame min-max normalisation), averaged per sequence then over the sequences of each split; "
+        "flicker = mean |p_t - p_t-1| (probabilities, not normalised) over consecutive frames whose mask changes "
+        "on < 1% of the pixels (lower = steadier).",
+        "",
+        "| model | split | S | max F | MAE | flicker (sequences) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for key in ("teacher", "image", "spatial", "video"):
+        for split in ("train", "held_out"):
+            s = ev[key]["summary"][split]
+            lines.append(f"| {names[key]} | {split.replace('_', '-')} | {_f(s['sm'])} | {_f(s['fm_max'])} | "
+                         f"{_f(s['mae'])} | {_f(s['flicker'], 4)} ({s['flicker_seqs']}) |")
+    lines += ["", "Per sequence (S / max F / MAE / flicker):", "",
+              "| sequence | split | " + " | ".join(names[k] for k in ("image", "video")) + " |", "|---|---|---|---|"]
+    for seq in TRAIN_SEQS + HELD_OUT:
+        cells = []
+        for key in ("image", "video"):
+            f = ev[key]["sequences"][seq]
+            cells.append(f"{_f(f['sm'])} / {_f(f['fm_max'])} / {_f(f['mae'])} / {_f(f['flicker'], 4)}")
+        lines.append(f"| {seq} | {'train' if seq in TRAIN_SEQS else 'held-out'} | " + " | ".join(cells) + " |")
+    lines += ["", "Final training losses (mean of the last epoch): " + "; ".join(
+        f"{k}: " + ", ".join(f"{m.split('/')[-1]} {_f(val, 4)}" for m, val in state[k]['history'][-1].items()
+                             if m.startswith('train/')) for k in ("video", "spatial")) + "."]
+    bench.write_section(results, "video-reference", "\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
