@@ -778,7 +778,10 @@ def train_loop(config: dict) -> dict:
     torch.set_num_threads(cfg.scaling.threads())
     torch.manual_seed(cfg.run.seed)
     use_gpu = cfg.scaling.use_gpu and torch.cuda.is_available()
-    device = torch.device("cuda", torch.cuda.current_device()) if use_gpu else torch.device("cpu")
+    device = torch.device("cpu")
+    if use_gpu:   # Ray Train gives each worker its own GPU (CUDA_VISIBLE_DEVICES + local rank)
+        device = ray.train.torch.get_device() if not in_process else torch.device("cuda", 0)
+        torch.cuda.set_device(device)
 
     steps = int(runtime["steps_per_epoch"])
     total = steps * cfg.optim.epochs
@@ -869,13 +872,16 @@ def train_loop(config: dict) -> dict:
     batch = cfg.per_worker_batch
     step = int(meta["step"])
     last: dict[str, float] = {}
+    previous_local = None   # in-process mode: the checkpoint dir reported last epoch (Ray keeps only a path)
     t_start, images_seen = time.perf_counter(), 0
+    epoch_wall, epoch_cpu, epoch_images = [], [], []   # training phase only (no validation / checkpoint)
 
     for epoch in range(int(meta["epoch"]), cfg.optim.epochs):
         band = boundary_band(epoch)
         rng = np.random.default_rng([cfg.run.seed, epoch, rank])
         net.train()
-        loss_sum, n_steps = 0.0, 0
+        loss_sum, n_steps, n_images = 0.0, 0, 0
+        t_epoch, c_epoch = time.perf_counter(), time.process_time()
         it = shard.iter_batches(batch_size=batch, batch_format="numpy", drop_last=True,
                                 local_shuffle_buffer_size=cfg.data.shuffle_buffer or None,
                                 local_shuffle_seed=cfg.run.seed * 100003 + epoch * 101 + rank
@@ -900,7 +906,7 @@ def train_loop(config: dict) -> dict:
                 optimizer.step()
             step += 1
             n_steps += 1
-            images_seen += len(rows[S.ID])
+            n_images += len(rows[S.ID])
             loss_value = float(loss.detach())
             loss_sum += loss_value
             if step % tracker.every == 0:
@@ -912,6 +918,11 @@ def train_loop(config: dict) -> dict:
                     f.write(f"worker rank {rank} exited at step {step}\n")
                 tracker.flush()
                 os._exit(1)
+
+        epoch_wall.append(time.perf_counter() - t_epoch)
+        epoch_cpu.append(time.process_time() - c_epoch)   # every thread of this process (data prefetch too)
+        epoch_images.append(n_images)
+        images_seen += n_images
 
         # -- end of epoch: validate, checkpoint, report ---------------------------------------------------
         metrics: dict[str, float] = {"epoch": epoch + 1, "step": step,
@@ -941,14 +952,19 @@ def train_loop(config: dict) -> dict:
             _persist_local_checkpoint(cfg, tmp, epoch + 1)
         report_ckpt = ray.train.Checkpoint.from_directory(tmp) if (rank == 0 or engine is not None) else None
         ray.train.report(metrics, checkpoint=report_ckpt)
-        if not in_process:
+        if in_process:   # the newest stays for the driver (result.checkpoint); the one before can go
+            if previous_local:
+                shutil.rmtree(previous_local, ignore_errors=True)
+            previous_local = tmp
+        else:
             shutil.rmtree(tmp, ignore_errors=True)
         last = metrics
 
     tracker.flush()
     wall = time.perf_counter() - t_start
     return {"epochs": int(meta["epoch"]), "step": step, "metrics": last, "images": images_seen,
-            "wall_s": wall, "resumed_from": meta["resumed_from"], "rank": rank}
+            "wall_s": wall, "epoch_wall_s": epoch_wall, "epoch_cpu_s": epoch_cpu, "epoch_images": epoch_images,
+            "resumed_from": meta["resumed_from"], "rank": rank, "world_size": world}
 
 
 # --- the driver ------------------------------------------------------------------------------------------
@@ -968,6 +984,7 @@ class TrainOutcome:
     wall_s: float
     resumed_from: list[int]
     model_version: str | None = None
+    summary: dict[str, Any] = dataclasses.field(default_factory=dict)   # rank 0's train_loop return value
 
 
 def _ensure_ray() -> None:
@@ -1091,7 +1108,11 @@ def run_training(cfg: TrainConfig) -> TrainOutcome:
     from ray.train.torch import TorchTrainer
 
     t0 = time.perf_counter()
-    cfg = dataclasses.replace(cfg, mlflow=dataclasses.replace(cfg.mlflow, uri=_resolve_tracking_uri(cfg.mlflow.uri)))
+    uri = cfg.mlflow.uri
+    if cfg.mlflow.enabled and not uri:   # pin MLflow's default here: Ray workers run in other directories
+        import mlflow
+        uri = mlflow.get_tracking_uri()
+    cfg = dataclasses.replace(cfg, mlflow=dataclasses.replace(cfg.mlflow, uri=_resolve_tracking_uri(uri)))
     _ensure_ray()
     data = build_train_dataset(cfg)
     spe = steps_per_epoch(data.rows, cfg.optim.batch_size, cfg.scaling.num_workers)
@@ -1130,8 +1151,11 @@ def run_training(cfg: TrainConfig) -> TrainOutcome:
         weights, version = _export_final(cfg, os.path.join(d, BEST_FILE), run_id, metrics)
     if run_id:
         _mlflow_client(cfg).set_terminated(run_id, status="FINISHED")
+    if not sc.num_workers and result.checkpoint.path.startswith(tempfile.gettempdir()):
+        shutil.rmtree(result.checkpoint.path, ignore_errors=True)   # persisted copy lives in the run storage
     ckpt_uri = (storage.to_uri(result.checkpoint.filesystem, result.checkpoint.path)
                 if sc.num_workers else storage.join(cfg.run.storage.rstrip("/"), cfg.run.name,
                                                     f"{LOCAL_CKPT_PREFIX}{meta['epoch']:04d}"))
     return TrainOutcome(cfg.run.name, ckpt_uri, weights, metrics, meta.get("best_mae"), run_id, data.rows, spe,
-                        time.perf_counter() - t0, list(meta.get("resumed_from", [])), version)
+                        time.perf_counter() - t0, list(meta.get("resumed_from", [])), version,
+                        dict(getattr(result, "return_value", None) or {}))
