@@ -113,12 +113,11 @@ def main() -> None:
 
     teacher = args.teacher or state.get("teacher_weights") or _reference_weights("teacher")
     student = args.image_student or state.get("image_student_weights") or _reference_weights("kd")
-    if not teacher or not student:
-        raise SystemExit("no teacher / image student weights: run benchmarks/reference_runs.py first or pass "
-                         "--teacher and --image-student")
+    if not teacher:
+        raise SystemExit("no teacher weights: run benchmarks/reference_runs.py first or pass --teacher")
     from models import read_metadata
     teacher_model = read_metadata(teacher)["model"]
-    state.update(teacher_weights=teacher, image_student_weights=student, teacher_model=teacher_model)
+    state.update(teacher_weights=teacher, teacher_model=teacher_model)
     save()
 
     from cluster.raylocal import start_private_ray
@@ -138,6 +137,12 @@ def main() -> None:
         state["labels"] = {"labelled": summary.labelled, "wall_s": time.perf_counter() - t0}
         save()
 
+    if not student:
+        log.info("labels done; no image student yet (the image reference run's KD student, or --image-student): "
+                 "rerun this script when it exists")
+        return
+    state["image_student_weights"] = student
+    save()
     if "video" not in state:
         state["video"] = distill(out, "kdvideo-video_scfnet_m3", labels, student, {}, log)
         save()
