@@ -25,6 +25,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="default: from the output suffix")
     p.add_argument("--size", type=int, default=None, help="input size S (default: the model's)")
     p.add_argument("--atol", type=float, default=1e-4, help="largest allowed probability difference")
+    p.add_argument("--onnx-exporter", choices=["dynamo", "torchscript"], default="dynamo",
+                   help="torch.export-based (default) or the older, faster tracer-based ONNX exporter")
     p.add_argument("--images", type=Path, default=None,
                    help="folder of images for the parity check (default: seeded random images)")
 
@@ -40,7 +42,7 @@ def parity_inputs(size: int, images: Path | None, n: int = 4) -> np.ndarray:
 
 
 def export_with_parity(model_spec: str, output: Path, fmt: str, size: int | None = None, atol: float = 1e-4,
-                       images: Path | None = None) -> dict:
+                       images: Path | None = None, onnx_exporter: str = "dynamo") -> dict:
     spec = parse_teacher_spec(model_spec)
     if spec.kind != "registered":
         raise ValueError(f"--model {model_spec}: give MODEL:WEIGHTS (an exported file is already exported)")
@@ -49,7 +51,7 @@ def export_with_parity(model_spec: str, output: Path, fmt: str, size: int | None
     if getattr(model, "name", spec.model) != spec.model:
         raise ValueError(f"--model {model_spec}: the weights file holds {model.name}, not {spec.model}")
     model.eval()
-    meta = export_teacher(model, output, fmt, input_size=size)
+    meta = export_teacher(model, output, fmt, input_size=size, onnx_exporter=onnx_exporter)
     s = meta["input_size"]
     eager = build_teacher(model_spec, device="cpu", input_size=s)
     exported = build_teacher(str(output), device="cpu")
@@ -64,7 +66,7 @@ def export_with_parity(model_spec: str, output: Path, fmt: str, size: int | None
 
 def run(args: argparse.Namespace) -> int:
     fmt = args.format or ("onnx" if args.output.suffix.lower() == ".onnx" else "torchscript")
-    report = export_with_parity(args.model, args.output, fmt, args.size, args.atol, args.images)
+    report = export_with_parity(args.model, args.output, fmt, args.size, args.atol, args.images, args.onnx_exporter)
     print(json.dumps(report, indent=2))
     print(f"parity ok: max |eager - {fmt}| = {report['max_abs_diff']:.2e} on {args.images or 'random images'}")
     return 0
