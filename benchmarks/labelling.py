@@ -18,7 +18,9 @@ per image, which would only make the fixed overheads look smaller). Its weights 
 depend on their values. Images are real (``../shared/data/unlabeled/imagenet-1k``, max side 288).
 
 ``OMP_WAIT_POLICY=PASSIVE`` as in benchmarks/models.py (spinning OpenMP threads measure the neighbours on a
-shared machine); the Ray workers inherit it.
+shared machine); the Ray workers inherit it. ``RAY_worker_niceness=0``: Ray starts its workers at nice 15,
+which on a machine shared with other (nice 0) work would starve the pipeline but not the bare loop; at 0 both
+run at the same priority.
 
     .venv/bin/python benchmarks/labelling.py [--images 160] [--rounds 2] [--model scfnet_r18] [--size 352]
 """
@@ -39,6 +41,7 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # read when torch loads OpenMP; see docstring
+os.environ.setdefault("RAY_worker_niceness", "0")    # Ray's default nice 15 would compare unequal priorities
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -184,7 +187,8 @@ def main(argv: list[str] | None = None) -> int:
         "### Labelling: Ray Data pipeline vs a bare in-process loop (CPU)",
         "",
         f"Machine: {cpu_model()}, {os.cpu_count()} cores, torch {torch.__version__}, Ray {ray.__version__}, "
-        f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}. Measured {started}; load average {load_before} "
+        f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}, RAY_worker_niceness="
+        f"{os.environ.get('RAY_worker_niceness')}. Measured {started}; load average {load_before} "
         f"before, {load_after} after (the machine is shared with other jobs: figures are indicative).",
         "",
         f"Command: `.venv/bin/python benchmarks/labelling.py --images {args.images} --rounds {args.rounds} "

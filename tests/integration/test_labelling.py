@@ -177,17 +177,30 @@ def test_local_folder_to_parquet_then_rerun_labels_nothing(ray_address, teacher,
     _assert_exactly_once(pafs.LocalFileSystem(), str(out), [p.name for p in src])
 
 
-def test_video_frame_folders_carry_sequence_and_frame(ray_address, teacher, shared_data, tmp_path):
+def test_video_frame_folders_with_an_ensemble_and_tta(ray_address, teacher, shared_data, tmp_path):
     spec, _ = teacher
+    torch.manual_seed(1)
+    save_weights(create_model("scfnet_m3"), tmp_path / "m3.pt")
+    specs = (spec, f"scfnet_m3:{tmp_path / 'm3.pt'}")
     davis = shared_data / "davis2016-dev"
     seqs = sorted(p.name for p in davis.iterdir() if p.is_dir())[:2]
     for s in seqs:
         _copy(sorted((davis / s / "images").glob("*.jpg"))[:3], tmp_path / "v" / s / "images")
         _copy(sorted((davis / s / "masks").glob("*.png"))[:3], tmp_path / "v" / s / "masks")
-    summary = run_labelling(_cfg(tmp_path / "v", tmp_path / "out", spec), samples=0)
+    summary = run_labelling(_cfg(tmp_path / "v", tmp_path / "out", spec, teachers=specs, tta="hflip"), samples=0)
     assert summary.layout == "video" and summary.labelled == 6   # masks are not inputs
-    got = sorted((r[S.SEQUENCE], r[S.FRAME], r[S.KEY]) for r in L.read_labels(str(tmp_path / "out")).to_pylist())
+    rows = L.read_labels(str(tmp_path / "out")).to_pylist()
+    got = sorted((r[S.SEQUENCE], r[S.FRAME], r[S.KEY]) for r in rows)
     assert got == [(s, f, f"{s}/images/{f:05d}.jpg") for s in seqs for f in range(3)]
+    ensemble = build_teacher(list(specs), tta="hflip", input_size=TEACHER_SIZE, device="cpu")
+    assert {(r[S.TEACHER], r[S.WEIGHTS_HASH], r[S.TTA]) for r in rows} == {
+        ("ensemble(scfnet_r18,scfnet_m3)", ensemble.weights_hash, "hflip")}
+    row = rows[0]
+    image = resize(decode_image((tmp_path / "v" / row[S.KEY]).read_bytes(), max_side=TEACHER_SIZE),
+                   (TEACHER_SIZE, TEACHER_SIZE))
+    prob = ensemble.predict(image[None])[0]
+    expected = np.asarray(Image.fromarray(prob, "F").resize((LABEL_SIZE, LABEL_SIZE), Image.BILINEAR))
+    assert np.abs(L.decode_label(row) - expected).max() <= 1.5 / 255
 
 
 def test_s3_input_to_parquet_in_the_same_bucket(ray_address, teacher, shared_data, s3_endpoint):
@@ -199,9 +212,11 @@ def test_s3_input_to_parquet_in_the_same_bucket(ray_address, teacher, shared_dat
     for p in src:
         client.put_object(Bucket=BUCKET, Key=f"unlabeled/{p.name}", Body=p.read_bytes())
     out = f"s3://{BUCKET}/runs/r18"
-    summary = run_labelling(_cfg(f"s3://{BUCKET}/unlabeled", out, spec, s3=s3), samples=0)
+    autoscaling = PoolConfig(size=None, min_size=1, max_size=2, num_cpus=0.5, batch_size=2, torch_threads=1)
+    summary = run_labelling(_cfg(f"s3://{BUCKET}/unlabeled", out, spec, s3=s3, pool=autoscaling), samples=0)
     assert (summary.labelled, summary.rejected) == (6, 0)
     keys = [o["Key"] for o in client.list_objects_v2(Bucket=BUCKET, Prefix="runs/r18/")["Contents"]]
+    # nothing but complete shards: no directory markers, no temporaries
     assert keys and all(k.startswith("runs/r18/labels/part-") and k.endswith(".parquet") for k in keys)
     table = L.read_labels(out, s3)
     assert sorted(table.column(S.KEY).to_pylist()) == sorted(p.name for p in src)
@@ -216,7 +231,8 @@ def test_limit_labels_part_then_the_rest_exactly_once(ray_address, teacher, shar
     inp = _copy(src, tmp_path / "in")
     first = run_labelling(_cfg(inp, tmp_path / "out", spec, limit=3), samples=0)
     assert (first.labelled, first.deferred) == (3, 4)
-    rest = run_labelling(_cfg(inp, tmp_path / "out", spec), samples=0)
+    in_actor = DecodeConfig(batch_size=4, placement="actor")   # the rest decoded inside the teacher actor
+    rest = run_labelling(_cfg(inp, tmp_path / "out", spec, decode=in_actor), samples=0)
     assert (rest.labelled, rest.skipped_done) == (4, 3)
     _assert_exactly_once(pafs.LocalFileSystem(), str(tmp_path / "out"), [p.name for p in src])
 
