@@ -30,11 +30,11 @@ log = logging.getLogger("sodkd.demo")
 @dataclasses.dataclass(frozen=True)
 class DemoConfig:
     out: str = "demo-out"
-    teacher: str = "scfnet_r18:weights/scfnet_r18_duts.fp16.pt"   # the project's reference teacher
-    fs_student: str | None = "scfnet_m3:weights/scfnet_m3_fs.fp16.pt"  # supervised-only baseline, if present
-    unlabeled: int = 240          # images labelled and distilled on
-    size: int = 224               # teacher input, label size and student training/eval size
-    epochs: int = 6
+    teacher: str = "scfnet_r18:weights/teacher-scfnet_r18.fp16.pt"   # the project's reference teacher
+    fs_student: str | None = "scfnet_m3:weights/fs-scfnet_m3.fp16.pt"  # supervised-only baseline, if present
+    unlabeled: int = 400          # images labelled and distilled on
+    size: int = 160               # teacher input, label size and student training/eval size (weights: 160 px)
+    epochs: int = 4
     batch_size: int = 16
     lr: float = 0.02
     eval_images: int = 200        # ECSSD images scored per model
@@ -65,6 +65,11 @@ def _fill_bucket(sources: list[Path], dest: Path, n: int) -> int:
     for p in picked[:n]:
         shutil.copy(p, dest / f"{p.parent.parent.name}-{p.name}" if p.parent.name == "images" else dest / p.name)
     return min(n, len(picked))
+
+
+def _train_sizes(size: int) -> list[int]:
+    """Multi-scale training sizes ending at ``size`` (the paper's 224..352 in steps of 32, scaled down)."""
+    return [max(32, size - 32), max(32, size - 16), size]
 
 
 def _weights_path(spec: str | None) -> Path | None:
@@ -120,12 +125,12 @@ def run_demo(cfg: DemoConfig) -> dict:
     print(f"[2/4] labelled {summary.labelled} images ({summary.images_per_s:.1f} images/s), "
           f"rejected {summary.rejected}; shards in {bucket / 'soft-labels'}", flush=True)
 
-    val_limit = min(cfg.eval_images, 100)
+    val_limit = min(cfg.eval_images, 50)
     train_cfg = load_train_config({
         "mode": "distill",
         "model": {"name": "scfnet_m3"},
         "data": {"unlabeled": [{"uri": str(bucket / "unlabeled"), "labels": str(bucket / "soft-labels")}],
-                 "load_size": cfg.size, "sizes": [cfg.size - 64, cfg.size - 32, cfg.size], "shuffle_buffer": 256},
+                 "load_size": cfg.size, "sizes": _train_sizes(cfg.size), "shuffle_buffer": 256},
         "val": {"uri": str(ecssd_root), "limit": val_limit, "size": cfg.size, "panel": 4},
         "optim": {"epochs": cfg.epochs, "batch_size": cfg.batch_size, "lr": cfg.lr, "lr_start": cfg.lr / 100,
                   "lr_final": cfg.lr / 100, "warmup_epochs": 1.0},
@@ -176,7 +181,7 @@ def run_demo(cfg: DemoConfig) -> dict:
              f"{cfg.size}x{cfg.size} (min-max normalised predictions, PySODMetrics).",
              f"Labelling: {summary.labelled} labelled at {summary.images_per_s:.1f} images/s with {teacher_spec}.",
              f"Distillation: scfnet_m3, {cfg.epochs} epochs, batch {cfg.batch_size}, sizes "
-             f"{[cfg.size - 64, cfg.size - 32, cfg.size]}, {outcome.wall_s:.0f} s on this machine.",
+             f"{_train_sizes(cfg.size)}, {outcome.wall_s:.0f} s on this machine.",
              "Demo scale: short schedules on CPU. Reference-run figures are in benchmarks/RESULTS.md."]
     html_path = report.write_html(out / "report.html", "sodkd demo: distilling a SOD teacher into scfnet_m3",
                                   results, figures, notes, extra)

@@ -1,4 +1,8 @@
-"""``sodkd predict --weights W --input X --output Y``: saliency maps for an image, a folder or a video file.
+"""``sodkd predict --model SPEC --input X --output Y``: saliency maps for an image, a folder or a video file.
+
+``SPEC`` is what ``sodkd label --teacher`` takes: ``MODEL:WEIGHTS`` (a ``save_weights`` file), a TorchScript
+file (``.ts``) or an ONNX file (``.onnx``) written by ``sodkd export``; ``--weights W`` is short for a weights
+file whose header names the model.
 
 - **image file** -> ``Y`` is a PNG file (or a folder, which gets ``<stem>.png``);
 - **folder** -> ``Y/<relative path>.png`` for every image below it. With a video model (one that has a
@@ -27,7 +31,9 @@ log = logging.getLogger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--weights", required=True, type=Path, help="weights file written by save_weights")
+    which = parser.add_mutually_exclusive_group(required=True)
+    which.add_argument("--model", help="MODEL:WEIGHTS, or an exported .ts / .onnx file")
+    which.add_argument("--weights", type=Path, help="weights file written by save_weights")
     parser.add_argument("--input", required=True, type=Path, help="an image, a folder of images, or a video file")
     parser.add_argument("--output", required=True, type=Path,
                         help="PNG file or folder (image), folder (folder input), video file (video input)")
@@ -79,6 +85,44 @@ class _Predictor:
         return postprocess(prob, rgb.shape[:2])
 
 
+class _ExportedPredictor(_Predictor):
+    """An exported TorchScript / ONNX model (fixed input size), run frame by frame."""
+
+    def __init__(self, spec: str, device: str):
+        from cluster.teachers import build_teacher
+
+        self.teacher = build_teacher(spec, device=device)
+        self.size, self.device, self.is_video, self.stream = self.teacher.input_size, device, False, None
+        self.model = type("Exported", (), {"name": self.teacher.id})()
+
+    def __call__(self, rgb: np.ndarray) -> np.ndarray:
+        from kd.imageio import resize
+
+        prob = self.teacher.predict(resize(rgb, (self.size, self.size))[None])[0]
+        return resize((np.clip(prob, 0, 1) * 255 + 0.5).astype(np.uint8), rgb.shape[:2])
+
+
+def make_predictor(model: str | None, weights: Path | None, size: int | None, device: str) -> _Predictor:
+    """``--model`` / ``--weights`` -> a predictor; a MODEL:WEIGHTS spec must name the model its file holds."""
+    if weights is not None:
+        if not weights.is_file():
+            raise FileNotFoundError(f"--weights {weights}: no such file")
+        return _Predictor(weights, size, device)
+    from cluster.teachers import parse_teacher_spec
+
+    spec = parse_teacher_spec(model)
+    if spec.kind != "registered":
+        if size is not None:
+            raise ValueError(f"--size: {model} is exported at a fixed size; leave --size out")
+        return _ExportedPredictor(model, device)
+    if not Path(spec.path).is_file():
+        raise FileNotFoundError(f"--model {model}: no such weights file {spec.path}")
+    pred = _Predictor(Path(spec.path), size, device)
+    if pred.model.name != spec.model:
+        raise ValueError(f"--model {model}: the weights file holds {pred.model.name}, not {spec.model}")
+    return pred
+
+
 def predict_video(pred: _Predictor, src: Path, dst: Path, codec: str = "libx264",
                   max_frames: int | None = None) -> int:
     """Decode ``src`` with PyAV, predict every frame (streaming for video models), write the mask video ``dst``."""
@@ -111,9 +155,7 @@ def run(args: argparse.Namespace) -> int:
     src: Path = args.input
     if not src.exists():
         raise FileNotFoundError(f"--input {src}: no such file or folder")
-    if not args.weights.is_file():
-        raise FileNotFoundError(f"--weights {args.weights}: no such file")
-    pred = _Predictor(args.weights, args.size, args.device)
+    pred = make_predictor(args.model, args.weights, args.size, args.device)
     mode = "streaming" if pred.is_video else "per frame"
     t0 = time.perf_counter()
     if src.is_dir():

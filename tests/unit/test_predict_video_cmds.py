@@ -111,3 +111,23 @@ def test_eval_video_compares_models_per_sequence(setup, tmp_path, capsys):
     image_r, video_r = res[str(setup["image"])], res[str(setup["video"])]
     assert image_r["model"] == "scfnet_m3" and video_r["model"] == "video_scfnet_m3"
     assert image_r["overall"]["mae"] != video_r["overall"]["mae"]
+
+
+def test_predict_model_spec_registered_and_exported_agree(setup, tmp_path):
+    """``--model MODEL:WEIGHTS`` equals ``--weights``; an exported TorchScript file gives the same maps."""
+    from cluster.teachers import export_teacher
+
+    one = setup["data"] / "blackswan" / "images" / "00001.jpg"
+    assert main(["predict", "--model", f"scfnet_m3:{setup['image']}", "--input", str(one),
+                 "--output", str(tmp_path / "spec"), "--size", str(SIZE)]) == 0
+    assert main(["predict", "--weights", str(setup["image"]), "--input", str(one),
+                 "--output", str(tmp_path / "w"), "--size", str(SIZE)]) == 0
+    a = np.asarray(Image.open(tmp_path / "spec" / "00001.png")).astype(int)
+    np.testing.assert_array_equal(a, np.asarray(Image.open(tmp_path / "w" / "00001.png")))
+    ts = tmp_path / "m3.ts"
+    export_teacher(load_weights(setup["image"]), ts, "torchscript", input_size=SIZE)
+    assert main(["predict", "--model", str(ts), "--input", str(one), "--output", str(tmp_path / "ts")]) == 0
+    b = np.asarray(Image.open(tmp_path / "ts" / "00001.png")).astype(int)
+    assert a.shape == b.shape and np.abs(a - b).max() <= 2 and a.std() > 1
+    assert main(["predict", "--model", f"scfnet_r18:{setup['image']}", "--input", str(one),
+                 "--output", str(tmp_path / "bad")]) == 2     # the file holds scfnet_m3
