@@ -162,7 +162,9 @@ def _resolve_root(uri: str, s3: S3Config | None) -> tuple[pafs.FileSystem, str]:
     if not storage.exists(fs, path):
         raise FileNotFoundError(f"{uri}: no such label output")
     base = posixpath.basename(path.rstrip("/"))
-    if base in (S.LABELS_DIR, S.REJECTS_DIR):  # the labels/ (or rejects/) folder itself was given
+    has_own = any(storage.exists(fs, storage.join(path, d)) for d in (S.LABELS_DIR, S.REJECTS_DIR))
+    # the labels/ (or rejects/) folder itself was given -- unless the job's output was itself named "labels"
+    if base in (S.LABELS_DIR, S.REJECTS_DIR) and not has_own:
         path = posixpath.dirname(path.rstrip("/"))
     return fs, path
 

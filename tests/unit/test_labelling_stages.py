@@ -142,6 +142,10 @@ def test_write_shards_and_read_back(tmp_path, image_dir, teacher_file):
     assert L.done_ids(fs, str(out_dir)) == {S.stable_id(k) for k in keys}
     # the labels/ folder itself is accepted too
     assert L.read_labels(str(out_dir / "labels")).num_rows == 3
+    # ...and so is a job output that happens to be named "labels" (it holds labels/ and rejects/ itself)
+    named = tmp_path / "labels"
+    LB.write_label_shards(labelled, output_uri=str(named), s3=None)
+    assert L.read_labels(str(named)).num_rows == 3 and L.read_rejects(str(named)).num_rows == 3
 
 
 def test_readers_dedupe_and_ignore_temporaries(tmp_path):
