@@ -527,8 +527,11 @@ def build_train_dataset(cfg: TrainConfig) -> TrainData:
             log.warning("%s: %d of %d images have no offline label and are left out", src.uri,
                         len(paths_by_id) - matched, len(paths_by_id))
         lfs, lroot = storage.get_filesystem(src.labels, s3)
-        if posixpath.basename(lroot.rstrip("/")) == S.LABELS_DIR:
-            lroot = posixpath.dirname(lroot.rstrip("/"))
+        lroot = lroot.rstrip("/")
+        # as cluster.labels.read_labels: the labels/ folder itself, unless the job output is named "labels"
+        if (posixpath.basename(lroot) == S.LABELS_DIR
+                and not storage.exists(lfs, storage.join(lroot, S.LABELS_DIR))):
+            lroot = posixpath.dirname(lroot)
         shards = L.shard_paths(lfs, lroot, S.LABELS_DIR)
         labels_ds = ray.data.read_parquet(shards, filesystem=lfs, columns=[S.ID, S.LABEL_PNG])
         ds = cache(labels_ds.map_batches(
