@@ -90,7 +90,7 @@ def submit(job_args: list[str], address: str | None = None, env_names: list[str]
     entrypoint = "python -m jobs.cli " + " ".join(shlex.quote(a) for a in job_args)
     runtime_env = build_runtime_env(env_names, pip, working_dir)
     c = client(address)
-    deadline = time.time() + 90
+    deadline = time.time() + 300   # a head on a loaded machine can take minutes to start its job agent
     while True:
         try:
             return c.submit_job(entrypoint=entrypoint, runtime_env=runtime_env, submission_id=submission_id,
