@@ -110,13 +110,20 @@ class DecodeConfig:
 
     ``placement``: ``tasks`` runs it in separate CPU tasks that overlap the teacher (what a GPU pool needs:
     the GPU never waits for JPEG decoding); ``actor`` runs it inside the teacher actors, before each forward
-    pass (no hand-off of decoded images through the object store; on a small CPU-only machine the forward
-    pass holds every core anyway). ``num_cpus`` applies to ``tasks`` only.
+    pass (no hand-off of decoded images through the object store, and no decode tasks competing with the
+    forward pass's threads for the same cores); ``auto`` = ``tasks`` for GPU pools, ``actor`` for CPU pools.
+    On 2 CPU cores ``actor`` ran 1.4x faster than ``tasks`` (benchmarks/RESULTS.md, section labelling).
+    ``num_cpus`` applies to ``tasks`` only.
     """
 
     num_cpus: float = 0.5
     batch_size: int = 16
-    placement: Literal["tasks", "actor"] = "tasks"
+    placement: Literal["auto", "tasks", "actor"] = "auto"
+
+    def resolved_placement(self, num_gpus: float) -> str:
+        if self.placement != "auto":
+            return self.placement
+        return "tasks" if num_gpus > 0 else "actor"
 
     def __post_init__(self) -> None:
         if self.num_cpus <= 0 or self.batch_size < 1:
@@ -505,7 +512,7 @@ def build_dataset(cfg: LabelConfig, items: Sequence[catalog.Item], teacher_size:
     step = cfg.decode.batch_size
     ds = ray.data.from_arrow([table.slice(i, step) for i in range(0, table.num_rows, step)])
     decode_kwargs = {"input_uri": cfg.input, "s3": cfg.s3, "size": teacher_size}
-    in_actor = cfg.decode.placement == "actor" and not cfg.is_foundation
+    in_actor = cfg.decode.resolved_placement(cfg.pool.num_gpus) == "actor" and not cfg.is_foundation
     if not in_actor:
         # ray_remote_args_fn keeps Ray Data from fusing these tasks into the actor stage below when the
         # resources happen to match: the placement is our decision, not the optimiser's

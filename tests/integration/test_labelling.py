@@ -213,7 +213,9 @@ def test_s3_input_to_parquet_in_the_same_bucket(ray_address, teacher, shared_dat
         client.put_object(Bucket=BUCKET, Key=f"unlabeled/{p.name}", Body=p.read_bytes())
     out = f"s3://{BUCKET}/runs/r18"
     autoscaling = PoolConfig(size=None, min_size=1, max_size=2, num_cpus=0.5, batch_size=2, torch_threads=1)
-    summary = run_labelling(_cfg(f"s3://{BUCKET}/unlabeled", out, spec, s3=s3, pool=autoscaling), samples=0)
+    in_tasks = DecodeConfig(num_cpus=0.25, batch_size=2, placement="tasks")
+    summary = run_labelling(_cfg(f"s3://{BUCKET}/unlabeled", out, spec, s3=s3, pool=autoscaling, decode=in_tasks),
+                            samples=0)
     assert (summary.labelled, summary.rejected) == (6, 0)
     keys = [o["Key"] for o in client.list_objects_v2(Bucket=BUCKET, Prefix="runs/r18/")["Contents"]]
     # nothing but complete shards: no directory markers, no temporaries
@@ -231,8 +233,8 @@ def test_limit_labels_part_then_the_rest_exactly_once(ray_address, teacher, shar
     inp = _copy(src, tmp_path / "in")
     first = run_labelling(_cfg(inp, tmp_path / "out", spec, limit=3), samples=0)
     assert (first.labelled, first.deferred) == (3, 4)
-    in_actor = DecodeConfig(batch_size=4, placement="actor")   # the rest decoded inside the teacher actor
-    rest = run_labelling(_cfg(inp, tmp_path / "out", spec, decode=in_actor), samples=0)
+    in_tasks = DecodeConfig(num_cpus=0.25, batch_size=4, placement="tasks")  # the rest decoded in CPU tasks
+    rest = run_labelling(_cfg(inp, tmp_path / "out", spec, decode=in_tasks), samples=0)
     assert (rest.labelled, rest.skipped_done) == (4, 3)
     _assert_exactly_once(pafs.LocalFileSystem(), str(tmp_path / "out"), [p.name for p in src])
 

@@ -219,6 +219,13 @@ def test_config_from_yaml_flags_and_overrides(tmp_path):
         label_cmd.build_config(p.parse_args(["--input", "a", "--output", "b", "--teacher", "t.ts", "tta=vflip"]))
 
 
+def test_decode_placement_auto_follows_the_pool():
+    assert LB.DecodeConfig().resolved_placement(num_gpus=0) == "actor"
+    assert LB.DecodeConfig().resolved_placement(num_gpus=1) == "tasks"
+    assert LB.DecodeConfig(placement="tasks").resolved_placement(num_gpus=0) == "tasks"
+    assert LB.DecodeConfig(placement="actor").resolved_placement(num_gpus=0.5) == "actor"
+
+
 def test_label_command_is_registered():
     from jobs.cli import COMMANDS
     assert COMMANDS["label"][0] == "jobs.label_cmd"
