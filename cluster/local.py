@@ -120,12 +120,16 @@ def up(d: Path | None = None, num_cpus: int | None = None, log=print) -> LocalSt
     d.mkdir(parents=True, exist_ok=True)
     (d / "artifacts").mkdir(exist_ok=True)
     env = _child_env()
-    ports = {k: free_port() for k in ("ray", "dash", "mlflow", "s3")}
+    ports = {k: free_port() for k in ("ray", "dash", "mlflow", "s3", "agent", "agent_grpc", "metrics", "renv")}
     ncpu = num_cpus or os.cpu_count() or 2
     log(f"starting Ray head on 127.0.0.1:{ports['ray']} (dashboard {ports['dash']}, {ncpu} CPUs)")
     subprocess.run([_bin("ray"), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={ports['ray']}",
                     "--dashboard-host=127.0.0.1", f"--dashboard-port={ports['dash']}", f"--num-cpus={ncpu}",
-                    "--include-dashboard=true", "--disable-usage-stats", f"--temp-dir={ray_temp_dir(ports['ray'])}"],
+                    "--include-dashboard=true", "--disable-usage-stats", f"--temp-dir={ray_temp_dir(ports['ray'])}",
+                    # Ray's fixed default agent ports clash with any other Ray on the machine; pick free ones
+                    f"--dashboard-agent-listen-port={ports['agent']}",
+                    f"--dashboard-agent-grpc-port={ports['agent_grpc']}",
+                    f"--metrics-export-port={ports['metrics']}", f"--runtime-env-agent-port={ports['renv']}"],
                    check=True, env=env, stdout=open(d / "ray-start.log", "w"), stderr=subprocess.STDOUT)
     log(f"starting MLflow server on 127.0.0.1:{ports['mlflow']} (sqlite {d / 'mlflow.db'})")
     mlflow = subprocess.Popen(
