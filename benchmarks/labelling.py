@@ -37,6 +37,7 @@ import shutil
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -90,6 +91,62 @@ LAYOUTS = {
 }
 
 
+class CpuMeter:
+    """CPU seconds (user + system) of this process and all its descendants -- the local Ray instance's
+    daemons, idle workers and actors -- sampled every ``interval`` s into a cumulative series, so that the
+    CPU spent in any time window can be read off, also for processes (actors) that exit before the end.
+
+    CPU time does not depend on how many cores the neighbours leave us, so images per CPU-second compares
+    the pipeline's total work with the bare loop's even on a busy machine.
+    """
+
+    def __init__(self, interval: float = 0.25):
+        import psutil
+        self._psutil, self.interval = psutil, interval
+        self._base: dict[tuple[int, float], float] = {}
+        self._last: dict[tuple[int, float], float] = {}
+        self.series: list[tuple[float, float]] = []
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _snapshot(self) -> dict[tuple[int, float], float]:
+        me = self._psutil.Process()
+        out = {}
+        for proc in [me, *me.children(recursive=True)]:
+            try:
+                t = proc.cpu_times()
+                out[(proc.pid, proc.create_time())] = t.user + t.system
+            except (self._psutil.NoSuchProcess, self._psutil.AccessDenied):
+                continue
+        return out
+
+    def _sample(self) -> None:
+        self._last.update(self._snapshot())
+        total = sum(v - self._base.get(k, 0.0) for k, v in self._last.items())
+        self.series.append((time.time(), total))
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._sample()
+
+    def __enter__(self) -> "CpuMeter":
+        self._base = self._snapshot()
+        self._last = dict(self._base)
+        self.series = [(time.time(), 0.0)]
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+
+    def between(self, t0: float, t1: float) -> float:
+        ts, cs = zip(*self.series)
+        return float(np.interp(t1, ts, cs) - np.interp(t0, ts, cs))
+
+
 def bare_loop(paths: list[Path], spec: str, size: int, batch: int, threads: int) -> dict:
     """Decode + forward in one process; the first batch is a warm-up and not timed."""
     torch.set_num_threads(threads)
@@ -100,12 +157,12 @@ def bare_loop(paths: list[Path], spec: str, size: int, batch: int, threads: int)
         return teacher.predict(images)
 
     run(paths[:batch])
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     done = 0
     for i in range(batch, len(paths), batch):
         done += len(run(paths[i:i + batch]))
-    wall = time.perf_counter() - t0
-    return {"images": done, "wall_s": wall, "images_per_s": done / wall}
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    return {"images": done, "wall_s": wall, "images_per_s": done / wall, "images_per_cpu_s": done / cpu}
 
 
 def pipeline(inp: Path, out: Path, spec: str, size: int, batch: int, layout: Layout, shard_rows: int) -> dict:
@@ -117,11 +174,15 @@ def pipeline(inp: Path, out: Path, spec: str, size: int, batch: int, layout: Lay
         pool=PoolConfig(size=layout.actors, num_cpus=layout.actor_cpus, batch_size=batch, torch_threads=layout.threads),
         decode=DecodeConfig(num_cpus=layout.decode_cpus, batch_size=batch, placement=layout.placement),
         write=WriteConfig(num_cpus=0.25, shard_rows=shard_rows))
-    s = run_labelling(cfg, samples=0)
+    with CpuMeter() as meter:
+        s = run_labelling(cfg, samples=0)
     if s.labelled != s.total:
         raise RuntimeError(f"pipeline labelled {s.labelled} of {s.total}")
+    steady_images = s.steady_images_per_s * (s.last_shard_at - s.first_shard_at)
+    steady_cpu = meter.between(s.first_shard_at, s.last_shard_at)
     return {"images": s.labelled, "wall_s": s.wall_s, "images_per_s": s.images_per_s,
-            "steady_images_per_s": s.steady_images_per_s, "startup_s": s.startup_s}
+            "steady_images_per_s": s.steady_images_per_s, "startup_s": s.startup_s,
+            "images_per_cpu_s": steady_images / steady_cpu if steady_cpu > 0 else float("nan")}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -176,53 +237,72 @@ def main(argv: list[str] | None = None) -> int:
 
     med = statistics.median
     bare_ips = med(b["images_per_s"] for b in bare)
-    rows = []
+    bare_cpu = med(b["images_per_cpu_s"] for b in bare)
+    rows = {}
     for name in args.layouts:
         runs = pipes[name]
-        steady = med(x["steady_images_per_s"] for x in runs)
-        e2e = med(x["images_per_s"] for x in runs)
-        rows.append((name, LAYOUTS[name], steady, e2e, med(x["startup_s"] for x in runs), steady / bare_ips,
-                     e2e / bare_ips))
-    head = next(r for r in rows if r[0] == args.headline)
+        rows[name] = {
+            "steady": med(x["steady_images_per_s"] for x in runs),
+            "e2e": med(x["images_per_s"] for x in runs),
+            "startup": med(x["startup_s"] for x in runs),
+            "cpu": med(x["images_per_cpu_s"] for x in runs),
+            # each round's pipeline over the same round's bare loop: slow spells hit both halves of a pair
+            "paired": med(x["steady_images_per_s"] / b["images_per_s"] for x, b in zip(runs, bare)),
+        }
+    head = rows[args.headline]
+    lay = LAYOUTS[args.headline]
     lines = [
         "### Labelling: Ray Data pipeline vs a bare in-process loop (CPU)",
         "",
         f"Machine: {cpu_model()}, {os.cpu_count()} cores, torch {torch.__version__}, Ray {ray.__version__}, "
         f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}, RAY_worker_niceness="
         f"{os.environ.get('RAY_worker_niceness')}. Measured {started}; load average {load_before} "
-        f"before, {load_after} after (the machine is shared with other jobs: figures are indicative).",
+        f"before, {load_after} after: the machine is shared with other helpers' jobs, so wall-clock figures "
+        f"swing by tens of percent between rounds; images per CPU-second do not depend on the neighbours.",
         "",
         f"Command: `.venv/bin/python benchmarks/labelling.py --images {args.images} --rounds {args.rounds} "
-        f"--model {args.model} --size {args.size} --batch {args.batch} --layouts {' '.join(args.layouts)}`. Teacher `{args.model}` (random weights) at "
-        f"{args.size}x{args.size}, fp32, batch {args.batch}; {args.images} real ImageNet JPEGs "
-        f"(`unlabeled/imagenet-1k`). Bare loop: read + decode + resize + forward in one process with "
-        f"{args.threads} torch threads, no output, first batch untimed. Pipeline: `run_labelling` on a local Ray "
-        f"instance with {os.cpu_count()} CPUs, writing PNG labels + Parquet shards of {args.shard_rows} rows; "
-        f"steady = images after the first shard / time from first to last shard; end to end includes listing, "
-        f"the driver's teacher check and actor start-up. Medians of {args.rounds} interleaved rounds.",
+        f"--model {args.model} --size {args.size} --batch {args.batch} --layouts {' '.join(args.layouts)}`. "
+        f"Teacher `{args.model}` (random weights) at {args.size}x{args.size}, fp32, batch {args.batch}; "
+        f"{args.images} real ImageNet JPEGs (`unlabeled/imagenet-1k`). Bare loop: read + decode + resize + "
+        f"forward in one process with {args.threads} torch threads, no output, first batch untimed. Pipeline: "
+        f"`run_labelling` on a local Ray instance with {os.cpu_count()} CPUs, writing PNG labels and Parquet "
+        f"shards of {args.shard_rows} rows. Steady = images in the shards after the first / time from the first "
+        f"shard to the last; end to end = the whole run (listing, the driver's teacher check, actor start-up). "
+        f"images/CPU-s: bare = its process's CPU time; pipeline = CPU time of the driver and every Ray process "
+        f"(daemons, idle workers, actors, tasks) over the steady window. Ratio = pipeline / bare loop; "
+        f"paired = median over rounds of that round's ratio. Medians of {args.rounds} interleaved rounds.",
         "",
-        f"**Bare loop: {bare_ips:.2f} images/s. Pipeline ({head[1].describe()}): {head[2]:.2f} images/s steady, "
-        f"ratio {head[5]:.2f}** (end to end {head[3]:.2f} images/s over {args.images} images, ratio {head[6]:.2f}, "
-        f"start-up {head[4]:.1f} s).",
+        f"**Bare loop: {bare_ips:.2f} images/s ({bare_cpu:.2f} images/CPU-s). Pipeline ({lay.describe()}, "
+        f"what `jobs/configs/label.yaml` gives a CPU pool with `pool.torch_threads={lay.threads}`): "
+        f"{head['steady']:.2f} images/s steady, ratio {head['steady'] / bare_ips:.2f} (paired "
+        f"{head['paired']:.2f}); {head['cpu']:.2f} images/CPU-s, ratio {head['cpu'] / bare_cpu:.2f}.** "
+        f"End to end over {args.images} images: {head['e2e']:.2f} images/s, ratio {head['e2e'] / bare_ips:.2f} "
+        f"(start-up {head['startup']:.1f} s).",
         "",
-        "| layout | pool | steady images/s | ratio | end-to-end images/s | ratio | start-up s |",
-        "|---|---|---:|---:|---:|---:|---:|",
+        "| layout | pool | steady images/s | ratio | paired | images/CPU-s | CPU ratio | end-to-end images/s "
+        "| ratio | start-up s |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for name, lay, steady, e2e, startup, r_steady, r_e2e in rows:
-        lines.append(f"| {name} | {lay.describe()} | {steady:.2f} | {r_steady:.2f} | {e2e:.2f} | {r_e2e:.2f} | "
-                     f"{startup:.1f} |")
+    for name, r in rows.items():
+        lines.append(f"| {name} | {LAYOUTS[name].describe()} | {r['steady']:.2f} | {r['steady'] / bare_ips:.2f} | "
+                     f"{r['paired']:.2f} | {r['cpu']:.2f} | {r['cpu'] / bare_cpu:.2f} | {r['e2e']:.2f} | "
+                     f"{r['e2e'] / bare_ips:.2f} | {r['startup']:.1f} |")
     # start-up is a fixed cost per job: from the median start-up and steady rate, the job size whose
     # end-to-end rate reaches 0.85 x the bare loop
-    t0 = max(0.0, head[4] - args.shard_rows / head[2])
+    t0 = max(0.0, head["startup"] - args.shard_rows / head["steady"])
     target = 0.85 * bare_ips
-    if head[2] > target:
-        n85 = target * t0 / (1 - target / head[2])
-        lines += ["", f"Start-up (run start to first shard, {head[4]:.1f} s, of which ~{t0:.1f} s is not labelling) is "
-                  f"paid once per job: at the steady rate the end-to-end ratio of `{head[0]}` reaches 0.85 for "
-                  f"jobs of about {n85:.0f} images or more. The steady window may credit up to one batch that was "
-                  f"already in flight when the first shard landed (<= {args.batch / args.images:.0%} here)."]
-    lines += ["", "Per round (images/s): bare " + ", ".join(f"{b['images_per_s']:.2f}" for b in bare) + "; "
+    if head["steady"] > target:
+        n85 = target * t0 / (1 - target / head["steady"])
+        lines += ["", f"Start-up (run start to first shard, {head['startup']:.1f} s, of which ~{t0:.1f} s is not "
+                  f"labelling) is paid once per job: at the steady rate the end-to-end ratio of `{args.headline}` "
+                  f"reaches 0.85 for jobs of about {n85:.0f} images or more. The steady window may credit up to "
+                  f"one batch that was already in flight when the first shard landed "
+                  f"(<= {args.batch / args.images:.0%} here)."]
+    lines += ["", "Per round, images/s: bare " + ", ".join(f"{b['images_per_s']:.2f}" for b in bare) + "; "
               + "; ".join(f"{n} " + ", ".join(f"{x['steady_images_per_s']:.2f}" for x in pipes[n])
+                          for n in args.layouts) + ". Images/CPU-s: bare "
+              + ", ".join(f"{b['images_per_cpu_s']:.2f}" for b in bare) + "; "
+              + "; ".join(f"{n} " + ", ".join(f"{x['images_per_cpu_s']:.2f}" for x in pipes[n])
                           for n in args.layouts) + "."]
     body = "\n".join(lines)
     print(body)

@@ -459,6 +459,8 @@ class LabelSummary:
     images_per_s: float = 0.0
     steady_images_per_s: float = 0.0
     startup_s: float = 0.0
+    first_shard_at: float = 0.0       # epoch seconds when the first / last writer task finished
+    last_shard_at: float = 0.0
     reasons: dict[str, int] = dataclasses.field(default_factory=dict)
     teacher: str = ""
     weights_hash: str = ""
@@ -602,6 +604,7 @@ def _steady_rate(summary: LabelSummary, written: list[tuple[float, int]], run_st
     if not written:
         return
     summary.startup_s = max(0.0, written[0][0] - run_start)
+    summary.first_shard_at, summary.last_shard_at = written[0][0], written[-1][0]
     if len(written) >= 2 and written[-1][0] > written[0][0]:
         summary.steady_images_per_s = sum(n for _, n in written[1:]) / (written[-1][0] - written[0][0])
 
