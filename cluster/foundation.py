@@ -351,7 +351,6 @@ class Captioner:
         self.hash = "fixed"
         if cfg.fixed_prompt is not None:
             return
-        import torch
         from transformers import BlipForConditionalGeneration, BlipProcessor
 
         self.device = _device(cfg.resources)
@@ -361,7 +360,6 @@ class Captioner:
         self.hash = _model_hash(self.model)
         self.model.to(self.device, _dtype(precision, self.device))
         self.dtype = next(self.model.parameters()).dtype
-        torch.set_grad_enabled(False)
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         import torch
@@ -399,7 +397,6 @@ class Grounder:
 
     def __init__(self, cfg: DetectorConfig, captioner: CaptionerConfig, local_files_only: bool = False,
                  precision: str = "fp32"):
-        import torch
         from transformers import GroundingDinoForObjectDetection, GroundingDinoProcessor
 
         self.cfg, self.captioner = cfg, captioner
@@ -411,7 +408,6 @@ class Grounder:
         self.model.to(self.device, _dtype(precision, self.device))
         self.dtype = next(self.model.parameters()).dtype
         self.max_text_len = int(getattr(self.model.config, "max_text_len", 256))
-        torch.set_grad_enabled(False)
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         import torch
@@ -470,7 +466,6 @@ class Segmenter:
 
     def __init__(self, cfg: SegmenterConfig, teacher: str, label_size: int, local_files_only: bool = False,
                  precision: str = "fp32"):
-        import torch
         from transformers import SamModel, SamProcessor
 
         if label_size < 1:
@@ -482,7 +477,6 @@ class Segmenter:
         self.hash = _model_hash(self.model)
         self.model.to(self.device, _dtype(precision, self.device))
         self.dtype = next(self.model.parameters()).dtype
-        torch.set_grad_enabled(False)
 
     def _segment(self, embedding, img: np.ndarray, boxes_img: np.ndarray, reshaped: tuple[int, int]):
         """SAM on one image: (K, 4) boxes in IMAGE pixels -> (K, H, W) logits, (K,) predicted IoU."""

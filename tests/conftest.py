@@ -27,3 +27,18 @@ def copy_sample(src_dir: Path, dst_dir: Path, n: int, pattern: str = "*") -> lis
         shutil.copy(p, dst_dir / p.name)
         out.append(dst_dir / p.name)
     return out
+
+
+@pytest.fixture(autouse=True)
+def _grad_mode_is_left_as_found():
+    """Library code must not flip torch's process-wide grad mode (an in-process labelling stage once did,
+    and every later test that trained got tensors without a graph). Fails the test that leaks it."""
+    import torch
+
+    leaked_by_fixture = not torch.is_grad_enabled()
+    torch.set_grad_enabled(True)
+    yield
+    leaked_by_test = not torch.is_grad_enabled()
+    torch.set_grad_enabled(True)
+    assert not leaked_by_fixture, "torch grad mode was off when this test started (a fixture turned it off)"
+    assert not leaked_by_test, "this test left torch grad mode off"
