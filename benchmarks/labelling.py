@@ -8,9 +8,9 @@ manifest, read + decode tasks, the teacher actor pool, PNG encoding, confidence 
 shards -- everything a real job does. Ray itself is started before timing (a cluster is up before a job is
 submitted); everything else, actor start-up included, is inside the pipeline run.
 
-Two pipeline rates are reported: end to end over the whole run, and steady state (images finished after the
-first shard over the time from the first shard to the last: the rate of a long job, where the few seconds of
-start-up are amortised). The ratio is pipeline images/s / bare-loop images/s, both in steady state (the bare
+Two pipeline rates are reported: end to end over the whole run, and steady state (images the teacher finished
+after its first batch over the time from the end of that batch to the end of the last: the rate of a long job,
+where the seconds of start-up are amortised). The ratio is pipeline images/s / bare-loop images/s, both in steady state (the bare
 loop also has its warm-up batch excluded). Several pool layouts are measured; the table shows them all.
 
 The teacher is ``scfnet_r18`` at 352 px (the project's CPU teacher: ``scfnet_r50`` is the paper's, 2-3x slower
@@ -178,8 +178,8 @@ def pipeline(inp: Path, out: Path, spec: str, size: int, batch: int, layout: Lay
         s = run_labelling(cfg, samples=0)
     if s.labelled != s.total:
         raise RuntimeError(f"pipeline labelled {s.labelled} of {s.total}")
-    steady_images = s.steady_images_per_s * (s.last_shard_at - s.first_shard_at)
-    steady_cpu = meter.between(s.first_shard_at, s.last_shard_at)
+    steady_images = s.steady_images_per_s * (s.last_batch_at - s.first_batch_at)
+    steady_cpu = meter.between(s.first_batch_at, s.last_batch_at)
     return {"images": s.labelled, "wall_s": s.wall_s, "images_per_s": s.images_per_s,
             "steady_images_per_s": s.steady_images_per_s, "startup_s": s.startup_s,
             "images_per_cpu_s": steady_images / steady_cpu if steady_cpu > 0 else float("nan")}
@@ -266,8 +266,9 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.images} real ImageNet JPEGs (`unlabeled/imagenet-1k`). Bare loop: read + decode + resize + "
         f"forward in one process with {args.threads} torch threads, no output, first batch untimed. Pipeline: "
         f"`run_labelling` on a local Ray instance with {os.cpu_count()} CPUs, writing PNG labels and Parquet "
-        f"shards of {args.shard_rows} rows. Steady = images in the shards after the first / time from the first "
-        f"shard to the last; end to end = the whole run (listing, the driver's teacher check, actor start-up). "
+        f"shards of {args.shard_rows} rows. Steady = images the teacher finished after its first batch / time "
+        f"from the end of that batch to the end of the last; end to end = the whole run (listing, the driver's "
+        f"teacher check, actor start-up). "
         f"images/CPU-s: bare = its process's CPU time; pipeline = CPU time of the driver and every Ray process "
         f"(daemons, idle workers, actors, tasks) over the steady window. Ratio = pipeline / bare loop; "
         f"paired = median over rounds of that round's ratio. Medians of {args.rounds} interleaved rounds.",
@@ -290,15 +291,15 @@ def main(argv: list[str] | None = None) -> int:
                      f"{r['e2e'] / bare_ips:.2f} | {r['startup']:.1f} |")
     # start-up is a fixed cost per job: from the median start-up and steady rate, the job size whose
     # end-to-end rate reaches 0.85 x the bare loop
-    t0 = max(0.0, head["startup"] - args.shard_rows / head["steady"])
+    t0 = max(0.0, head["startup"] - args.batch / head["steady"])
     target = 0.85 * bare_ips
     if head["steady"] > target:
         n85 = target * t0 / (1 - target / head["steady"])
-        lines += ["", f"Start-up (run start to first shard, {head['startup']:.1f} s, of which ~{t0:.1f} s is not "
-                  f"labelling) is paid once per job: at the steady rate the end-to-end ratio of `{args.headline}` "
-                  f"reaches 0.85 for jobs of about {n85:.0f} images or more. The steady window may credit up to "
-                  f"one batch that was already in flight when the first shard landed "
-                  f"(<= {args.batch / args.images:.0%} here)."]
+        lines += ["", f"Start-up (run start to the end of the first teacher batch, {head['startup']:.1f} s, of which "
+                  f"~{t0:.1f} s is not labelling) is paid once per job: at the steady rate the end-to-end ratio of "
+                  f"`{args.headline}` reaches 0.85 for jobs of about {n85:.0f} images or more. With several actors "
+                  f"the steady window may credit batches that other actors had in flight when the first one "
+                  f"finished (<= {(lay.actors - 1) * args.batch / args.images:.0%} here)."]
     lines += ["", "Why a pipeline can beat the bare loop here: the bare loop is one process whose forward pass spreads "
               "over the cores with torch's intra-op threads, which synchronise at every layer; the pipeline can run "
               "one single-threaded actor per core instead (compare images/CPU-s), and encodes and writes its "

@@ -380,6 +380,7 @@ class TeacherLabeler:
             S.TEACHER: np.full(n, self.teacher.id, dtype=object),
             S.WEIGHTS_HASH: np.full(n, self.teacher.weights_hash, dtype=object),
             S.TTA: np.full(n, self.tta, dtype=object),
+            S.LABELLED_AT: np.full(n, time.time(), np.float64),
         })
         return out
 
@@ -427,7 +428,16 @@ def write_label_shards(batch: Mapping[str, np.ndarray], *, output_uri: str,
     return {"labelled": np.array([len(ok)], np.int64), "rejected": np.array([len(bad)], np.int64),
             "reasons": np.array([json.dumps(counts)], dtype=object),
             "shards": np.array([",".join(posixpath.basename(s) for s in shards)], dtype=object),
-            "written_at": np.array([time.time()], np.float64)}
+            "labelled_at": np.array([_when_labelled(batch)], dtype=object)}
+
+
+def _when_labelled(batch: Mapping[str, np.ndarray]) -> str:
+    """JSON ``[[t, n], ...]``: how many rows of this shard the teacher finished at time t (one t per teacher
+    batch); stages without that column count the write time. The driver derives the steady rate from it."""
+    if S.LABELLED_AT in batch:
+        t, n = np.unique(np.asarray(batch[S.LABELLED_AT], np.float64), return_counts=True)
+        return json.dumps([[float(a), int(b)] for a, b in zip(t, n)])
+    return json.dumps([[time.time(), len(batch[S.REASON])]])
 
 
 def _reject_table(batch: Mapping[str, np.ndarray], idx: np.ndarray) -> pa.Table:
@@ -446,8 +456,9 @@ class LabelSummary:
 
     ``images_per_s`` counts labelled + rejected images over ``wall_s``, the whole run (listing, the driver's
     teacher check, actor start-up included). ``steady_images_per_s`` is the rate once the pipeline is full:
-    images in the shards that finished after the first one, over the time from the first to the last --
-    the rate a long job runs at, where start-up is amortised. ``startup_s`` is run start to first shard.
+    images the teacher finished after its first batch, over the time from the end of that batch to the end
+    of the last -- the rate a long job runs at, where start-up is amortised. ``startup_s`` is run start to
+    the end of the first teacher batch.
     """
 
     total: int = 0
@@ -459,8 +470,8 @@ class LabelSummary:
     images_per_s: float = 0.0
     steady_images_per_s: float = 0.0
     startup_s: float = 0.0
-    first_shard_at: float = 0.0       # epoch seconds when the first / last writer task finished
-    last_shard_at: float = 0.0
+    first_batch_at: float = 0.0       # epoch seconds when the teacher finished its first / last batch
+    last_batch_at: float = 0.0
     reasons: dict[str, int] = dataclasses.field(default_factory=dict)
     teacher: str = ""
     weights_hash: str = ""
@@ -581,15 +592,16 @@ def _label(cfg: LabelConfig, summary: LabelSummary) -> None:
         _ensure_ray(cfg.ray_address)
         ray.data.DataContext.get_current().enable_progress_bars = cfg.progress
         ds = build_dataset(cfg, todo, teacher_size)
-        written: list[tuple[float, int]] = []  # (when a writer task finished, images it wrote)
+        finished: collections.Counter = collections.Counter()  # teacher batch end time -> images
         for out in ds.iter_batches(batch_size=None, batch_format="numpy"):
             summary.labelled += int(np.sum(out["labelled"]))
             summary.rejected += int(np.sum(out["rejected"]))
             for r in out["reasons"]:
                 reasons.update(json.loads(r))
-            if "written_at" in out:
-                written += zip(out["written_at"].tolist(), (out["labelled"] + out["rejected"]).tolist())
-        _steady_rate(summary, sorted(written), run_start)
+            for when in out["labelled_at"]:
+                for t, n in json.loads(when):
+                    finished[t] += n
+        _steady_rate(summary, sorted(finished.items()), run_start)
     summary.reasons = dict(reasons)
     if cfg.is_foundation and summary.labelled:
         summary.weights_hash = L.read_labels(cfg.output, cfg.s3, [S.WEIGHTS_HASH]).column(S.WEIGHTS_HASH)[0].as_py()
@@ -598,15 +610,15 @@ def _label(cfg: LabelConfig, summary: LabelSummary) -> None:
     summary.images_per_s = processed / summary.wall_s if summary.wall_s > 0 else 0.0
 
 
-def _steady_rate(summary: LabelSummary, written: list[tuple[float, int]], run_start: float) -> None:
-    """Steady-state rate from the writers' finish times: images finished after the first shard, over the
-    time from the first shard to the last (needs >= 2 shards)."""
-    if not written:
+def _steady_rate(summary: LabelSummary, finished: list[tuple[float, int]], run_start: float) -> None:
+    """Steady-state rate from the teacher batches' end times: images finished after the first batch, over
+    the time from the end of the first batch to the end of the last (needs >= 2 batches)."""
+    if not finished:
         return
-    summary.startup_s = max(0.0, written[0][0] - run_start)
-    summary.first_shard_at, summary.last_shard_at = written[0][0], written[-1][0]
-    if len(written) >= 2 and written[-1][0] > written[0][0]:
-        summary.steady_images_per_s = sum(n for _, n in written[1:]) / (written[-1][0] - written[0][0])
+    summary.startup_s = max(0.0, finished[0][0] - run_start)
+    summary.first_batch_at, summary.last_batch_at = finished[0][0], finished[-1][0]
+    if len(finished) >= 2 and finished[-1][0] > finished[0][0]:
+        summary.steady_images_per_s = sum(n for _, n in finished[1:]) / (finished[-1][0] - finished[0][0])
 
 
 def run_labelling(cfg: LabelConfig, samples: int = 6) -> LabelSummary:

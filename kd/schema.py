@@ -29,6 +29,7 @@ CONF_FRAC = "conf_frac"    # fraction of pixels with p < 0.1 or p > 0.9
 FG_FRAC = "fg_frac"        # fraction of pixels with p > 0.5
 TTA = "tta"                # test-time augmentation used ("none" or "hflip")
 LABEL = "label"            # uint8 HxW soft map before PNG encoding (in-flight column of the labelling job)
+LABELLED_AT = "labelled_at"  # epoch seconds when the teacher finished the row's batch (in flight: rates)
 LABELS_DIR = "labels"      # OUTPUT/labels/*.parquet: one row per labelled image
 REJECTS_DIR = "rejects"    # OUTPUT/rejects/*.parquet: one row per image that could not be labelled
 
