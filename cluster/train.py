@@ -61,7 +61,11 @@ log = logging.getLogger(__name__)
 __all__ = ["ModelConfig", "PairedSource", "UnlabeledSource", "OnlineTeacherConfig", "DataSection",
            "ValConfig", "OptimConfig", "ScalingSection", "RunSection", "TrainTracking", "OutputConfig",
            "DebugConfig", "TrainConfig", "load_train_config", "build_train_dataset", "train_loop",
-           "run_training", "TrainOutcome", "RUN_NAME_TAG"]
+           "run_training", "TrainOutcome", "RUN_NAME_TAG",
+           # the run plumbing other trainers on this core share (cluster.video_train)
+           "unwrap", "save_checkpoint_dir", "latest_local_checkpoint", "persist_local_checkpoint", "RankTracker",
+           "ensure_ray", "resolve_tracking_uri", "mlflow_client", "open_mlflow_run", "export_final",
+           "BEST_FILE", "MODEL_FILE", "META_FILE"]
 
 RUN_NAME_TAG = "sodkd.run_name"
 STATE_FILE = "state.pt"        # optimizer etc. (DDP / in-process); DeepSpeed keeps its own under ds/
@@ -641,11 +645,12 @@ def _collate(batch: Mapping[str, np.ndarray], augmenter, rng: np.random.Generato
     return x, y, torch.as_tensor(np.asarray(batch[S.SOFT], dtype=bool))
 
 
-def _unwrap(model):
+def unwrap(model):
+    """The bare module under a DDP / DeepSpeed wrapper (or the model itself)."""
     return getattr(model, "module", model)
 
 
-def _save_checkpoint_dir(path: str, *, meta: dict, module, best_state: dict | None, optimizer=None,
+def save_checkpoint_dir(path: str, *, meta: dict, module, best_state: dict | None, optimizer=None,
                          engine=None, write_model: bool = True) -> None:
     """Write one checkpoint directory (see the module constants for its files)."""
     import torch
@@ -674,15 +679,15 @@ def _save_checkpoint_dir(path: str, *, meta: dict, module, best_state: dict | No
         json.dump(meta, f, indent=1)
 
 
-def _local_checkpoint_root(cfg: TrainConfig) -> tuple[Any, str]:
+def local_checkpoint_root(cfg: TrainConfig) -> tuple[Any, str]:
     fs, root = storage.get_filesystem(cfg.run.storage, cfg.s3)
     return fs, storage.join(root, cfg.run.name)
 
 
-def _latest_local_checkpoint(cfg: TrainConfig) -> str | None:
+def latest_local_checkpoint(cfg: TrainConfig) -> str | None:
     """In-process mode: the newest ``checkpoint_epoch=NNNN`` under the run folder, copied to a local dir."""
     import pyarrow.fs as pafs
-    fs, root = _local_checkpoint_root(cfg)
+    fs, root = local_checkpoint_root(cfg)
     if not storage.is_dir(fs, root):
         return None
     dirs = sorted(i.path for i in fs.get_file_info(pafs.FileSelector(root)) if i.type == pafs.FileType.Directory
@@ -695,10 +700,10 @@ def _latest_local_checkpoint(cfg: TrainConfig) -> str | None:
     return local
 
 
-def _persist_local_checkpoint(cfg: TrainConfig, local_dir: str, epoch: int) -> str:
+def persist_local_checkpoint(cfg: TrainConfig, local_dir: str, epoch: int) -> str:
     """In-process mode: copy the checkpoint to ``<storage>/<name>/checkpoint_epoch=NNNN``, drop older ones."""
     import pyarrow.fs as pafs
-    fs, root = _local_checkpoint_root(cfg)
+    fs, root = local_checkpoint_root(cfg)
     dest = storage.join(root, f"{LOCAL_CKPT_PREFIX}{epoch:04d}")
     fs.create_dir(dest, recursive=True)
     pafs.copy_files(local_dir, dest, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
@@ -709,7 +714,7 @@ def _persist_local_checkpoint(cfg: TrainConfig, local_dir: str, epoch: int) -> s
     return storage.to_uri(fs, dest)
 
 
-class _Tracker:
+class RankTracker:
     """Rank 0's MLflow logging through ``MlflowClient`` (no active-run state; the driver owns the status)."""
 
     def __init__(self, cfg: TrainConfig, run_id: str | None, rank: int):
@@ -806,7 +811,7 @@ def train_loop(config: dict) -> dict:
     best_state = None
     ckpt_dir = None
     if in_process:
-        ckpt_dir = _latest_local_checkpoint(cfg)
+        ckpt_dir = latest_local_checkpoint(cfg)
     else:
         checkpoint = ray.train.get_checkpoint()
         if checkpoint is not None:
@@ -854,7 +859,7 @@ def train_loop(config: dict) -> dict:
             net = ray.train.torch.prepare_model(model)
         else:
             net = model.to(device)
-        module, dtype = _unwrap(net), torch.float32
+        module, dtype = unwrap(net), torch.float32
     if ckpt_dir is not None and engine is None:  # after the move to the device: state follows the params
         state = torch.load(os.path.join(ckpt_dir, STATE_FILE), map_location=device, weights_only=True)
         optimizer.load_state_dict(state["optimizer"])
@@ -864,7 +869,7 @@ def train_loop(config: dict) -> dict:
     # -- data, validation, tracking --------------------------------------------------------------------------
     shard = ray.train.get_dataset_shard("train")
     val = load_val_set(cfg) if rank == 0 else None
-    tracker = _Tracker(cfg, meta["mlflow_run_id"], rank)
+    tracker = RankTracker(cfg, meta["mlflow_run_id"], rank)
     panel_teacher = None
     if rank == 0 and val is not None and cfg.val.panel and cfg.data.teacher.teachers and tracker.active:
         from cluster.teachers import build_teacher
@@ -948,11 +953,11 @@ def train_loop(config: dict) -> dict:
         if cfg.val.uri and S.VAL_MAE not in metrics:
             metrics[S.VAL_MAE] = float("inf")  # not validated this epoch: never the best checkpoint
         tmp = tempfile.mkdtemp(prefix="sodkd-ckpt-")
-        _save_checkpoint_dir(tmp, meta=dict(meta), module=module, best_state=best_state,
+        save_checkpoint_dir(tmp, meta=dict(meta), module=module, best_state=best_state,
                              optimizer=optimizer if engine is None else None, engine=engine,
                              write_model=rank == 0)
         if in_process:
-            _persist_local_checkpoint(cfg, tmp, epoch + 1)
+            persist_local_checkpoint(cfg, tmp, epoch + 1)
         report_ckpt = ray.train.Checkpoint.from_directory(tmp) if (rank == 0 or engine is not None) else None
         ray.train.report(metrics, checkpoint=report_ckpt)
         if in_process:   # the newest stays for the driver (result.checkpoint); the one before can go
@@ -990,13 +995,14 @@ class TrainOutcome:
     summary: dict[str, Any] = dataclasses.field(default_factory=dict)   # rank 0's train_loop return value
 
 
-def _ensure_ray() -> None:
+def ensure_ray() -> None:
+    """Connect to (or start) Ray when this process is not connected yet (``RAY_ADDRESS`` is honoured)."""
     import ray
     if not ray.is_initialized():
         ray.init(ignore_reinit_error=True, logging_level=logging.WARNING)
 
 
-def _resolve_tracking_uri(uri: str | None) -> str | None:
+def resolve_tracking_uri(uri: str | None) -> str | None:
     """Relative sqlite paths become absolute: Ray workers run in other directories."""
     if uri and uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
         return "sqlite:///" + os.path.abspath(uri[len("sqlite:///"):])
@@ -1012,7 +1018,8 @@ def _artifact_location(cfg: TrainConfig) -> str | None:
     return None
 
 
-def _mlflow_client(cfg: TrainConfig):
+def mlflow_client(cfg: TrainConfig):
+    """An ``MlflowClient`` for the run's tracking URI (the environment's when the config has none)."""
     import mlflow
     return mlflow.MlflowClient(tracking_uri=cfg.mlflow.uri) if cfg.mlflow.uri else mlflow.MlflowClient()
 
@@ -1028,7 +1035,7 @@ def open_mlflow_run(cfg: TrainConfig) -> str | None:
     from mlflow.entities import Param, RunTag
 
     from cluster.tracking import sanitize_params
-    client = _mlflow_client(cfg)
+    client = mlflow_client(cfg)
     exp = client.get_experiment_by_name(cfg.mlflow.experiment)
     exp_id = exp.experiment_id if exp else client.create_experiment(cfg.mlflow.experiment,
                                                                      artifact_location=_artifact_location(cfg))
@@ -1052,7 +1059,7 @@ def open_mlflow_run(cfg: TrainConfig) -> str | None:
     return run_id
 
 
-def _export_final(cfg: TrainConfig, best_path: str, run_id: str | None, metrics: Mapping[str, Any]
+def export_final(cfg: TrainConfig, best_path: str, run_id: str | None, metrics: Mapping[str, Any]
                   ) -> tuple[list[str], str | None]:
     """Write the final weights (fp32 + fp16) and log/register the model and its ONNX export in MLflow."""
     from models import load_weights, save_weights
@@ -1115,8 +1122,8 @@ def run_training(cfg: TrainConfig) -> TrainOutcome:
     if cfg.mlflow.enabled and not uri:   # pin MLflow's default here: Ray workers run in other directories
         import mlflow
         uri = mlflow.get_tracking_uri()
-    cfg = dataclasses.replace(cfg, mlflow=dataclasses.replace(cfg.mlflow, uri=_resolve_tracking_uri(uri)))
-    _ensure_ray()
+    cfg = dataclasses.replace(cfg, mlflow=dataclasses.replace(cfg.mlflow, uri=resolve_tracking_uri(uri)))
+    ensure_ray()
     data = build_train_dataset(cfg)
     spe = steps_per_epoch(data.rows, cfg.optim.batch_size, cfg.scaling.num_workers)
     log.info("training rows %d (%s), %d steps per epoch", data.rows, data.counts, spe)
@@ -1142,7 +1149,7 @@ def run_training(cfg: TrainConfig) -> TrainOutcome:
         result = trainer.fit()
     except BaseException:
         if run_id:
-            _mlflow_client(cfg).set_terminated(run_id, status="FAILED")
+            mlflow_client(cfg).set_terminated(run_id, status="FAILED")
         raise
     if result.checkpoint is None:
         raise RuntimeError(f"run {cfg.run.name}: training reported no checkpoint")
@@ -1151,9 +1158,9 @@ def run_training(cfg: TrainConfig) -> TrainOutcome:
             meta = json.load(f)
         run_id = meta.get("mlflow_run_id") or run_id
         metrics = dict(result.metrics or {})
-        weights, version = _export_final(cfg, os.path.join(d, BEST_FILE), run_id, metrics)
+        weights, version = export_final(cfg, os.path.join(d, BEST_FILE), run_id, metrics)
     if run_id:
-        _mlflow_client(cfg).set_terminated(run_id, status="FINISHED")
+        mlflow_client(cfg).set_terminated(run_id, status="FINISHED")
     if not sc.num_workers and result.checkpoint.path.startswith(tempfile.gettempdir()):
         shutil.rmtree(result.checkpoint.path, ignore_errors=True)   # persisted copy lives in the run storage
     ckpt_uri = (storage.to_uri(result.checkpoint.filesystem, result.checkpoint.path)

@@ -296,7 +296,7 @@ def video_train_loop(config: dict) -> dict:
     best_state = None
     ckpt_dir, ckpt_ctx = None, None
     if in_process:
-        ckpt_dir = imgtrain._latest_local_checkpoint(cfg)
+        ckpt_dir = imgtrain.latest_local_checkpoint(cfg)
     else:
         checkpoint = ray.train.get_checkpoint()
         if checkpoint is not None:
@@ -315,7 +315,7 @@ def video_train_loop(config: dict) -> dict:
             best_state = {k: v.detach().clone() for k, v in best.state_dict().items()}
         log.info("rank %d resumes after epoch %d (step %d)", rank, meta["epoch"], meta["step"])
     net = ray.train.torch.prepare_model(model) if world > 1 else model.to(device)
-    module = imgtrain._unwrap(net)
+    module = imgtrain.unwrap(net)
     if adapter is not None:
         adapter.to(device)
     if ckpt_dir is not None:
@@ -328,7 +328,7 @@ def video_train_loop(config: dict) -> dict:
 
     val_data = (load_sequences(cfg.val.uri, cfg.val.sequences, cfg.val.max_frames, cfg.s3)
                 if rank == 0 and cfg.val.uri else None)
-    tracker = imgtrain._Tracker(cfg, meta["mlflow_run_id"], rank)
+    tracker = imgtrain.RankTracker(cfg, meta["mlflow_run_id"], rank)
     step = int(meta["step"])
     last: dict[str, float] = {}
     val_results = None
@@ -387,7 +387,7 @@ def video_train_loop(config: dict) -> dict:
         if cfg.val.uri and S.VAL_MAE not in metrics:
             metrics[S.VAL_MAE] = float("inf")   # not validated this epoch: never the best checkpoint
         tmp = tempfile.mkdtemp(prefix=TMP_PREFIX)
-        imgtrain._save_checkpoint_dir(tmp, meta=dict(meta), module=module, best_state=best_state,
+        imgtrain.save_checkpoint_dir(tmp, meta=dict(meta), module=module, best_state=best_state,
                                   optimizer=optimizer, write_model=rank == 0)
         if rank == 0 and adapter is not None:
             state = torch.load(os.path.join(tmp, imgtrain.STATE_FILE), weights_only=True)
@@ -396,7 +396,7 @@ def video_train_loop(config: dict) -> dict:
             with open(os.path.join(tmp, "val.json"), "w") as f:
                 json.dump(val_results, f, indent=1, default=float)
         if in_process:
-            imgtrain._persist_local_checkpoint(cfg, tmp, epoch + 1)
+            imgtrain.persist_local_checkpoint(cfg, tmp, epoch + 1)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp) if rank == 0 else None)
         if not in_process:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -440,15 +440,15 @@ def run_video_distill(cfg: VideoTrainConfig) -> VideoTrainOutcome:
 
     t0 = time.perf_counter()
     cfg = dataclasses.replace(cfg, mlflow=dataclasses.replace(cfg.mlflow,
-                                                              uri=imgtrain._resolve_tracking_uri(cfg.mlflow.uri)))
-    imgtrain._ensure_ray()
+                                                              uri=imgtrain.resolve_tracking_uri(cfg.mlflow.uri)))
+    imgtrain.ensure_ray()
     n_clips, n_frames = count_clips(cfg)
     spe = imgtrain.steps_per_epoch(n_clips, cfg.optim.batch_size, cfg.scaling.num_workers)
     log.info("%d clips of %d frames from %d labelled frames; %d steps per epoch", n_clips, cfg.data.clip.length,
              n_frames, spe)
     run_id = imgtrain.open_mlflow_run(cfg)
     if run_id:
-        imgtrain._mlflow_client(cfg).log_batch(run_id, metrics=_data_metrics(n_clips, n_frames, spe))
+        imgtrain.mlflow_client(cfg).log_batch(run_id, metrics=_data_metrics(n_clips, n_frames, spe))
     loop_config = to_dict(cfg)
     loop_config["_runtime"] = {"steps_per_epoch": spe, "mlflow_run_id": run_id}
 
@@ -470,7 +470,7 @@ def run_video_distill(cfg: VideoTrainConfig) -> VideoTrainOutcome:
         result = trainer.fit()
     except BaseException:
         if run_id:
-            imgtrain._mlflow_client(cfg).set_terminated(run_id, status="FAILED")
+            imgtrain.mlflow_client(cfg).set_terminated(run_id, status="FAILED")
         raise
     if result.checkpoint is None:
         raise RuntimeError(f"run {cfg.run.name}: training reported no checkpoint")
@@ -488,12 +488,12 @@ def run_video_distill(cfg: VideoTrainConfig) -> VideoTrainOutcome:
             if cfg.mlflow.uri:
                 mlflow.set_tracking_uri(cfg.mlflow.uri)
             mlflow.set_experiment(cfg.mlflow.experiment)
-        weights, _ = imgtrain._export_final(cfg, os.path.join(d, imgtrain.BEST_FILE), run_id, metrics)
+        weights, _ = imgtrain.export_final(cfg, os.path.join(d, imgtrain.BEST_FILE), run_id, metrics)
     if not sc.num_workers and os.path.basename(result.checkpoint.path).startswith(TMP_PREFIX):
         shutil.rmtree(result.checkpoint.path, ignore_errors=True)   # in-process: persisted under run.storage
     if run_id:
         _log_sequences(cfg, run_id, validation)
-        imgtrain._mlflow_client(cfg).set_terminated(run_id, status="FINISHED")
+        imgtrain.mlflow_client(cfg).set_terminated(run_id, status="FINISHED")
     ckpt_uri = (storage.to_uri(result.checkpoint.filesystem, result.checkpoint.path)
                 if sc.num_workers else storage.join(cfg.run.storage.rstrip("/"), cfg.run.name,
                                                     f"{imgtrain.LOCAL_CKPT_PREFIX}{meta['epoch']:04d}"))
@@ -514,7 +514,7 @@ def _log_sequences(cfg: VideoTrainConfig, run_id: str, validation: Mapping[str, 
     if not validation:
         return
     from mlflow.entities import Metric
-    client = imgtrain._mlflow_client(cfg)
+    client = imgtrain.mlflow_client(cfg)
     now = int(time.time() * 1000)
     metrics = [Metric(f"val_seq/{seq}/{k}", float(figs[k]), now, 0)
                for seq, figs in validation["sequences"].items() for k in ("sm", "fm_max", "mae", "flicker")
