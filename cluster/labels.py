@@ -33,7 +33,7 @@ from kd import schema as S
 log = logging.getLogger(__name__)
 
 __all__ = ["LABEL_SCHEMA", "REJECT_SCHEMA", "shard_paths", "read_ids", "done_ids", "write_shard",
-           "read_labels", "read_rejects", "decode_label", "labels_dir", "remove_stale_temporaries"]
+           "read_labels", "read_rejects", "decode_label", "labels_dir", "remove_stale_temporaries", "resolve_root"]
 
 LABEL_SCHEMA = pa.schema([
     (S.ID, pa.string()), (S.KEY, pa.string()), (S.SEQUENCE, pa.string()), (S.FRAME, pa.int32()),
@@ -157,7 +157,8 @@ def write_shard(fs: pafs.FileSystem, root: str, kind: str, table: pa.Table) -> s
     return final
 
 
-def _resolve_root(uri: str, s3: S3Config | None) -> tuple[pafs.FileSystem, str]:
+def resolve_root(uri: str, s3: S3Config | None = None) -> tuple[pafs.FileSystem, str]:
+    """``(filesystem, job output root)`` of a label output given as its root or its ``labels/`` folder."""
     fs, path = storage.get_filesystem(uri, s3)
     if not storage.exists(fs, path):
         raise FileNotFoundError(f"{uri}: no such label output")
@@ -175,14 +176,14 @@ def read_labels(uri: str, s3: S3Config | None = None, columns: list[str] | None 
     ``columns`` restricts what is read (``id`` is always included). Rows are in shard-name order; the
     trainer joins them to images by ``id``.
     """
-    fs, root = _resolve_root(uri, s3)
+    fs, root = resolve_root(uri, s3)
     cols = None if columns is None else list(dict.fromkeys([S.ID, *columns]))
     return _dedupe(_read_shards(fs, shard_paths(fs, root, S.LABELS_DIR), cols, LABEL_SCHEMA))
 
 
 def read_rejects(uri: str, s3: S3Config | None = None) -> pa.Table:
     """Every rejected image under the job output ``uri``: id, key, sequence, frame, reason, detail."""
-    fs, root = _resolve_root(uri, s3)
+    fs, root = resolve_root(uri, s3)
     return _dedupe(_read_shards(fs, shard_paths(fs, root, S.REJECTS_DIR), None, REJECT_SCHEMA))
 
 

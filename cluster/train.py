@@ -6,10 +6,13 @@ One loop serves the three jobs; the ``mode`` and the data sources decide what it
     supervised  the student (scfnet_m3) on the same pairs and loss: the paper's FS baseline
     distill     the student on unlabeled images with a teacher's soft labels: soft dice to sigmoid(teacher
                 out2) on all four side outputs; labelled pairs may be mixed in (they keep the mask loss)
+    foundation  a student (dedecoder_m3) on foundation-model pseudo masks and their per-pixel confidence:
+                BCE + partial BCE (trusted pixels) + IoU per side output, + edge BCE (``fm`` weights,
+                :mod:`cluster.fm_train`); labelled pairs may be mixed in (confidence 1 everywhere)
 
 Data (driver side, :func:`build_train_dataset`): every source becomes Ray Data rows ``{id, image, target,
-soft}`` -- the image decoded and resized once to ``data.load_size`` (square, uint8), the target a uint8 map
-of the same size (a mask, or a teacher's probability x 255). Offline soft labels (the Parquet shards of
+soft}`` (+ ``conf`` in mode foundation) -- the image decoded and resized once to ``data.load_size`` (square,
+uint8), the target a uint8 map of the same size (a mask, or a teacher's probability x 255). Offline soft labels (the Parquet shards of
 ``sodkd label``) are read as their own dataset and joined to the images by ``id`` (broadcast join against the
 image manifest: the labels stream, the manifest is small); online soft labels come from a teacher actor pool
 (``map_batches`` with ``ActorPoolStrategy``) inside the same pipeline that feeds the trainer, so no label is
@@ -55,6 +58,7 @@ from cluster.tracking import TrackingConfig
 from kd import schema as S
 from kd.augment import TEST_SIZE, TRAIN_SIZES, AugmentConfig
 from kd.config import ConfigError, load_config, to_dict, to_flat_dict
+from kd.pseudo_labels import FMLossConfig
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +78,7 @@ MODEL_FILE = "model.pt"        # models.save_weights of the current weights
 BEST_FILE = "best.pt"          # models.save_weights of the best weights so far (by val/mae)
 DS_DIR = "ds"
 LOCAL_CKPT_PREFIX = "checkpoint_epoch="
-Mode = Literal["teacher", "supervised", "distill"]
+Mode = Literal["teacher", "supervised", "distill", "foundation"]
 
 
 # --- configuration ---------------------------------------------------------------------------------------
@@ -112,6 +116,7 @@ class UnlabeledSource:
     uri: str
     labels: str | None = None
     limit: int | None = None
+    teacher_labels: str | None = None   # mode foundation: a SOD teacher's labels to fuse with (by id)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -296,7 +301,10 @@ class DebugConfig:
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    """Everything one training job needs; one dict of it crosses into Ray and, flattened, into MLflow."""
+    """Everything one training job needs; one dict of it crosses into Ray and, flattened, into MLflow.
+
+    ``fm``: the loss weights and trust threshold of mode foundation (ignored by the other modes).
+    """
 
     mode: Mode = "supervised"
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
@@ -309,10 +317,25 @@ class TrainConfig:
     output: OutputConfig = dataclasses.field(default_factory=OutputConfig)
     debug: DebugConfig = dataclasses.field(default_factory=DebugConfig)
     s3: S3Config = dataclasses.field(default_factory=S3Config)
+    fm: FMLossConfig = dataclasses.field(default_factory=FMLossConfig)
 
     def __post_init__(self) -> None:
         d = self.data
-        if self.mode in ("teacher", "supervised"):
+        for i, u in enumerate(d.unlabeled):
+            if u.teacher_labels is not None and self.mode != "foundation":
+                raise ConfigError(f"data.unlabeled[{i}].teacher_labels: fusion is for mode foundation "
+                                  f"(this is mode {self.mode})")
+        if self.mode == "foundation":
+            if not d.unlabeled:
+                raise ConfigError("data.unlabeled: mode foundation needs a source with foundation pseudo labels")
+            for i, u in enumerate(d.unlabeled):
+                if u.labels is None:
+                    raise ConfigError(f"data.unlabeled[{i}].labels: mode foundation trains on stored pseudo "
+                                      "labels; make them with `sodkd label --teacher foundation`")
+            if d.teacher.teachers:
+                raise ConfigError("data.teacher.teachers: mode foundation has no online teacher "
+                                  "(fuse a SOD teacher's stored labels with data.unlabeled[i].teacher_labels)")
+        elif self.mode in ("teacher", "supervised"):
             if not d.paired:
                 raise ConfigError(f"data.paired: mode {self.mode} trains on image/mask pairs; give at least one")
             if d.unlabeled:
@@ -367,15 +390,26 @@ def _decode_target(data: bytes, size: int) -> np.ndarray:
     return resize(decode_mask(data), (size, size))
 
 
-def _rows(ids: list, images: list, targets: list | None, soft: bool, size: int) -> dict[str, np.ndarray]:
+def _rows(ids: list, images: list, targets: list | None, soft: bool, size: int,
+          confs: list | None = None) -> dict[str, np.ndarray]:
     n = len(ids)
-    return {
+    out = {
         S.ID: np.asarray(ids, dtype=object),
         S.IMAGE: np.stack(images) if n else np.zeros((0, size, size, 3), np.uint8),
         S.TARGET: (np.stack(targets) if n else np.zeros((0, size, size), np.uint8)) if targets is not None
         else np.zeros((n, size, size), np.uint8),
         S.SOFT: np.full(n, soft, dtype=bool),
     }
+    if confs is not None:
+        out[S.CONF] = np.stack(confs) if n else np.zeros((0, size, size), np.uint8)
+    return out
+
+
+def full_confidence(batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Mode foundation: labelled pairs join the pseudo-labelled rows with every pixel trusted."""
+    out = dict(batch)
+    out[S.CONF] = np.full(np.asarray(batch[S.TARGET]).shape, 255, np.uint8)
+    return out
 
 
 def load_pairs(batch: Mapping[str, np.ndarray], *, root_uri: str, s3: S3Config | None,
@@ -412,30 +446,43 @@ def load_images(batch: Mapping[str, np.ndarray], *, root_uri: str, s3: S3Config 
 
 
 def join_labels(batch: Mapping[str, np.ndarray], *, paths_by_id: Mapping[str, str], root_uri: str,
-                s3: S3Config | None, size: int) -> dict[str, np.ndarray]:
+                s3: S3Config | None, size: int, foundation: bool = False,
+                teacher_pngs: Mapping[str, bytes] | None = None) -> dict[str, np.ndarray]:
     """Label-shard rows ``{id, label_png}`` -> ``{id, image, target, soft=True}``: the join by id.
 
     ``paths_by_id`` is the image manifest (id -> path) broadcast to every task; a label whose id has no image
     (another folder's label, an image deleted since) is dropped, as is an image that no longer decodes.
+    ``foundation``: rows also carry ``conf_png`` and the output a ``conf`` column; ``teacher_pngs`` (id ->
+    a SOD teacher's label PNG) are fused in per pixel (:func:`cluster.fm_train.foundation_maps`).
     """
+    from cluster.fm_train import foundation_maps
     from cluster.labels import decode_label
     from kd.imageio import resize
+
+    def u8(m: np.ndarray) -> np.ndarray:
+        return resize((m * 255.0 + 0.5).astype(np.uint8), (size, size))
+
     fs, _ = _filesystem(root_uri, s3)
-    ids, images, targets = [], [], []
-    for i, png in zip(batch[S.ID], batch[S.LABEL_PNG]):
+    ids, images, targets, confs = [], [], [], []
+    conf_pngs = batch[S.CONF_PNG] if foundation else [None] * len(batch[S.ID])
+    for i, png, conf_png in zip(batch[S.ID], batch[S.LABEL_PNG], conf_pngs):
         path = paths_by_id.get(str(i))
         if path is None:
             continue
         try:
             image = _decode_resized(storage.read_bytes(fs, path), size)
-            soft = (decode_label(bytes(png)) * 255.0 + 0.5).astype(np.uint8)
+            if foundation:
+                target, conf = foundation_maps(png, conf_png, (teacher_pngs or {}).get(str(i)), what=path)
+                confs.append(u8(conf))
+            else:
+                target = decode_label(bytes(png))
         except (OSError, ValueError) as e:
             log.warning("dropping %s: %s", path, e)
             continue
         ids.append(i)
         images.append(image)
-        targets.append(resize(soft, (size, size)))
-    return _rows(ids, images, targets, True, size)
+        targets.append(u8(target))
+    return _rows(ids, images, targets, True, size, confs if foundation else None)
 
 
 class OnlineLabeler:
@@ -504,10 +551,13 @@ def build_train_dataset(cfg: TrainConfig) -> TrainData:
     def cache(ds):
         return ds.materialize() if d.cache else ds
 
+    foundation = cfg.mode == "foundation"
     for src in d.paired:
         cat = catalog.paired_folder(src.uri, s3, limit=src.limit, images=src.images, masks=src.masks)
         ds = _manifest_dataset(cat.items, d.decode_batch).map_batches(
             load_pairs, fn_kwargs={"root_uri": src.uri, "s3": s3, "size": size}, **decode_kw)
+        if foundation:
+            ds = ds.map_batches(full_confidence, **decode_kw)
         ds = cache(ds)
         parts.append(ds)
         counts["paired"] += ds.count() if d.cache else len(cat)
@@ -522,6 +572,9 @@ def build_train_dataset(cfg: TrainConfig) -> TrainData:
             counts["online"] += ds.count() if d.cache else len(cat)
             continue
         paths_by_id = {it.id: it.path for it in cat.items}
+        if foundation:
+            from cluster.fm_train import require_foundation_labels
+            require_foundation_labels(src.labels, s3)
         label_ids = set(L.read_labels(src.labels, s3, columns=[S.ID]).column(S.ID).to_pylist())
         matched = len(label_ids & paths_by_id.keys())
         if matched == 0:
@@ -530,17 +583,22 @@ def build_train_dataset(cfg: TrainConfig) -> TrainData:
         if matched < len(paths_by_id):
             log.warning("%s: %d of %d images have no offline label and are left out", src.uri,
                         len(paths_by_id) - matched, len(paths_by_id))
-        lfs, lroot = storage.get_filesystem(src.labels, s3)
-        lroot = lroot.rstrip("/")
-        # as cluster.labels.read_labels: the labels/ folder itself, unless the job output is named "labels"
-        if (posixpath.basename(lroot) == S.LABELS_DIR
-                and not storage.exists(lfs, storage.join(lroot, S.LABELS_DIR))):
-            lroot = posixpath.dirname(lroot)
+        lfs, lroot = L.resolve_root(src.labels, s3)
         shards = L.shard_paths(lfs, lroot, S.LABELS_DIR)
-        labels_ds = ray.data.read_parquet(shards, filesystem=lfs, columns=[S.ID, S.LABEL_PNG])
-        ds = cache(labels_ds.map_batches(
-            join_labels, fn_kwargs={"paths_by_id": paths_by_id, "root_uri": src.uri, "s3": s3, "size": size},
-            **decode_kw))
+        join_kw: dict[str, Any] = {"paths_by_id": paths_by_id, "root_uri": src.uri, "s3": s3, "size": size}
+        columns = [S.ID, S.LABEL_PNG]
+        if foundation:
+            columns.append(S.CONF_PNG)
+            join_kw["foundation"] = True
+            if src.teacher_labels:   # broadcast like the manifest: one teacher PNG per matched id
+                t = L.read_labels(src.teacher_labels, s3, columns=[S.LABEL_PNG])
+                keep = label_ids & paths_by_id.keys()
+                join_kw["teacher_pngs"] = {i: p for i, p in zip(t.column(S.ID).to_pylist(),
+                                                                t.column(S.LABEL_PNG).to_pylist()) if i in keep}
+                log.info("%s: %d of %d pseudo labels fused with %s", src.uri, len(join_kw["teacher_pngs"]),
+                         matched, src.teacher_labels)
+        labels_ds = ray.data.read_parquet(shards, filesystem=lfs, columns=columns)
+        ds = cache(labels_ds.map_batches(join_labels, fn_kwargs=join_kw, **decode_kw))
         parts.append(ds)
         counts["offline"] += ds.count() if d.cache else matched
 
@@ -640,9 +698,27 @@ def _collate(batch: Mapping[str, np.ndarray], augmenter, rng: np.random.Generato
 
     from kd.augment import multiscale_collate
     images, targets = batch[S.IMAGE], batch[S.TARGET]
-    samples = [augmenter(rng, images[i], targets[i]) for i in range(len(images))]
-    x, y = multiscale_collate(samples, rng=rng, mean=mean, std=std, sizes=sizes)
-    return x, y, torch.as_tensor(np.asarray(batch[S.SOFT], dtype=bool))
+    maps = [targets] + ([batch[S.CONF]] if S.CONF in batch else [])
+    samples = [augmenter(rng, images[i], *(m[i] for m in maps)) for i in range(len(images))]
+    x, y, *conf = multiscale_collate(samples, rng=rng, mean=mean, std=std, sizes=sizes)
+    return x, y, torch.as_tensor(np.asarray(batch[S.SOFT], dtype=bool)), (conf[0] if conf else None)
+
+
+class _Float32Outputs:
+    """Calls a (wrapped) model and casts its outputs to float32 (bf16 DeepSpeed): losses run in fp32."""
+
+    def __init__(self, net):
+        self.net = net
+        self.module = unwrap(net)
+
+    def __call__(self, x, **kw):
+        import torch
+
+        def cast(o):
+            if isinstance(o, torch.Tensor):
+                return o.float()
+            return type(o)(cast(v) for v in o)
+        return cast(self.net(x, **kw))
 
 
 def unwrap(model):
@@ -775,6 +851,7 @@ def train_loop(config: dict) -> dict:
     from kd.augment import Augmenter
     from kd.losses import boundary_band
     from kd.schedule import WarmupCosine, set_lr, with_lr_mult
+    from kd.pseudo_labels import fm_model_loss
     from kd.step import batch_loss
     from models import create_model, load_state
 
@@ -877,6 +954,7 @@ def train_loop(config: dict) -> dict:
         panel_teacher = build_teacher(list(t.teachers), tta=t.tta, s3=cfg.s3, device="cpu", precision="fp32",
                                       input_size=t.teacher_size)
     augmenter = Augmenter(cfg.data.augment)
+    foundation = cfg.mode == "foundation"
     batch = cfg.per_worker_batch
     step = int(meta["step"])
     last: dict[str, float] = {}
@@ -897,12 +975,16 @@ def train_loop(config: dict) -> dict:
         for rows in it:
             if n_steps >= steps:
                 continue  # a cache-less pipeline may yield more rows than counted: keep the schedule
-            x, y, soft = _collate(rows, augmenter, rng, module.mean, module.std, cfg.data.sizes)
+            x, y, soft, conf = _collate(rows, augmenter, rng, module.mean, module.std, cfg.data.sizes)
             x, y = x.to(device=device, dtype=dtype), y.to(device)
             lr = schedule(step)
             set_lr(optimizer, lr)
-            logits = [o.float() for o in net(x)]
-            loss = batch_loss(logits, y, soft, band)
+            parts: dict[str, float] = {}
+            if foundation:
+                loss, parts = fm_model_loss(_Float32Outputs(net), x, y, conf.to(device), cfg.fm)
+            else:
+                logits = [o.float() for o in net(x)]
+                loss = batch_loss(logits, y, soft, band)
             if engine is not None:
                 engine.backward(loss)
                 engine.step()
@@ -918,7 +1000,8 @@ def train_loop(config: dict) -> dict:
             loss_value = float(loss.detach())
             loss_sum += loss_value
             if step % tracker.every == 0:
-                tracker.metrics({S.TRAIN_LOSS: loss_value, S.TRAIN_LR: lr}, step)
+                tracker.metrics({S.TRAIN_LOSS: loss_value, S.TRAIN_LR: lr,
+                                 **{f"train/{k}": v for k, v in parts.items()}}, step)
             dbg = cfg.debug
             if (dbg.fail_at_step is not None and step == dbg.fail_at_step and rank == dbg.fail_rank
                     and not os.path.exists(dbg.fail_marker)):

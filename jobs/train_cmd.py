@@ -6,8 +6,9 @@
     sodkd distill --unlabeled data/imagenet-1k --labels out/labels-r50 --val data/ecssd --name kd-m3
     sodkd distill --unlabeled data/imagenet-1k --teacher scfnet_r50:r50.pt ...      # online soft labels
     sodkd distill --task video --unlabeled davis --labels out/davis-labels ...  # jobs/distill_video_cmd.py
+    sodkd train-fm --images data/unlabeled --labels out/fm-labels [--teacher-labels out/r50-labels] ...
 
-Settings come from the YAML (default ``jobs/configs/{teacher,supervised,distill}.yaml``), then the flags,
+Settings come from the YAML (default ``jobs/configs/{teacher,supervised,distill,train_fm}.yaml``), then the flags,
 then ``dotted.key=value`` overrides, validated into ``cluster.train.TrainConfig``. Resubmitting the same
 ``--name`` with the same storage resumes from the run's latest checkpoint. On success the final weights
 (best by val/mae) are written with ``models.save_weights`` (fp32 and fp16) and their paths printed.
@@ -22,7 +23,7 @@ from pathlib import Path
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 # subcommand -> (default YAML, mode it forces or None when the flags decide)
 DEFAULTS = {"train-teacher": ("teacher.yaml", "teacher"), "distill": ("distill.yaml", "distill"),
-            "train": (None, None)}
+            "train-fm": ("train_fm.yaml", "foundation"), "train": (None, None)}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -33,10 +34,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--storage", help="where runs live, local or s3:// (= run.storage)")
     p.add_argument("--paired", action="append", default=[], metavar="URI",
                    help="ROOT with images/ and masks/ (repeat for several)")
-    p.add_argument("--unlabeled", action="append", default=[], metavar="URI",
+    p.add_argument("--unlabeled", "--images", dest="unlabeled", action="append", default=[], metavar="URI",
                    help="a folder or bucket prefix of images (repeat for several)")
     p.add_argument("--labels", action="append", default=[], metavar="URI",
                    help="`sodkd label` output for the unlabeled source in the same position")
+    p.add_argument("--teacher-labels", action="append", default=[], metavar="URI",
+                   help="(sodkd train-fm) a SOD teacher's label output to fuse with the foundation labels of "
+                        "the source in the same position (joined by id)")
     p.add_argument("--teacher", action="append", default=[], metavar="SPEC",
                    help="online teacher (MODEL:WEIGHTS, FILE.ts, FILE.onnx) for sources without --labels")
     p.add_argument("--val", metavar="URI", help="labelled validation set (images/ + masks/)")
@@ -81,8 +85,13 @@ def build_config(args: argparse.Namespace):
         section["paired"] = [{"uri": u} for u in args.paired]
     if args.labels and len(args.labels) != len(args.unlabeled):
         raise ConfigError(f"--labels: give one per --unlabeled ({len(args.unlabeled)}), got {len(args.labels)}")
+    teacher_labels = getattr(args, "teacher_labels", [])
+    if teacher_labels and len(teacher_labels) != len(args.unlabeled):
+        raise ConfigError(f"--teacher-labels: give one per --images/--unlabeled ({len(args.unlabeled)}), "
+                          f"got {len(teacher_labels)}")
     if args.unlabeled:
-        section["unlabeled"] = [{"uri": u, **({"labels": args.labels[i]} if args.labels else {})}
+        section["unlabeled"] = [{"uri": u, **({"labels": args.labels[i]} if args.labels else {}),
+                                 **({"teacher_labels": teacher_labels[i]} if teacher_labels else {})}
                                 for i, u in enumerate(args.unlabeled)]
     if args.teacher:
         section.setdefault("teacher", {})["teachers"] = list(args.teacher)

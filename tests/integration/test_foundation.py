@@ -3,7 +3,7 @@
 Tiny random-weight BLIP, GroundingDINO and SAM (``cluster.foundation_tiny``) run through the real labelling
 job (``sodkd label`` with ``teachers: [foundation]``): real Ray Data, one ``ActorPoolStrategy`` pool per
 stage with fractional CPUs, real images from ../shared/data, shards on disk, an MLflow sqlite store. Then
-the DEDecoder student trains a few steps on those shards with the composite loss. The labels are noise
+the DEDecoder student trains a few steps on those shards with the composite loss (`sodkd train-fm`). The labels are noise
 (random weights); what is checked is the plumbing: shapes, ids, confidence ranges, columns, params.
 """
 
@@ -14,19 +14,18 @@ import shutil
 
 import mlflow
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
 import torch
 from PIL import Image
 
 from cluster import foundation as fm
-from cluster.fm_train import FMTrainConfig, load_samples, train_fm
+from cluster.fm_train import load_samples
 from cluster.foundation_tiny import build_tiny_foundation
 from cluster.labelling import load_label_config, run_labelling
 from cluster.labels import read_labels, read_rejects
 from kd import schema as S
 from kd.config import load_config
-from models import load_weights
+from models import create_model, load_weights
 
 pytestmark = pytest.mark.integration
 
@@ -139,63 +138,82 @@ def test_rerun_labels_nothing_and_no_detection_becomes_a_reject(labelled, tiny_m
     assert s.labelled == 0 and s.reasons.get("no_detection", 0) >= 1
 
 
-def test_dedecoder_trains_on_the_pseudo_label_shards(labelled, images, tmp_path):
-    torch.manual_seed(0)
+def test_dedecoder_trains_on_the_pseudo_label_shards(labelled, images, shared_data, tmp_path, capsys):
+    """`sodkd train-fm` on the Ray Train core (in-process worker): the composite loss moves every part of the
+    DEDecoder, the run is in MLflow with the fm weights and loss parts, validation scores it, weights load."""
+    from jobs.cli import main
+
     db = tmp_path / "train.db"
-    cfg = load_config(FMTrainConfig, {
-        "labels": str(labelled["out"]), "images": str(images), "steps": 6, "batch_size": 4, "sizes": [64],
-        "lr": 0.05, "threads": 1, "output": str(tmp_path / "student.pt"),
-        "loss": {"conf_threshold": 0.05, "w_edge": 0.5},
-        "tracking": {"uri": f"sqlite:///{db}", "experiment": "fm-train"}})
-    samples = load_samples(cfg)
-    assert len(samples) == N_IMAGES
-    assert all(s.image.shape == (64, 64, 3) and s.target.shape == s.conf.shape == (64, 64) for s in samples)
-    from models import create_model
+    val = tmp_path / "val"
+    for sub, pattern in (("images", "*.jpg"), ("masks", "*.png")):
+        (val / sub).mkdir(parents=True)
+        for f in sorted((shared_data / "ecssd" / sub).glob(pattern))[:3]:
+            shutil.copy(f, val / sub / f.name)
+    torch.manual_seed(0)
     before = {k: v.clone() for k, v in create_model("dedecoder_m3").state_dict().items()}
-    result = train_fm(cfg)
-    assert len(result.losses) == 6 and all(np.isfinite(result.losses))
-    after = result.model.state_dict()
+    rc = main(["train-fm", "--images", str(images), "--labels", str(labelled["out"]), "--val", str(val),
+               "--name", "fm-test", "--storage", str(tmp_path / "runs"), "optim.epochs=2", "optim.batch_size=2",
+               "optim.warmup_epochs=0", "optim.lr=0.05", "data.load_size=64", "data.sizes=[64]", "val.size=64",
+               "data.decode_cpus=0.25", "scaling.num_workers=0", "scaling.torch_threads=1",
+               "fm.conf_threshold=0.05", "fm.w_edge=0.5", "mlflow.log_every=1", "mlflow.onnx=false",
+               f"mlflow.uri=sqlite:///{db}", "output.fp16=false", f"output.dir={tmp_path / 'out'}"])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert f"{N_IMAGES} rows, 2 steps/epoch" in printed      # the broken image has no label, so no row
+    weights = tmp_path / "out" / "fm-test.pt"
+    assert f"weights {weights}" in printed
+    trained = load_weights(str(weights))
+    after = trained.state_dict()
     changed = [k for k in before if before[k].dtype.is_floating_point and not torch.equal(before[k], after[k])]
     assert any(k.startswith("edge_head") for k in changed) and any(k.startswith("backbone") for k in changed)
     assert any(".up.offset" in k for k in changed), "DySample offsets did not learn"
-    loaded = load_weights(str(tmp_path / "student.pt"))
-    x = torch.randn(1, 3, 64, 64)
-    with torch.no_grad():
-        torch.testing.assert_close(loaded(x)[0], result.model(x)[0])
+
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{db}")
-    run = client.get_run(result.run_id)
-    assert run.data.params["loss.conf_threshold"] == "0.05" and run.data.params["model"] == "dedecoder_m3"
-    history = client.get_metric_history(result.run_id, S.TRAIN_LOSS)
-    assert len(history) == 6 and history[-1].value == pytest.approx(result.losses[-1])
-    assert "train/edge" in run.data.metrics and "train/trusted_frac" in run.data.metrics
+    (run,) = client.search_runs(client.get_experiment_by_name("sodkd-fm").experiment_id)
+    params = run.data.params
+    assert params["mode"] == "foundation" and params["model.name"] == "dedecoder_m3"
+    assert params["fm.conf_threshold"] == "0.05" and params["fm.w_edge"] == "0.5"
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, S.TRAIN_LOSS)]
+    assert steps == [1, 2, 3, 4]
+    for part in ("train/sal", "train/edge", "train/trusted_frac"):
+        hist = client.get_metric_history(run.info.run_id, part)
+        assert len(hist) == 4 and all(np.isfinite(m.value) for m in hist), part
+    assert 0.0 <= run.data.metrics[S.VAL_MAE] <= 1.0
 
 
-def test_fusion_with_sod_teacher_labels_joins_by_id(labelled, images, tmp_path):
-    """Teacher labels for some of the images (written as a SOD labelling run would), fused per pixel."""
+def _teacher_shard(labelled, tmp_path, n: int = 2):
+    """Teacher labels for ``n`` of the images (written as a SOD labelling run would), in another order."""
     import pyarrow as pa
 
     from cluster import labels as L
     from kd.imageio import encode_png
-    from kd.pseudo_labels import fuse_with_teacher
 
     fm_rows = sorted(read_labels(str(labelled["out"])).to_pylist(), key=lambda r: r[S.ID])
-    teacher_rows = fm_rows[:2][::-1]  # only two images, in another order: the join must go by id
+    teacher_rows = fm_rows[:n][::-1]  # the join must go by id
     t_map = np.zeros((32, 32), np.uint8)
     t_map[8:24, 8:24] = 255                      # a different size from the 64 px foundation labels
     table = pa.table({
         S.ID: [r[S.ID] for r in teacher_rows], S.KEY: [r[S.KEY] for r in teacher_rows],
-        S.SEQUENCE: ["", ""], S.FRAME: [-1, -1], S.ORIG_H: [r[S.ORIG_H] for r in teacher_rows],
-        S.ORIG_W: [r[S.ORIG_W] for r in teacher_rows], S.TEACHER: ["scfnet_r50"] * 2,
-        S.WEIGHTS_HASH: ["0" * 16] * 2, S.TTA: ["none"] * 2, S.LABEL_H: [32, 32], S.LABEL_W: [32, 32],
-        S.LABEL_PNG: [encode_png(t_map)] * 2, S.CONF_MEAN: [1.0, 1.0], S.CONF_FRAC: [1.0, 1.0],
-        S.FG_FRAC: [0.25, 0.25]}, schema=L.LABEL_SCHEMA)
+        S.SEQUENCE: [""] * n, S.FRAME: [-1] * n, S.ORIG_H: [r[S.ORIG_H] for r in teacher_rows],
+        S.ORIG_W: [r[S.ORIG_W] for r in teacher_rows], S.TEACHER: ["scfnet_r50"] * n,
+        S.WEIGHTS_HASH: ["0" * 16] * n, S.TTA: ["none"] * n, S.LABEL_H: [32] * n, S.LABEL_W: [32] * n,
+        S.LABEL_PNG: [encode_png(t_map)] * n, S.CONF_MEAN: [1.0] * n, S.CONF_FRAC: [1.0] * n,
+        S.FG_FRAC: [0.25] * n}, schema=L.LABEL_SCHEMA)
     L.write_shard(pa.fs.LocalFileSystem(), str(tmp_path / "teacher"), S.LABELS_DIR, table)
-    base = {"labels": str(labelled["out"]), "images": str(images), "tracking": {"enabled": False}}
-    plain = {s.id: s for s in load_samples(load_config(FMTrainConfig, base))}
-    fused = {s.id: s for s in load_samples(load_config(FMTrainConfig, {**base,
-                                                                       "teacher_labels": str(tmp_path / "teacher")}))}
-    assert plain.keys() == fused.keys()
-    with_teacher = {r[S.ID] for r in teacher_rows}
+    return tmp_path / "teacher", {r[S.ID] for r in teacher_rows}, t_map
+
+
+def test_fusion_with_sod_teacher_labels_joins_by_id(labelled, images, tmp_path):
+    """Teacher labels for some of the images, fused per pixel; the training pipeline's join gives the same maps."""
+    from cluster.catalog import image_folder
+    from cluster.train import join_labels
+    from kd.pseudo_labels import fuse_with_teacher
+
+    teacher_dir, with_teacher, t_map = _teacher_shard(labelled, tmp_path)
+    plain = {s.id: s for s in load_samples(str(labelled["out"]), str(images))}
+    fused = {s.id: s for s in load_samples(str(labelled["out"]), str(images), teacher_labels=str(teacher_dir))}
+    assert plain.keys() == fused.keys() and len(plain) == N_IMAGES
+    assert all(s.image.shape == (64, 64, 3) and s.target.shape == s.conf.shape == (64, 64) for s in plain.values())
     for i in plain:
         if i not in with_teacher:
             assert np.array_equal(plain[i].target, fused[i].target) and np.array_equal(plain[i].conf, fused[i].conf)
@@ -207,15 +225,32 @@ def test_fusion_with_sod_teacher_labels_joins_by_id(labelled, images, tmp_path):
         np.testing.assert_allclose(fused[i].conf, c.numpy(), atol=1e-6)
         assert not np.array_equal(fused[i].target, plain[i].target)
 
+    # the Ray Data join of the training core (one batch of shard rows) gives the same maps, as uint8
+    rows = read_labels(str(labelled["out"]), columns=[S.LABEL_PNG, S.CONF_PNG])
+    teacher = read_labels(str(teacher_dir), columns=[S.LABEL_PNG])
+    out = join_labels({c: np.asarray(rows.column(c).to_pylist(), dtype=object) for c in rows.column_names},
+                      paths_by_id={it.id: it.path for it in image_folder(str(images)).items},
+                      root_uri=str(images), s3=None, size=64, foundation=True,
+                      teacher_pngs=dict(zip(teacher.column(S.ID).to_pylist(), teacher.column(S.LABEL_PNG).to_pylist())))
+    assert len(out[S.ID]) == N_IMAGES and out[S.CONF].shape == out[S.TARGET].shape == (N_IMAGES, 64, 64)
+    for j, i in enumerate(out[S.ID]):
+        np.testing.assert_allclose(out[S.TARGET][j] / 255.0, fused[i].target, atol=0.6 / 255)
+        np.testing.assert_allclose(out[S.CONF][j] / 255.0, fused[i].conf, atol=0.6 / 255)
+
 
 def test_sod_label_output_is_refused_for_foundation_training(tmp_path, images):
     import pyarrow as pa
 
     from cluster import labels as L
+    from cluster.train import build_train_dataset, load_train_config
     table = L.LABEL_SCHEMA.empty_table()
     L.write_shard(pa.fs.LocalFileSystem(), str(tmp_path / "sod"), S.LABELS_DIR, table)
     with pytest.raises(ValueError, match="conf_png"):
-        load_samples(load_config(FMTrainConfig, {"labels": str(tmp_path / "sod"), "images": str(images)}))
+        load_samples(str(tmp_path / "sod"), str(images))
+    cfg = load_train_config("jobs/configs/train_fm.yaml",
+                            [f"data.unlabeled=[{{uri: {images}, labels: {tmp_path / 'sod'}}}]"])
+    with pytest.raises(ValueError, match=f"{tmp_path / 'sod'}: label shards have no 'conf_png' column"):
+        build_train_dataset(cfg)
 
 
 def test_stages_run_in_process_with_a_fixed_prompt(tiny_models, shared_data):

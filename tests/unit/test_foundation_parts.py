@@ -116,7 +116,24 @@ def test_label_and_train_configs_select_the_foundation_teacher():
 
     q = argparse.ArgumentParser()
     train_fm_cmd.add_arguments(q)
-    tcfg = train_fm_cmd.build_config(q.parse_args(["--labels", "l", "--images", "i", "loss.w_edge=0.25"]))
-    assert tcfg.model == "dedecoder_m3" and tcfg.loss.w_edge == 0.25 and tcfg.loss.conf_threshold == 0.5
-    with pytest.raises(ConfigError, match="loss.w_iuo"):
-        train_fm_cmd.build_config(q.parse_args(["--labels", "l", "--images", "i", "loss.w_iuo=1"]))
+    tcfg = train_fm_cmd.build_config(q.parse_args(["--labels", "l", "--images", "i", "--teacher-labels", "t",
+                                                   "fm.w_edge=0.25"]))
+    assert tcfg.mode == "foundation" and tcfg.model.name == "dedecoder_m3"
+    assert tcfg.fm.w_edge == 0.25 and tcfg.fm.conf_threshold == 0.5
+    (src,) = tcfg.data.unlabeled
+    assert (src.uri, src.labels, src.teacher_labels) == ("i", "l", "t")
+    with pytest.raises(ConfigError, match="fm.w_iuo"):
+        train_fm_cmd.build_config(q.parse_args(["--labels", "l", "--images", "i", "fm.w_iuo=1"]))
+    with pytest.raises(ConfigError, match="--teacher-labels: give one per"):
+        train_fm_cmd.build_config(q.parse_args(["--labels", "l", "--images", "i", "--images", "j", "--labels",
+                                                "m", "--teacher-labels", "t"]))
+    with pytest.raises(ConfigError, match=r"data.unlabeled\[0\].labels: mode foundation trains on stored"):
+        train_fm_cmd.build_config(q.parse_args(["--images", "i"]))
+
+
+def test_teacher_labels_are_refused_outside_mode_foundation():
+    from cluster.train import load_train_config
+
+    with pytest.raises(ConfigError, match=r"data.unlabeled\[0\].teacher_labels: fusion is for mode foundation"):
+        load_train_config({"mode": "distill", "data": {"unlabeled": [{"uri": "i", "labels": "l",
+                                                                      "teacher_labels": "t"}]}})
