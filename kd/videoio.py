@@ -95,17 +95,61 @@ def count_frames(source: Source) -> int:
 
 
 def read_frames_at(source: Source, indices) -> dict[int, np.ndarray]:
-    """The frames at ``indices`` (decode indices, as :func:`iter_frames` numbers them), decoding from the start
-    up to the largest one; indices past the end are missing from the result."""
+    """The frames at ``indices`` (decode indices, as :func:`iter_frames` numbers them); indices past the end
+    are missing from the result.
+
+    Seeks to the keyframe before the first wanted frame (its presentation time comes from demuxing the
+    packets, which decodes nothing) and decodes from there, so reading a batch near the end of a long video
+    costs one group of pictures, not the whole file. A stream whose timestamps do not map back to indices
+    (no pts, duplicates, frames the decoder drops) is decoded from the start instead, with the same result.
+    """
     wanted = set(int(i) for i in indices)
     if not wanted:
         return {}
-    last = max(wanted)
-    out = {}
-    for index, frame in iter_frames(source, max_frames=last + 1):
-        if index in wanted:
-            out[index] = frame
+    if isinstance(source, (bytes, bytearray)):
+        source = io.BytesIO(source)
+    out = _read_frames_seeking(source, wanted) if min(wanted) > 0 else None
+    if out is None or (wanted - out.keys() and min(wanted - out.keys()) < max(out, default=-1)):
+        if hasattr(source, "seek"):
+            source.seek(0)
+        out = {}
+        for index, frame in iter_frames(source, max_frames=max(wanted) + 1):
+            if index in wanted:
+                out[index] = frame
     return out
+
+
+def _read_frames_seeking(source: Source, wanted: set[int]) -> dict[int, np.ndarray] | None:
+    """:func:`read_frames_at` by seeking; None when the stream's timestamps cannot be trusted for it."""
+    container = _open(source)
+    try:
+        stream = container.streams.video[0]
+        pts = [p.pts for p in container.demux(stream) if p.size]
+        if not pts or any(p is None for p in pts) or len(set(pts)) != len(pts):
+            return None
+        pts.sort()                                   # presentation order = iter_frames' decode index
+        if min(wanted) >= len(pts):
+            return {}
+        index_of = {p: i for i, p in enumerate(pts)}
+        container.seek(pts[min(wanted)], backward=True, any_frame=False, stream=stream)
+        last, out = max(wanted), {}
+        for frame in container.decode(stream):
+            i = index_of.get(frame.pts)
+            if i is None:
+                return None
+            if i in wanted:
+                out[i] = frame.to_ndarray(format="rgb24")
+            if i >= last:
+                break
+        return out
+    except VideoDecodeError:
+        raise
+    except Exception:  # noqa: BLE001 - a stream PyAV cannot seek in: decode from the start instead
+        return None
+    finally:
+        container.close()
+        if hasattr(source, "seek"):
+            source.seek(0)
 
 
 def iter_frames(source: Source, max_frames: int | None = None, every: int = 1) -> Iterator[tuple[int, np.ndarray]]:

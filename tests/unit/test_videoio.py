@@ -114,3 +114,38 @@ def test_count_frames_and_read_frames_at(tmp_path, davis_frames):
     assert sorted(got) == [1, 4]                      # 9 is past the end: missing, not an error
     np.testing.assert_array_equal(got[4], davis_frames[4])
     assert read_frames_at(path, []) == {}
+
+
+def test_read_frames_at_seeks_in_a_long_gop_video_and_matches_decoding_from_the_start(tmp_path, shared_data):
+    """H.264 with B-frames and a keyframe every 8 frames: frames read by seeking equal the frames at the same
+    decode index when decoding from the start, from a path, bytes and a file object."""
+    import av
+
+    from kd import videoio
+
+    paths = sorted((shared_data / "davis2016-dev" / "blackswan" / "images").glob("*.jpg"))[:40]
+    frames = [np.asarray(Image.open(p).convert("RGB").resize((160, 96))) for p in paths]
+    path = tmp_path / "gop8.mp4"
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("libx264", rate=24)
+        stream.width, stream.height, stream.pix_fmt = 160, 96, "yuv420p"
+        stream.codec_context.gop_size = 8
+        stream.options = {"bf": "2", "keyint_min": "8", "sc_threshold": "0"}
+        for f in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    reference = dict(iter_frames(path))
+    assert len(reference) == 40
+    wanted = [35, 29, 31, 39, 44]
+    assert videoio._read_frames_seeking(str(path), set(wanted)) is not None   # the seeking path serves it
+    for source in (path, path.read_bytes()):
+        got = videoio.read_frames_at(source, wanted)
+        assert sorted(got) == [29, 31, 35, 39]
+        for i in got:
+            np.testing.assert_array_equal(got[i], reference[i])
+    with open(path, "rb") as f:
+        got = videoio.read_frames_at(f, [8, 9, 16])
+        np.testing.assert_array_equal(got[16], reference[16])
+        np.testing.assert_array_equal(got[8], reference[8])
