@@ -69,6 +69,7 @@ def train(cfg_dict: dict, log: logging.Logger) -> dict:
 
 
 def main() -> None:
+    global SMOKE, TEACHER_EPOCHS, STUDENT_EPOCHS, KD_DUTS_IMAGES
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=str(REPO / "runs" / "reference"))
     ap.add_argument("--results", default=str(REPO / "benchmarks" / "RESULTS.md"))
@@ -78,7 +79,6 @@ def main() -> None:
     ap.add_argument("--section", default="reference-runs", help="RESULTS.md section to (re)write")
     ap.add_argument("--note", action="append", default=[], help="a paragraph for the section (repeatable)")
     args = ap.parse_args()
-    global SMOKE, TEACHER_EPOCHS, STUDENT_EPOCHS, KD_DUTS_IMAGES
     TEACHER_EPOCHS, STUDENT_EPOCHS = args.teacher_epochs, args.student_epochs
     if args.smoke:
         SMOKE, TEACHER_EPOCHS, STUDENT_EPOCHS, KD_DUTS_IMAGES = args.smoke, 1, 1, args.smoke // 2
