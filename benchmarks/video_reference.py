@@ -109,6 +109,7 @@ def main() -> None:
     ap.add_argument("--results", default=str(REPO / "benchmarks" / "RESULTS.md"))
     ap.add_argument("--data", default=str(DAVIS), help="DAVIS-layout root (default ../shared/data/davis2016-dev)")
     ap.add_argument("--epochs", type=int, default=EPOCHS)
+    ap.add_argument("--section", default="video-reference", help="RESULTS.md section to (re)write")
     args = ap.parse_args()
     DAVIS, EPOCHS = Path(args.data), args.epochs
     out = Path(args.out)
@@ -177,14 +178,14 @@ def main() -> None:
             log.info("%s: %s", key, state["eval"][key]["summary"])
         save()
 
-    write_results(state, Path(args.results))
+    write_results(state, Path(args.results), args.section)
 
 
 def _f(v: float, digits: int = 3) -> str:
     return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{digits}f}"
 
 
-def write_results(state: dict, results: Path) -> None:
+def write_results(state: dict, results: Path, section: str = "video-reference") -> None:
     import importlib.util
     spec = importlib.util.spec_from_file_location("bench_models", REPO / "benchmarks" / "models.py")
     bench = importlib.util.module_from_spec(spec)
@@ -248,7 +249,7 @@ def write_results(state: dict, results: Path) -> None:
     lines += ["", "Final training losses (mean of the last epoch): " + "; ".join(
         f"{k}: " + ", ".join(f"{m.split('/')[-1]} {_f(val, 4)}" for m, val in state[k]['history'][-1].items()
                              if m.startswith('train/')) for k in ("video", "spatial")) + "."]
-    bench.write_section(results, "video-reference", "\n".join(lines))
+    bench.write_section(results, section, "\n".join(lines))
 
 
 if __name__ == "__main__":
