@@ -78,6 +78,8 @@ def main() -> None:
     ap.add_argument("--student-epochs", type=int, default=STUDENT_EPOCHS, help="FS and KD alike")
     ap.add_argument("--section", default="reference-runs", help="RESULTS.md section to (re)write")
     ap.add_argument("--note", action="append", default=[], help="a paragraph for the section (repeatable)")
+    ap.add_argument("--kd-bce", type=float, default=0.0,
+                    help="also distil a student with kd.bce_weight=W (soft dice + W x BCE to the teacher)")
     args = ap.parse_args()
     TEACHER_EPOCHS, STUDENT_EPOCHS = args.teacher_epochs, args.student_epochs
     if args.smoke:
@@ -129,17 +131,26 @@ def main() -> None:
         state["fs"] = train(cfg, log)
         save()
 
-    if "kd" not in state:
-        cfg = common("kd-scfnet_m3-from-scfnet_r18", out, STUDENT_EPOCHS)
-        cfg.update(mode="distill", model={"name": "scfnet_m3"})
+    def distill(name: str, bce_weight: float) -> dict:
+        cfg = common(name, out, STUDENT_EPOCHS)
+        cfg.update(mode="distill", model={"name": "scfnet_m3"}, kd={"bce_weight": bce_weight})
         cfg["data"]["unlabeled"] = [
             {"uri": str(DATA / "unlabeled" / "imagenet-1k"), "labels": str(out / "labels-imagenet")},
             {"uri": str(DATA / "duts-tr" / "images"), "labels": str(out / "labels-duts")}]
         cfg["data"]["teacher"] = {"teachers": [teacher_spec]}   # drawn in the MLflow panel
-        state["kd"] = train(cfg, log)
+        return train(cfg, log)
+
+    if "kd" not in state:
+        state["kd"] = distill("kd-scfnet_m3-from-scfnet_r18", 0.0)
+        save()
+    if args.kd_bce and "kd_bce" not in state:
+        state["kd_bce"] = distill("kd-bce-scfnet_m3-from-scfnet_r18", args.kd_bce)
+        state["kd_bce"]["bce_weight"] = args.kd_bce
         save()
 
-    if "eval" not in state:
+    models = [("teacher", "scfnet_r18"), ("fs", "scfnet_m3"), ("kd", "scfnet_m3")]
+    models += [("kd_bce", "scfnet_m3")] if "kd_bce" in state else []
+    if any(k not in state.get("eval", {}) for k, _ in models):
         from cluster.catalog import paired_folder
         from cluster.evaluate import evaluate
         from cluster.teachers import build_teacher
@@ -150,8 +161,11 @@ def main() -> None:
         cat = paired_folder(str(DATA / "ecssd"), limit=SMOKE)
         keys = [it.key for it in cat.items]
         masks = [decode_mask(storage.read_bytes(cat.fs, it.mask_path)) > 128 for it in cat.items]
-        state["eval"], preds = {}, {}
-        for key, model in (("teacher", "scfnet_r18"), ("fs", "scfnet_m3"), ("kd", "scfnet_m3")):
+        state.setdefault("eval", {})
+        preds = {}
+        for key, model in models:
+            if key in state["eval"] and key != "teacher":
+                continue
             t = build_teacher(f"{model}:{state[key]['weights'][0]}", device="cpu", precision="fp32",
                               input_size=SIZE, threads=2)
             r = evaluate(t, cat, name=key, batch_size=16, progress_every=0, sample_keys=keys)
@@ -200,7 +214,8 @@ def write_results(state: dict, results: Path, section: str = "reference-runs") -
     desc = {"teacher": "DUTS-TR pairs (masks)", "fs": "DUTS-TR pairs (masks)",
             "kd": f"{state['labels']['counts'].get('imagenet', 0)} ImageNet + "
                   f"{state['labels']['counts'].get('duts', 0)} DUTS-TR images, teacher soft labels, no masks"}
-    for key in ("teacher", "fs", "kd"):
+    desc["kd_bce"] = desc["kd"] + f"; loss + {state.get('kd_bce', {}).get('bce_weight', 0):g} x BCE (`kd.bce_weight`)"
+    for key in [k for k in ("teacher", "fs", "kd", "kd_bce") if k in state]:
         s, m = state[key], ev[key]["metrics"]
         lines.append(f"| {s['name']} ({s['model']}) | {desc[key]} | {s['rows']} | {s['epochs']} | "
                      f"{s['steps_per_epoch'] * s['epochs']} | {s['wall_s'] / 60:.1f} min | {m['mae']:.3f} | "

@@ -64,7 +64,7 @@ log = logging.getLogger(__name__)
 
 __all__ = ["ModelConfig", "PairedSource", "UnlabeledSource", "OnlineTeacherConfig", "DataSection",
            "ValConfig", "OptimConfig", "ScalingSection", "RunSection", "TrainTracking", "OutputConfig",
-           "DebugConfig", "TrainConfig", "load_train_config", "build_train_dataset", "train_loop",
+           "DebugConfig", "KDLossConfig", "TrainConfig", "load_train_config", "build_train_dataset", "train_loop",
            "run_training", "TrainOutcome", "RUN_NAME_TAG",
            # the run plumbing other trainers on this core share (cluster.video_train)
            "unwrap", "save_checkpoint_dir", "latest_local_checkpoint", "persist_local_checkpoint", "RankTracker",
@@ -290,6 +290,19 @@ class OutputConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class KDLossConfig:
+    """The distillation loss of soft-labelled rows: KD-SCFNet's deep-supervised soft dice to the teacher's
+    map, plus ``bce_weight`` x the deep-supervised per-pixel BCE to it (0 = the paper's loss; see
+    :mod:`kd.step`)."""
+
+    bce_weight: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.bce_weight < 0:
+            raise ConfigError(f"kd.bce_weight: must be >= 0, got {self.bce_weight}")
+
+
+@dataclasses.dataclass(frozen=True)
 class DebugConfig:
     """Fault injection for tests: at global step ``fail_at_step`` worker ``fail_rank`` exits the process
     (``os._exit``) unless ``fail_marker`` exists; it creates the marker first, so it fails only once."""
@@ -303,7 +316,8 @@ class DebugConfig:
 class TrainConfig:
     """Everything one training job needs; one dict of it crosses into Ray and, flattened, into MLflow.
 
-    ``fm``: the loss weights and trust threshold of mode foundation (ignored by the other modes).
+    ``fm``: the loss weights and trust threshold of mode foundation (ignored by the other modes); ``kd``: the
+    distillation loss of soft-labelled rows (mode distill).
     """
 
     mode: Mode = "supervised"
@@ -318,6 +332,7 @@ class TrainConfig:
     debug: DebugConfig = dataclasses.field(default_factory=DebugConfig)
     s3: S3Config = dataclasses.field(default_factory=S3Config)
     fm: FMLossConfig = dataclasses.field(default_factory=FMLossConfig)
+    kd: KDLossConfig = dataclasses.field(default_factory=KDLossConfig)
 
     def __post_init__(self) -> None:
         d = self.data
@@ -984,7 +999,7 @@ def train_loop(config: dict) -> dict:
                 loss, parts = fm_model_loss(_Float32Outputs(net), x, y, conf.to(device), cfg.fm)
             else:
                 logits = [o.float() for o in net(x)]
-                loss = batch_loss(logits, y, soft, band)
+                loss = batch_loss(logits, y, soft, band, cfg.kd.bce_weight)
             if engine is not None:
                 engine.backward(loss)
                 engine.step()

@@ -5,7 +5,9 @@ A batch may mix two kinds of rows (``soft`` flags them):
 - **hard** rows carry a ground-truth mask ``m``: the KD-SCFNet teacher loss, used for teachers and for the
   supervised-only (FS) student, ``L_hard = sum_i w_i (D(p_i, m) + D(edge_b(p_i), edge_b(m)))``;
 - **soft** rows carry a teacher's probability map ``t``: the distillation loss
-  ``L_soft = sum_i w_i D(p_i, t)``,
+  ``L_soft = sum_i w_i D(p_i, t)`` (+ ``kd_bce * sum_i w_i BCE(p_i, t)`` when asked: beyond the paper, whose
+  released code distils with the dice alone; BCE is minimised at ``p = t`` pixel by pixel, where the dice of a
+  soft target rewards pushing every pixel above about ``dice / 2`` to 1),
 
 with ``p_i = sigmoid(side output i)``, ``w = (1, 1/2, 1/4, 1/8)``, ``D`` the soft dice and ``edge_b`` the
 boundary band of width ``b`` (see :mod:`kd.losses`). Both losses average over their rows, so the batch loss
@@ -21,12 +23,20 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from kd.losses import kd_dice_loss, teacher_loss
+from kd.losses import bce_soft, deep_supervision, kd_dice_loss, teacher_loss
 
 __all__ = ["batch_loss", "make_panel"]
 
 
-def batch_loss(logits_list: Sequence[Tensor], target: Tensor, soft: Tensor, band: int) -> Tensor:
+def _soft_loss(logits_list: Sequence[Tensor], target: Tensor, kd_bce: float) -> Tensor:
+    loss = kd_dice_loss(logits_list, target)
+    if kd_bce:
+        loss = loss + float(kd_bce) * deep_supervision(bce_soft, logits_list, target.detach())
+    return loss
+
+
+def batch_loss(logits_list: Sequence[Tensor], target: Tensor, soft: Tensor, band: int,
+               kd_bce: float = 0.0) -> Tensor:
     """Loss of one batch of side outputs against mixed targets (module docstring).
 
     Args:
@@ -34,6 +44,7 @@ def batch_loss(logits_list: Sequence[Tensor], target: Tensor, soft: Tensor, band
         target: ``(B, 1, H, W)`` in [0, 1]: masks for hard rows, teacher probabilities for soft rows.
         soft: ``(B,)`` bool, True where ``target`` is a teacher's soft label.
         band: boundary band width for the hard rows (``kd.losses.boundary_band(epoch)``).
+        kd_bce: weight of the per-pixel BCE added to the soft rows' dice (0 = the paper's loss).
     Returns:
         0-d tensor.
     """
@@ -44,10 +55,12 @@ def batch_loss(logits_list: Sequence[Tensor], target: Tensor, soft: Tensor, band
     n_soft = int(soft.sum())
     if n_soft == 0:
         return teacher_loss(logits_list, target, band)
+    if kd_bce < 0:
+        raise ValueError(f"kd_bce must be >= 0, got {kd_bce}")
     if n_soft == n:
-        return kd_dice_loss(logits_list, target)
+        return _soft_loss(logits_list, target, kd_bce)
     hard = ~soft
-    l_soft = kd_dice_loss([x[soft] for x in logits_list], target[soft])
+    l_soft = _soft_loss([x[soft] for x in logits_list], target[soft], kd_bce)
     l_hard = teacher_loss([x[hard] for x in logits_list], target[hard], band)
     return (n_soft * l_soft + (n - n_soft) * l_hard) / n
 

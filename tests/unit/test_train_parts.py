@@ -10,6 +10,7 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from cluster.train import TrainConfig, load_train_config, steps_per_epoch
 from jobs import cli
@@ -85,6 +86,27 @@ def test_batch_loss_hard_soft_and_mixed():
     torch.testing.assert_close(batch_loss(logits, target, soft, band), expected)
     with pytest.raises(ValueError, match="soft"):
         batch_loss(logits, target, torch.zeros(3, dtype=torch.bool), band)
+
+
+def test_kd_bce_term_adds_the_deep_supervised_bce_to_soft_rows_only():
+    logits = _logits()
+    t = torch.rand(4, 1, 16, 16, generator=torch.Generator().manual_seed(2))   # a teacher's soft map
+    band, w = 3, 0.7
+    bce = sum(sw * F.binary_cross_entropy_with_logits(x, t) for sw, x in zip((1, 0.5, 0.25, 0.125), logits))
+    every_soft = torch.ones(4, dtype=torch.bool)
+    torch.testing.assert_close(batch_loss(logits, t, every_soft, band, kd_bce=w), kd_dice_loss(logits, t) + w * bce)
+    hard = torch.zeros(4, dtype=torch.bool)   # masks keep the teacher loss whatever kd_bce is
+    m = (t > 0.5).float()
+    torch.testing.assert_close(batch_loss(logits, m, hard, band, kd_bce=w), teacher_loss(logits, m, band))
+    # the BCE term is minimised where the student's map equals the teacher's, pixel by pixel
+    z = torch.logit(t.clamp(1e-4, 1 - 1e-4)).requires_grad_(True)
+    batch_loss([z] * 4, t, every_soft, band, kd_bce=1.0).backward()
+    dice_only = torch.logit(t.clamp(1e-4, 1 - 1e-4)).requires_grad_(True)
+    batch_loss([dice_only] * 4, t, every_soft, band).backward()
+    assert z.grad.abs().sum() > 0   # (the dice still pulls; the BCE part alone is stationary there)
+    torch.testing.assert_close(z.grad, dice_only.grad, atol=1e-6, rtol=1e-4)
+    with pytest.raises(ValueError, match="kd_bce"):
+        batch_loss(logits, t, every_soft, band, kd_bce=-1.0)
 
 
 def test_make_panel_layout():
