@@ -1,9 +1,11 @@
-"""``sodkd demo`` (``make demo``): the main job end to end on embedded defaults, about ten minutes on 2 cores.
+"""``sodkd demo`` (``make demo``): the main job end to end on embedded defaults, a few minutes on 2 cores.
 
 1. a local directory plays the bucket: unlabeled images (the shared pool when ``../shared/data`` exists,
    else ``sample-data/``) are copied into ``demo-out/bucket/unlabeled``;
 2. ``sodkd label``: the project's reference teacher (``weights/``) soft-labels them with Ray Data;
-3. ``sodkd distill``: ``scfnet_m3`` learns from those labels on Ray Train (one worker);
+3. ``sodkd distill``: ``scfnet_m3`` learns from those labels on Ray Train (one worker), starting from the FS
+   student's weights (``start=fs``; ``start=scratch`` distils from random weights, which needs far more steps
+   than a demo has);
 4. the teacher, the supervised-only (FS) student when its weights exist, and the distilled student are
    evaluated on ECSSD; a table is printed and an HTML report with saliency panels and PR curves is written;
 5. every step is an MLflow run in ``demo-out/mlflow.db`` (sqlite); the demo's own run holds the report.
@@ -36,7 +38,8 @@ class DemoConfig:
     size: int = 160               # teacher input, label size and student training/eval size (weights: 160 px)
     epochs: int = 4
     batch_size: int = 16
-    lr: float = 0.02
+    start: str = "fs"             # fs: distil on from the FS student's weights; scratch: from random weights
+    lr: float | None = None       # None: 0.005 from fs (fine-tuning), 0.02 from scratch
     eval_images: int = 200        # ECSSD images scored per model
     panels: int = 6
     data: str | None = None       # root with unlabeled/ and ecssd/; None = ../shared/data or sample-data
@@ -81,7 +84,6 @@ def _weights_path(spec: str | None) -> Path | None:
 
 def run_demo(cfg: DemoConfig) -> dict:
     import mlflow
-    import numpy as np
 
     from cluster import catalog
     from cluster.evaluate import evaluate
@@ -126,14 +128,22 @@ def run_demo(cfg: DemoConfig) -> dict:
           f"rejected {summary.rejected}; shards in {bucket / 'soft-labels'}", flush=True)
 
     val_limit = min(cfg.eval_images, 50)
+    if cfg.start not in ("fs", "scratch"):
+        raise ValueError(f"start: 'fs' or 'scratch', got {cfg.start!r}")
+    init = None
+    if cfg.start == "fs":
+        init = _weights_path(cfg.fs_student)
+        if init is None or not init.is_file():
+            raise FileNotFoundError(f"start=fs: FS student weights {init} not found; pass start=scratch")
+    lr = cfg.lr if cfg.lr is not None else (0.005 if init is not None else 0.02)
     train_cfg = load_train_config({
         "mode": "distill",
-        "model": {"name": "scfnet_m3"},
+        "model": {"name": "scfnet_m3", "init_weights": str(init) if init is not None else None},
         "data": {"unlabeled": [{"uri": str(bucket / "unlabeled"), "labels": str(bucket / "soft-labels")}],
                  "load_size": cfg.size, "sizes": _train_sizes(cfg.size), "shuffle_buffer": 256},
         "val": {"uri": str(ecssd_root), "limit": val_limit, "size": cfg.size, "panel": 4},
-        "optim": {"epochs": cfg.epochs, "batch_size": cfg.batch_size, "lr": cfg.lr, "lr_start": cfg.lr / 100,
-                  "lr_final": cfg.lr / 100, "warmup_epochs": 1.0},
+        "optim": {"epochs": cfg.epochs, "batch_size": cfg.batch_size, "lr": lr, "lr_start": lr / 100,
+                  "lr_final": lr / 100, "warmup_epochs": 1.0},
         "scaling": {"num_workers": 1, "cpus_per_worker": 1.0, "torch_threads": 2},
         "run": {"name": "demo-kd-scfnet_m3", "storage": str(out / "runs")},
         "mlflow": {**track, "run_name": "demo-distill", "registered_model": "sodkd-demo-scfnet_m3",
@@ -141,7 +151,8 @@ def run_demo(cfg: DemoConfig) -> dict:
         "output": {"dir": str(out / "weights"), "fp16": False}})
     outcome = run_training(train_cfg)
     student_w = next(w for w in outcome.weights if w.endswith(".pt") and ".fp16." not in w)
-    print(f"[3/4] distilled scfnet_m3 for {cfg.epochs} epochs in {outcome.wall_s:.0f} s -> {student_w}", flush=True)
+    print(f"[3/4] distilled scfnet_m3 ({'from the FS student' if init is not None else 'from scratch'}) for "
+          f"{cfg.epochs} epochs in {outcome.wall_s:.0f} s -> {student_w}", flush=True)
 
     ecssd = catalog.paired_folder(str(ecssd_root))
     items = ecssd.items[:cfg.eval_images]
