@@ -15,7 +15,7 @@ Stages (each skipped when its output already exists in ``OUT/state.json``, so a 
             sequences against the DAVIS masks: S, max F, MAE per sequence, and flicker (mean |p_t - p_t-1|
             where the mask changes on < 1% of the pixels), averaged over the TRAIN and the HELD-OUT sequences.
 
-Defaults come from the image reference run (``benchmarks/reference_runs.py``: ``runs/reference/state.json``
+Defaults come from the image reference run (``benchmarks/reference_runs.py``: ``--reference``/state.json, ``runs/reference``
 holds its teacher and KD student); pass ``--teacher`` / ``--image-student`` to use other weights. Figures go to
 RESULTS.md, section ``video-reference``.
 """
@@ -44,8 +44,8 @@ TRAIN_SEQS = ("blackswan", "breakdance", "car-roundabout", "cows", "dog")
 HELD_OUT = ("bmx-trees", "camel", "car-shadow", "dance-twirl", "drift-chicane")
 
 
-def _reference_weights(key: str) -> str | None:
-    state = REPO / "runs" / "reference" / "state.json"
+def _reference_weights(key: str, reference: Path) -> str | None:
+    state = reference / "state.json"
     if state.exists():
         s = json.loads(state.read_text())
         if key in s:
@@ -53,9 +53,9 @@ def _reference_weights(key: str) -> str | None:
     return None
 
 
-def reference_info() -> list[str]:
+def reference_info(reference: Path) -> list[str]:
     """How the image reference run's teacher and KD student were trained (recorded when first used)."""
-    ref = REPO / "runs" / "reference" / "state.json"
+    ref = reference / "state.json"
     if not ref.exists():
         return []
     r = json.loads(ref.read_text())
@@ -110,6 +110,8 @@ def main() -> None:
     ap.add_argument("--data", default=str(DAVIS), help="DAVIS-layout root (default ../shared/data/davis2016-dev)")
     ap.add_argument("--epochs", type=int, default=EPOCHS)
     ap.add_argument("--section", default="video-reference", help="RESULTS.md section to (re)write")
+    ap.add_argument("--reference", default=str(REPO / "runs" / "reference"),
+                    help="output folder of benchmarks/reference_runs.py the weights come from (its state.json)")
     args = ap.parse_args()
     DAVIS, EPOCHS = Path(args.data), args.epochs
     out = Path(args.out)
@@ -122,15 +124,16 @@ def main() -> None:
     def save():
         state_path.write_text(json.dumps(state, indent=1, default=float))
 
-    teacher = args.teacher or state.get("teacher_weights") or _reference_weights("teacher")
-    student = args.image_student or state.get("image_student_weights") or _reference_weights("kd")
+    reference = Path(args.reference)
+    teacher = args.teacher or state.get("teacher_weights") or _reference_weights("teacher", reference)
+    student = args.image_student or state.get("image_student_weights") or _reference_weights("kd", reference)
     if not teacher:
         raise SystemExit("no teacher weights: run benchmarks/reference_runs.py first or pass --teacher")
     from models import read_metadata
     teacher_model = read_metadata(teacher)["model"]
     state.update(teacher_weights=teacher, teacher_model=teacher_model)
     if "reference_info" not in state:
-        state["reference_info"] = reference_info()
+        state["reference_info"] = reference_info(reference)
     save()
 
     import ray
