@@ -191,8 +191,9 @@ def run_demo(cfg: DemoConfig) -> dict:
     notes = [f"Data: {n} unlabeled images from {data_desc}; evaluation on {len(items)} ECSSD images at "
              f"{cfg.size}x{cfg.size} (min-max normalised predictions, PySODMetrics).",
              f"Labelling: {summary.labelled} labelled at {summary.images_per_s:.1f} images/s with {teacher_spec}.",
-             f"Distillation: scfnet_m3, {cfg.epochs} epochs, batch {cfg.batch_size}, sizes "
-             f"{_train_sizes(cfg.size)}, {outcome.wall_s:.0f} s on this machine.",
+             f"Distillation: scfnet_m3 {'from the FS student weights' if init is not None else 'from scratch'}, "
+             f"{cfg.epochs} epochs, batch {cfg.batch_size}, lr {lr:g}, sizes {_train_sizes(cfg.size)}, "
+             f"{outcome.wall_s:.0f} s on this machine.",
              "Demo scale: short schedules on CPU. Reference-run figures are in benchmarks/RESULTS.md."]
     html_path = report.write_html(out / "report.html", "sodkd demo: distilling a SOD teacher into scfnet_m3",
                                   results, figures, notes, extra)
