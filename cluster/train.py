@@ -305,11 +305,17 @@ class KDLossConfig:
 @dataclasses.dataclass(frozen=True)
 class DebugConfig:
     """Fault injection for tests: at global step ``fail_at_step`` worker ``fail_rank`` exits the process
-    (``os._exit``) unless ``fail_marker`` exists; it creates the marker first, so it fails only once."""
+    (``os._exit``) unless ``fail_marker`` exists; it creates the marker first, so it fails only once.
+
+    ``fail_after_s``: seconds it waits before exiting. Ray Train registers a reported checkpoint when its
+    controller next polls the workers (every ``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S``, 2 s by default), so a
+    worker that dies within moments of a report can take that checkpoint with it; a test that expects the
+    restart to resume from the last epoch waits a few polls, as a crash minutes later would."""
 
     fail_at_step: int | None = None
     fail_marker: str | None = None
     fail_rank: int = 0
+    fail_after_s: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1023,6 +1029,7 @@ def train_loop(config: dict) -> dict:
                 with open(dbg.fail_marker, "w") as f:
                     f.write(f"worker rank {rank} exited at step {step}\n")
                 tracker.flush()
+                time.sleep(max(0.0, dbg.fail_after_s))
                 os._exit(1)
 
         epoch_wall.append(time.perf_counter() - t_epoch)

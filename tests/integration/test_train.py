@@ -289,6 +289,7 @@ def test_deepspeed_zero2_worker_killed_finishes_from_checkpoint(ray_cluster, dat
     marker = tmp_path / "failed-once"
     over = {"scaling.num_workers": 2, "scaling.strategy": "deepspeed", "scaling.zero_stage": 2,
             "run.max_failures": 1, "debug.fail_at_step": 3, "debug.fail_marker": str(marker), "debug.fail_rank": 1,
+            "debug.fail_after_s": 10.0,
             "val.panel": 0}
     out = run_training(load_train_config(_config(data, tmp_path, "ds2", **over)))
     assert marker.read_text().startswith("worker rank 1 exited at step 3")
