@@ -95,7 +95,7 @@ def plain_loop(cfg, arrays: dict[str, np.ndarray], steps: int) -> dict:
         for i in range(steps):
             idx = np.sort(order[i * b:(i + 1) * b])
             rows = {k: v[idx] for k, v in arrays.items()}
-            x, y, soft = _collate(rows, aug, rng, model.mean, model.std, cfg.data.sizes)
+            x, y, soft, _ = _collate(rows, aug, rng, model.mean, model.std, cfg.data.sizes)
             set_lr(opt, sched(step))
             loss = batch_loss([t.float() for t in model(x)], y, soft, boundary_band(epoch))
             opt.zero_grad(set_to_none=True)

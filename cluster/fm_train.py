@@ -28,7 +28,7 @@ from kd import schema as S
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Sample", "foundation_maps", "require_foundation_labels", "load_samples"]
+__all__ = ["Sample", "foundation_maps", "require_foundation_labels", "check_foundation_shards", "load_samples"]
 
 
 @dataclasses.dataclass
@@ -76,12 +76,16 @@ def foundation_maps(label_png: bytes, conf_png: bytes, teacher_png: bytes | None
 
 def require_foundation_labels(uri: str, s3: S3Config | None = None) -> None:
     """Raise ``ValueError`` naming ``uri`` unless its label shards carry foundation confidences."""
-    import pyarrow.parquet as pq
-
     from cluster import labels as L
 
     fs, root = L.resolve_root(uri, s3)
-    shards = L.shard_paths(fs, root, S.LABELS_DIR)
+    check_foundation_shards(uri, fs, L.shard_paths(fs, root, S.LABELS_DIR))
+
+
+def check_foundation_shards(uri: str, fs, shards: list[str]) -> None:
+    """:func:`require_foundation_labels` on an already listed output (``shards`` of ``uri`` on ``fs``)."""
+    import pyarrow.parquet as pq
+
     if not shards:
         raise ValueError(f"{uri}: no label shards (expected {S.LABELS_DIR}/*.parquet of a labelling run)")
     if S.CONF_PNG not in pq.read_schema(shards[0], filesystem=fs).names:

@@ -593,9 +593,11 @@ def build_train_dataset(cfg: TrainConfig) -> TrainData:
             counts["online"] += ds.count() if d.cache else len(cat)
             continue
         paths_by_id = {it.id: it.path for it in cat.items}
+        lfs, lroot = L.resolve_root(src.labels, s3)
+        shards = L.shard_paths(lfs, lroot, S.LABELS_DIR)
         if foundation:
-            from cluster.fm_train import require_foundation_labels
-            require_foundation_labels(src.labels, s3)
+            from cluster.fm_train import check_foundation_shards
+            check_foundation_shards(src.labels, lfs, shards)
         label_ids = set(L.read_labels(src.labels, s3, columns=[S.ID]).column(S.ID).to_pylist())
         matched = len(label_ids & paths_by_id.keys())
         if matched == 0:
@@ -604,8 +606,6 @@ def build_train_dataset(cfg: TrainConfig) -> TrainData:
         if matched < len(paths_by_id):
             log.warning("%s: %d of %d images have no offline label and are left out", src.uri,
                         len(paths_by_id) - matched, len(paths_by_id))
-        lfs, lroot = L.resolve_root(src.labels, s3)
-        shards = L.shard_paths(lfs, lroot, S.LABELS_DIR)
         join_kw: dict[str, Any] = {"paths_by_id": paths_by_id, "root_uri": src.uri, "s3": s3, "size": size}
         columns = [S.ID, S.LABEL_PNG]
         if foundation:
