@@ -48,7 +48,7 @@ from cluster.storage import S3Config
 
 __all__ = [
     "TeacherSpec", "TeacherSpecError", "parse_teacher_spec", "Teacher", "EagerTeacher", "TorchScriptTeacher",
-    "OnnxTeacher", "Ensemble", "HFlipTTA", "load_teacher", "build_teacher", "export_teacher",
+    "OnnxTeacher", "CardTeacher", "Ensemble", "HFlipTTA", "load_teacher", "build_teacher", "export_teacher",
     "read_export_metadata", "weights_hash", "METADATA_KEY",
 ]
 
@@ -57,10 +57,12 @@ EXPORT_FORMAT = "sodkd-teacher"
 EXPORT_FORMAT_VERSION = 1
 TORCHSCRIPT_SUFFIXES = (".ts", ".torchscript")
 ONNX_SUFFIXES = (".onnx",)
+EXPORT_SUFFIXES = (".pt2",)
+CARD_QUERY = "?card="
 _NAME_RE = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*):(.+)$")
 _URI_SCHEMES = ("s3", "file")
 
-Kind = Literal["registered", "torchscript", "onnx"]
+Kind = Literal["registered", "torchscript", "onnx", "export"]
 
 
 class TeacherSpecError(ValueError):
@@ -75,16 +77,27 @@ class TeacherSpec:
     path: str
     model: str | None = None
     text: str = ""
+    card: str | None = None     # a teacher card given explicitly (``FILE?card=CARD.yaml``)
 
     def __str__(self) -> str:
         return self.text or (f"{self.model}:{self.path}" if self.model else self.path)
 
 
 def parse_teacher_spec(spec: str) -> TeacherSpec:
-    """``"scfnet_r50:w.pt"`` / ``"t.ts"`` / ``"t.onnx"`` -> :class:`TeacherSpec` (no file is read here)."""
+    """``"scfnet_r50:w.pt"`` / ``"t.ts"`` / ``"t.onnx"`` / ``"t.pt2"`` -> :class:`TeacherSpec` (no file is read).
+
+    A model file may name its teacher card: ``"t.onnx?card=t-card.yaml"`` (else ``t.onnx.card.yaml`` is
+    looked for beside it when the file carries no sodkd metadata)."""
     if not isinstance(spec, str) or not spec.strip():
         raise TeacherSpecError(f"teacher spec {spec!r}: empty")
     text = spec.strip()
+    card = None
+    if CARD_QUERY in text:
+        text, card = text.split(CARD_QUERY, 1)
+        if not card:
+            raise TeacherSpecError(f"teacher spec {spec!r}: empty card path after {CARD_QUERY!r}")
+        if not text.lower().endswith(TORCHSCRIPT_SUFFIXES + ONNX_SUFFIXES + EXPORT_SUFFIXES):
+            raise TeacherSpecError(f"teacher spec {spec!r}: a card describes a model file (*.onnx, *.ts, *.pt2)")
     lower = text.lower()
     m = _NAME_RE.match(text)
     named = m is not None and m.group(1).lower() not in _URI_SCHEMES
@@ -98,13 +111,16 @@ def parse_teacher_spec(spec: str) -> TeacherSpec:
             raise TeacherSpecError(f"teacher spec {text!r}: unknown model {name!r}; registered models: "
                                    f"{', '.join(list_models())}")
         return TeacherSpec("registered", path, name, text)
+    full = spec.strip()
     if lower.endswith(TORCHSCRIPT_SUFFIXES):
-        return TeacherSpec("torchscript", text, None, text)
+        return TeacherSpec("torchscript", text, None, full, card)
     if lower.endswith(ONNX_SUFFIXES):
-        return TeacherSpec("onnx", text, None, text)
+        return TeacherSpec("onnx", text, None, full, card)
+    if lower.endswith(EXPORT_SUFFIXES):
+        return TeacherSpec("export", text, None, full, card)
     raise TeacherSpecError(
         f"teacher spec {text!r}: expected MODEL:WEIGHTS (e.g. scfnet_r50:weights.pt), a TorchScript file "
-        f"(*{', *'.join(TORCHSCRIPT_SUFFIXES)}) or an ONNX file (*.onnx)")
+        f"(*{', *'.join(TORCHSCRIPT_SUFFIXES)}), an ONNX file (*.onnx) or a torch.export program (*.pt2)")
 
 
 def weights_hash(data: bytes) -> str:
@@ -195,6 +211,7 @@ class _SingleTeacher(Teacher):
         if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
             raise TeacherSpecError(f"{id}: bad preprocessing mean={self.mean} std={self.std}")
         self.device, self.half = device, half
+        self.out_resize = "bilinear"
         self._mean_t = torch.tensor(self.mean, device=device).view(1, 3, 1, 1)
         self._inv_std_t = 1.0 / torch.tensor(self.std, device=device).view(1, 3, 1, 1)
 
@@ -211,7 +228,8 @@ class _SingleTeacher(Teacher):
         xn = (x - self._mean_t) * self._inv_std_t
         p = self._run(xn.half() if self.half else xn).float()
         if (h, w) != (s, s):
-            p = F.interpolate(p, size=(h, w), mode="bilinear", align_corners=False)
+            p = (F.interpolate(p, size=(h, w), mode="bilinear", align_corners=False) if self.out_resize == "bilinear"
+                 else F.interpolate(p, size=(h, w), mode="nearest"))
         return p[:, 0]
 
 
@@ -263,6 +281,54 @@ class OnnxTeacher(_SingleTeacher):
     def _run(self, xn: torch.Tensor) -> torch.Tensor:
         out = self.session.run(None, {self.input_name: np.ascontiguousarray(xn.numpy(), dtype=np.float32)})[0]
         return torch.from_numpy(out)
+
+
+class CardTeacher(_SingleTeacher):
+    """A model file sodkd did not write (ONNX, TorchScript or torch.export), run as its teacher card says.
+
+    ``runner(x: np.ndarray float32) -> list of np.ndarray`` runs the file on the prepared input (the card's
+    layout and channel order); the first batch is checked against the card (:func:`kd.card.check_first_batch`)
+    and every batch's map is selected, turned into probabilities and resized to the input size as the card says.
+    """
+
+    def __init__(self, runner, card, id: str, weights_hash: str, input_size: int | None, device: torch.device,
+                 card_uri: str):
+        from kd.card import CardCheckError  # noqa: F401  (re-exported for callers catching it)
+        size = int(input_size or card.input.size)
+        try:
+            card.input.check_size(size)
+        except Exception as e:  # ConfigError: name the card
+            raise TeacherSpecError(f"{id}: {card_uri}: {e}") from e
+        mean, std = card.input.mean_std_255()
+        super().__init__(id, weights_hash, mean, std, size, device, False)
+        self.card, self.card_uri, self.runner = card, card_uri, runner
+        self.out_resize = card.output.resize
+        self._checked = False
+
+    def _run(self, xn: torch.Tensor) -> torch.Tensor:
+        from kd.card import check_first_batch
+        c = self.card
+        x = xn.flip(1) if c.input.channels == "BGR" else xn
+        if c.input.layout == "NHWC":
+            x = x.permute(0, 2, 3, 1)
+        outs = [np.asarray(o) for o in self.runner(np.ascontiguousarray(x.detach().cpu().numpy(), dtype=np.float32))]
+        n, s = xn.shape[0], xn.shape[-1]
+        if not self._checked:
+            maps = check_first_batch(outs, c, n, (s, s), f"teacher {self.id} (card {self.card_uri})")
+            self._checked = True
+        else:
+            y = outs[c.output.index]
+            y = y[:, None] if y.ndim == 3 else y
+            m = y[:, c.output.channel].astype(np.float32)
+            maps = 1.0 / (1.0 + np.exp(-m)) if c.output.kind == "logits" else np.clip(m, 0.0, 1.0)
+        p = torch.from_numpy(np.ascontiguousarray(maps, dtype=np.float32))[:, None].to(self.device)
+        if p.shape[-2:] != (s, s):
+            p = (F.interpolate(p, size=(s, s), mode="bilinear", align_corners=False) if self.out_resize == "bilinear"
+                 else F.interpolate(p, size=(s, s), mode="nearest"))
+        return p
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "card": self.card_uri, "licence": self.card.licence}
 
 
 class Ensemble(Teacher):
@@ -346,6 +412,46 @@ def _check_meta(meta: Any, spec: TeacherSpec) -> dict[str, Any]:
     return meta
 
 
+def _find_card(spec: TeacherSpec, s3: S3Config | None):
+    """The spec's card (explicit, else ``FILE.card.yaml`` beside the file) as (card, uri), or (None, None)."""
+    from kd.card import card_beside, load_card
+    from kd.config import ConfigError
+    uri = spec.card or card_beside(spec.path)
+    fs, path = storage.get_filesystem(uri, s3)
+    if fs.get_file_info(path).type.name != "File":
+        if spec.card:
+            raise TeacherSpecError(f"teacher spec {spec}: card not found: {uri}")
+        return None, None
+    try:
+        return load_card(storage.read_bytes(fs, path), where=uri), uri
+    except ConfigError as e:
+        raise TeacherSpecError(f"teacher spec {spec}: bad teacher card: {e}") from e
+
+
+def _no_card(spec: TeacherSpec) -> TeacherSpecError:
+    from kd.card import card_beside
+    return TeacherSpecError(
+        f"teacher spec {spec}: the file carries no sodkd teacher metadata and has no teacher card: write "
+        f"{card_beside(spec.path)} (input size, channel order, value scale, mean/std, output index and kind; see "
+        f"kd/card.py) or name one with FILE{CARD_QUERY}CARD.yaml")
+
+
+def _card_id(kind: str, card, spec: TeacherSpec) -> str:
+    """``onnx:csnet-L-x2``: the card's model name, refined by the file's stem when one card serves several."""
+    stem = Path(spec.path.rstrip("/")).name.rsplit(".", 1)[0]
+    name = stem if stem.startswith(card.model) or card.model == "external" else f"{card.model}/{stem}"
+    return f"{kind}:{name}"
+
+
+def _torch_runner(module, device: torch.device):
+    def run(x: np.ndarray) -> list[np.ndarray]:
+        with torch.inference_mode():
+            out = module(torch.from_numpy(x).to(device))
+        outs = list(out) if isinstance(out, (list, tuple)) else [out]
+        return [o.float().cpu().numpy() for o in outs]
+    return run
+
+
 def _jit_load(data: bytes, device: torch.device, extra: dict[str, Any]) -> Any:
     # TorchScript is deprecated upstream in favour of torch.export, but it is the format asked for here
     # (self-contained, loadable without sodkd): silence the per-load deprecation warning.
@@ -355,16 +461,44 @@ def _jit_load(data: bytes, device: torch.device, extra: dict[str, Any]) -> Any:
 
 
 def _load_torchscript(spec: TeacherSpec, data: bytes, device: torch.device, half: bool,
-                      input_size: int | None) -> TorchScriptTeacher:
+                      input_size: int | None, card=None, card_uri=None) -> Teacher:
     extra = {f"{METADATA_KEY}.json": ""}
     try:
         module = _jit_load(data, device, extra)
     except Exception as e:  # noqa: BLE001 - torch raises RuntimeError or others for a foreign file
         raise TeacherSpecError(f"teacher spec {spec}: not a TorchScript file ({type(e).__name__}: {e})") from e
     raw = extra[f"{METADATA_KEY}.json"]
-    meta = _check_meta(json.loads(raw) if raw else None, spec)
+    if (not raw or spec.card) and card is not None:
+        return CardTeacher(_torch_runner(module.eval(), device), card, _card_id("torchscript", card, spec),
+                           weights_hash(data), input_size, device, card_uri)
+    if not raw:
+        raise _no_card(spec)
+    meta = _check_meta(json.loads(raw), spec)
     _check_size(spec, meta, input_size)
+    warnings.warn(f"teacher {spec}: TorchScript is deprecated in torch; export the model to ONNX or "
+                  "torch.export (.pt2) instead", DeprecationWarning, stacklevel=3)
     return TorchScriptTeacher(module, meta, f"torchscript:{meta.get('model', 'unknown')}", weights_hash(data),
+                              device, half)
+
+
+def _load_export(spec: TeacherSpec, data: bytes, device: torch.device, half: bool, input_size: int | None,
+                 card, card_uri) -> Teacher:
+    """A torch.export program (``torch.export.save``): sodkd metadata in its extra files, or a card."""
+    extra = {f"{METADATA_KEY}.json": ""}
+    try:
+        program = torch.export.load(io.BytesIO(data), extra_files=extra)
+    except Exception as e:  # noqa: BLE001 - a foreign or broken file
+        raise TeacherSpecError(f"teacher spec {spec}: not a torch.export program ({type(e).__name__}: {e})") from e
+    module = program.module()
+    raw = extra[f"{METADATA_KEY}.json"]
+    if (not raw or spec.card) and card is not None:
+        return CardTeacher(_torch_runner(module, device), card, _card_id("export", card, spec), weights_hash(data),
+                           input_size, device, card_uri)
+    if not raw:
+        raise _no_card(spec)
+    meta = _check_meta(json.loads(raw), spec)
+    _check_size(spec, meta, input_size)
+    return TorchScriptTeacher(module, meta, f"export:{meta.get('model', 'unknown')}", weights_hash(data),
                               device, half)
 
 
@@ -378,7 +512,7 @@ def _onnx_providers(device: torch.device | str) -> list[str]:
 
 
 def _load_onnx(spec: TeacherSpec, data: bytes, device: str, input_size: int | None,
-               threads: int | None) -> OnnxTeacher:
+               threads: int | None, card=None, card_uri=None) -> Teacher:
     import onnxruntime as ort
     opts = ort.SessionOptions()
     if threads:
@@ -389,7 +523,29 @@ def _load_onnx(spec: TeacherSpec, data: bytes, device: str, input_size: int | No
     except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types
         raise TeacherSpecError(f"teacher spec {spec}: not a loadable ONNX model ({type(e).__name__}: {e})") from e
     raw = session.get_modelmeta().custom_metadata_map.get(METADATA_KEY)
-    meta = _check_meta(json.loads(raw) if raw else None, spec)
+    if (not raw or spec.card) and card is not None:
+        inputs = [i.name for i in session.get_inputs()]
+        name = card.input.name or inputs[0]
+        if name not in inputs:
+            raise TeacherSpecError(f"teacher spec {spec}: card {card_uri}: input.name {name!r} is not an input of "
+                                   f"the model ({', '.join(inputs)})")
+        outputs = [o.name for o in session.get_outputs()]
+        if card.output.name is not None:
+            if card.output.name not in outputs:
+                raise TeacherSpecError(f"teacher spec {spec}: card {card_uri}: output.name {card.output.name!r} "
+                                       f"is not an output of the model ({', '.join(outputs)})")
+            card = dataclasses.replace(card, output=dataclasses.replace(
+                card.output, index=outputs.index(card.output.name)))
+
+        def run(x: np.ndarray) -> list[np.ndarray]:
+            return session.run(None, {name: x})
+        t = CardTeacher(run, card, _card_id("onnx", card, spec), weights_hash(data), input_size, torch.device("cpu"),
+                        card_uri)
+        t.session, t.providers = session, session.get_providers()
+        return t
+    if not raw:
+        raise _no_card(spec)
+    meta = _check_meta(json.loads(raw), spec)
     _check_size(spec, meta, input_size)
     return OnnxTeacher(session, meta, f"onnx:{meta.get('model', 'unknown')}", weights_hash(data))
 
@@ -412,12 +568,15 @@ def load_teacher(spec: str | TeacherSpec, s3: S3Config | None = None, device: st
     """
     spec = parse_teacher_spec(spec) if isinstance(spec, str) else spec
     data = _read_file(spec.path, s3, str(spec))
+    card, card_uri = _find_card(spec, s3) if spec.kind != "registered" else (None, None)
     if spec.kind == "onnx":
-        return _load_onnx(spec, data, device, input_size, threads)
+        return _load_onnx(spec, data, device, input_size, threads, card, card_uri)
     dev = _resolve_device(device)
     half = _use_half(dev, precision)
     if spec.kind == "torchscript":
-        return _load_torchscript(spec, data, dev, half, input_size)
+        return _load_torchscript(spec, data, dev, half, input_size, card, card_uri)
+    if spec.kind == "export":
+        return _load_export(spec, data, dev, half, input_size, card, card_uri)
     return _load_registered(spec, data, dev, half, input_size)
 
 

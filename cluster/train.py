@@ -59,12 +59,13 @@ from kd import schema as S
 from kd.augment import TEST_SIZE, TRAIN_SIZES, AugmentConfig
 from kd.config import ConfigError, load_config, to_dict, to_flat_dict
 from kd.pseudo_labels import FMLossConfig
+from kd.step import KDLoss, MaskLoss
 
 log = logging.getLogger(__name__)
 
 __all__ = ["ModelConfig", "PairedSource", "UnlabeledSource", "OnlineTeacherConfig", "DataSection",
            "ValConfig", "OptimConfig", "ScalingSection", "RunSection", "TrainTracking", "OutputConfig",
-           "DebugConfig", "KDLossConfig", "TrainConfig", "load_train_config", "build_train_dataset", "train_loop",
+           "DebugConfig", "TrainConfig", "load_train_config", "build_train_dataset", "train_loop",
            "run_training", "TrainOutcome", "RUN_NAME_TAG",
            # the run plumbing other trainers on this core share (cluster.video_train)
            "unwrap", "save_checkpoint_dir", "latest_local_checkpoint", "persist_local_checkpoint", "RankTracker",
@@ -200,8 +201,15 @@ class OptimConfig:
     weight_decay: float = 5e-4
     backbone_lr_mult: float = 0.1
     grad_clip: float | None = None
+    nesterov: bool = False
 
     def __post_init__(self) -> None:
+        if not all(math.isfinite(v) for v in (self.lr, self.lr_start, self.lr_final, self.momentum,
+                                               self.weight_decay, self.backbone_lr_mult)):
+            raise ConfigError("optim: lr, lr_start, lr_final, momentum, weight_decay and backbone_lr_mult "
+                              "must be finite numbers")
+        if self.nesterov and self.momentum <= 0:
+            raise ConfigError("optim.nesterov: needs momentum > 0")
         if self.epochs < 1 or self.batch_size < 1:
             raise ConfigError(f"optim: epochs and batch_size must be >= 1, got {self.epochs}, {self.batch_size}")
         if self.lr <= 0 or self.lr_start < 0 or self.lr_final < 0:
@@ -290,19 +298,6 @@ class OutputConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class KDLossConfig:
-    """The distillation loss of soft-labelled rows: KD-SCFNet's deep-supervised soft dice to the teacher's
-    map, plus ``bce_weight`` x the deep-supervised per-pixel BCE to it (0 = the paper's loss; see
-    :mod:`kd.step`)."""
-
-    bce_weight: float = 0.0
-
-    def __post_init__(self) -> None:
-        if self.bce_weight < 0:
-            raise ConfigError(f"kd.bce_weight: must be >= 0, got {self.bce_weight}")
-
-
-@dataclasses.dataclass(frozen=True)
 class DebugConfig:
     """Fault injection for tests: at global step ``fail_at_step`` worker ``fail_rank`` exits the process
     (``os._exit``) unless ``fail_marker`` exists; it creates the marker first, so it fails only once.
@@ -323,7 +318,8 @@ class TrainConfig:
     """Everything one training job needs; one dict of it crosses into Ray and, flattened, into MLflow.
 
     ``fm``: the loss weights and trust threshold of mode foundation (ignored by the other modes); ``kd``: the
-    distillation loss of soft-labelled rows (mode distill).
+    distillation loss of soft-labelled rows (mode distill, :class:`kd.step.KDLoss`); ``mask_loss``: the loss
+    of rows with masks (:class:`kd.step.MaskLoss`).
     """
 
     mode: Mode = "supervised"
@@ -338,7 +334,8 @@ class TrainConfig:
     debug: DebugConfig = dataclasses.field(default_factory=DebugConfig)
     s3: S3Config = dataclasses.field(default_factory=S3Config)
     fm: FMLossConfig = dataclasses.field(default_factory=FMLossConfig)
-    kd: KDLossConfig = dataclasses.field(default_factory=KDLossConfig)
+    kd: KDLoss = dataclasses.field(default_factory=KDLoss)
+    mask_loss: MaskLoss = dataclasses.field(default_factory=MaskLoss)
 
     def __post_init__(self) -> None:
         d = self.data
@@ -895,13 +892,14 @@ def train_loop(config: dict) -> dict:
                             cfg.optim.lr_start, cfg.optim.lr_final)
 
     model = create_model(cfg.model.name, **cfg.model.kwargs)
+    model.input_size = max(cfg.data.sizes)   # recorded in every weights file: the size to run it at
     if cfg.model.init_weights:
         fs, path = storage.get_filesystem(cfg.model.init_weights, cfg.s3)
         import io
         load_state(model, io.BytesIO(storage.read_bytes(fs, path)))
     groups = with_lr_mult(model.param_groups(cfg.optim.lr, cfg.optim.backbone_lr_mult), cfg.optim.lr)
     optimizer = torch.optim.SGD(groups, lr=cfg.optim.lr, momentum=cfg.optim.momentum,
-                                weight_decay=cfg.optim.weight_decay)
+                                weight_decay=cfg.optim.weight_decay, nesterov=cfg.optim.nesterov)
 
     # -- resume ---------------------------------------------------------------------------------------------
     meta: dict[str, Any] = {"epoch": 0, "step": 0, "best_mae": None, "best_epoch": None,
@@ -1005,7 +1003,7 @@ def train_loop(config: dict) -> dict:
                 loss, parts = fm_model_loss(_Float32Outputs(net), x, y, conf.to(device), cfg.fm)
             else:
                 logits = [o.float() for o in net(x)]
-                loss = batch_loss(logits, y, soft, band, cfg.kd.bce_weight)
+                loss = batch_loss(logits, y, soft, band, cfg.kd, cfg.mask_loss)
             if engine is not None:
                 engine.backward(loss)
                 engine.step()

@@ -4,7 +4,8 @@ A file written by :func:`save_weights` is a ``torch.save`` of::
 
     {"sodkd_meta": {"format": "sodkd-weights", "format_version": 1, "model": <registry name>,
                     "config": <model.config>, "git_commit": <sha or None>, "torch_version": ...,
-                    "dtype": "float32" | "float16", "num_params": ..., **extra_meta},
+                    "dtype": "float32" | "float16", "num_params": ..., "input_size": <the size it was
+                    trained at, which predict / eval / label default to>, **extra_meta},
      "state_dict": {<param name>: tensor, ...}}
 
 It contains only dicts, lists, strings, numbers and tensors, so it loads with ``weights_only=True`` (no
@@ -36,7 +37,7 @@ FORMAT = "sodkd-weights"
 FORMAT_VERSION = 1
 META_KEY = "sodkd_meta"
 STATE_KEY = "state_dict"
-_RESERVED = ("format", "format_version", "model", "config", "torch_version", "dtype", "num_params")
+_RESERVED = ("format", "format_version", "model", "config", "torch_version", "dtype", "num_params", "input_size")
 
 PathOrFile = Union[str, os.PathLike, IO[bytes]]
 
@@ -90,6 +91,7 @@ def save_weights(model: SODModel, path: PathOrFile, extra_meta: dict[str, Any] |
         "torch_version": str(torch.__version__),
         "dtype": "float16" if half else "float32",
         "num_params": count_params(model),
+        "input_size": int(model.input_size),   # the resolution it was trained at: what to run it at
     }
     meta.update(extra)
     state = {k: (v.detach().half() if half and v.is_floating_point() else v.detach()).cpu().contiguous()
@@ -162,6 +164,8 @@ def load_state(model: nn.Module, path: PathOrFile, strict: bool = True,
         model.load_state_dict(_state_dict_of(payload, path), strict=strict)
     except RuntimeError as e:
         raise WeightsFormatError(f"{_name(path)}: does not fit {type(model).__name__}: {e}") from e
+    if isinstance(meta, dict) and meta.get("input_size") and isinstance(model, SODModel):
+        model.input_size = int(meta["input_size"])
     return model
 
 
@@ -179,4 +183,6 @@ def load_weights(path: PathOrFile, map_location: Any = "cpu") -> SODModel:
                                  "and use load_state(model, path)")
     model = create_model(meta["model"], **meta["config"])
     model.load_state_dict(_state_dict_of(payload, path), strict=True)
+    if meta.get("input_size"):
+        model.input_size = int(meta["input_size"])
     return model.to(map_location).eval()

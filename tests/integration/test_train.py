@@ -185,6 +185,7 @@ def test_in_process_run_records_mlflow_and_resumes(ray_cluster, data, tmp_path):
     meta = read_metadata(out.weights[0])
     assert meta["best_epoch"] in (1, 2) and meta["mlflow_run_id"] == run.info.run_id
     assert read_metadata(out.weights[1])["dtype"] == "float16"
+    assert meta["input_size"] == max(SIZES) and final.input_size == max(SIZES)   # the size to run it at
 
     # resubmit the same name with one more epoch: continues at epoch 3, step 5, in the same MLflow run
     cfg3 = load_train_config(_config(data, tmp_path, "fs-inproc", **{"optim.epochs": 3}))

@@ -17,7 +17,7 @@ from jobs import cli
 from kd.config import ConfigError
 from kd.losses import kd_dice_loss, teacher_loss
 from kd.schedule import WarmupCosine, set_lr, with_lr_mult
-from kd.step import batch_loss, make_panel
+from kd.step import KDLoss, MaskLoss, batch_loss, confidence_weights, make_panel, pixel_term, soft_loss
 from models import create_model
 
 PEAK, START, FINAL = 0.064, 6.4e-4, 6.4e-4
@@ -88,25 +88,71 @@ def test_batch_loss_hard_soft_and_mixed():
         batch_loss(logits, target, torch.zeros(3, dtype=torch.bool), band)
 
 
-def test_kd_bce_term_adds_the_deep_supervised_bce_to_soft_rows_only():
+def test_kd_pixel_term_adds_the_deep_supervised_bce_to_soft_rows_only():
     logits = _logits()
     t = torch.rand(4, 1, 16, 16, generator=torch.Generator().manual_seed(2))   # a teacher's soft map
     band, w = 3, 0.7
     bce = sum(sw * F.binary_cross_entropy_with_logits(x, t) for sw, x in zip((1, 0.5, 0.25, 0.125), logits))
     every_soft = torch.ones(4, dtype=torch.bool)
-    torch.testing.assert_close(batch_loss(logits, t, every_soft, band, kd_bce=w), kd_dice_loss(logits, t) + w * bce)
-    hard = torch.zeros(4, dtype=torch.bool)   # masks keep the teacher loss whatever kd_bce is
+    cfg = KDLoss(pixel="bce", pixel_weight=w)
+    torch.testing.assert_close(batch_loss(logits, t, every_soft, band, cfg), kd_dice_loss(logits, t) + w * bce)
+    hard = torch.zeros(4, dtype=torch.bool)   # masks keep the mask loss whatever the kd section says
     m = (t > 0.5).float()
-    torch.testing.assert_close(batch_loss(logits, m, hard, band, kd_bce=w), teacher_loss(logits, m, band))
-    # the BCE term is minimised where the student's map equals the teacher's, pixel by pixel
+    torch.testing.assert_close(batch_loss(logits, m, hard, band, cfg), teacher_loss(logits, m, band))
+    # BCE only: the loss is stationary exactly where the student's map equals the teacher's, pixel by pixel
     z = torch.logit(t.clamp(1e-4, 1 - 1e-4)).requires_grad_(True)
-    batch_loss([z] * 4, t, every_soft, band, kd_bce=1.0).backward()
-    dice_only = torch.logit(t.clamp(1e-4, 1 - 1e-4)).requires_grad_(True)
-    batch_loss([dice_only] * 4, t, every_soft, band).backward()
-    assert z.grad.abs().sum() > 0   # (the dice still pulls; the BCE part alone is stationary there)
-    torch.testing.assert_close(z.grad, dice_only.grad, atol=1e-6, rtol=1e-4)
-    with pytest.raises(ValueError, match="kd_bce"):
-        batch_loss(logits, t, every_soft, band, kd_bce=-1.0)
+    batch_loss([z] * 4, t, every_soft, band, KDLoss(structure="none", pixel="bce")).backward()
+    assert z.grad.abs().max() < 1e-6
+    with pytest.raises(ConfigError, match="kd.pixel_weight"):
+        KDLoss(pixel="bce", pixel_weight=-1.0)
+    with pytest.raises(ConfigError, match="nothing to learn"):
+        KDLoss(structure="none", pixel="none")
+
+
+def test_soft_dice_optimum_is_a_thresholded_map_and_bce_is_calibrated():
+    """The docstring's argument, numerically: minimise each loss over p in [0, 1] for a soft target."""
+    t = torch.linspace(0.05, 0.95, 64).view(1, 1, 8, 8)
+    results = {}
+    for name, cfg in (("dice", KDLoss()), ("bce", KDLoss(structure="none", pixel="bce")),
+                      ("conf", KDLoss(structure="none", pixel="bce", confidence="teacher"))):
+        z = torch.zeros_like(t, requires_grad=True)
+        opt = torch.optim.Adam([z], lr=0.1)
+        for _ in range(1500):
+            opt.zero_grad()
+            soft_loss([z], t, cfg, weights=(1.0,)).backward()
+            opt.step()
+        results[name] = torch.sigmoid(z).detach()
+    p = results["dice"]
+    assert ((p > 0.9) | (p < 0.1)).float().mean() > 0.9          # thresholded ...
+    assert (p > 0.5).float().mean() > (t > 0.5).float().mean()     # ... and larger than the teacher's map
+    torch.testing.assert_close(results["bce"], t, atol=2e-3, rtol=0)   # calibrated: p = t
+    torch.testing.assert_close(results["conf"], t, atol=2e-3, rtol=0)  # weights depending on t keep p = t
+
+
+def test_kl_is_bce_minus_entropy_and_temperature_keeps_the_optimum():
+    z = torch.randn(2, 1, 8, 8)
+    t = torch.rand(2, 1, 8, 8).clamp(0.01, 0.99)
+    bce = pixel_term(z, t, KDLoss(pixel="bce"))
+    kl = pixel_term(z, t, KDLoss(pixel="kl"))
+    ent = -(t * t.log() + (1 - t) * (1 - t).log()).mean()
+    torch.testing.assert_close(kl, bce - ent, atol=1e-4, rtol=1e-4)
+    at_opt = pixel_term(torch.logit(t), t, KDLoss(pixel="kl", temperature=3.0))
+    assert float(at_opt) == pytest.approx(0.0, abs=1e-4)
+    w = confidence_weights(torch.tensor([0.0, 0.5, 1.0]), 0.25)
+    torch.testing.assert_close(w, torch.tensor([1.0, 0.25, 1.0]))
+
+
+def test_mask_loss_options():
+    logits = _logits()
+    m = (torch.rand(4, 1, 16, 16, generator=torch.Generator().manual_seed(3)) > 0.5).float()
+    hard = torch.zeros(4, dtype=torch.bool)
+    paper = batch_loss(logits, m, hard, 3)
+    torch.testing.assert_close(paper, teacher_loss(logits, m, 3))
+    no_edge = batch_loss(logits, m, hard, 3, mask=MaskLoss(boundary=0.0))
+    torch.testing.assert_close(no_edge, kd_dice_loss(logits, m))
+    bce = sum(sw * F.binary_cross_entropy_with_logits(x, m) for sw, x in zip((1, 0.5, 0.25, 0.125), logits))
+    torch.testing.assert_close(batch_loss(logits, m, hard, 3, mask=MaskLoss(boundary=0.0, bce=2.0)),
+                               kd_dice_loss(logits, m) + 2.0 * bce)
 
 
 def test_make_panel_layout():
