@@ -100,7 +100,7 @@ def train_config(name: str, steps: int) -> dict:
     cfg = {
         "mode": mode,
         "model": {"name": "scfnet_m3"},
-        "data": {"load_size": SIZE, "sizes": [SIZE], "decode_cpus": 0.25, "shuffle_buffer": 2048,
+        "data": {"load_size": SIZE, "sizes": [SIZE], "decode_cpus": 1.0, "shuffle_buffer": 1024,
                  "augment": {"blur_p": 0.0, "contrast": [0.8, 1.2], "brightness": 10.0, "crop_frac": 0.1,
                              "hflip_p": 0.5, "vflip_p": 0.0}},
         "val": {"uri": str(OUT / "data" / "duts-val"), "size": SIZE, "panel": 4},
