@@ -21,6 +21,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet $(TORCH)
 	$(BIN)/python -m pip install --quiet -e ".[test,foundation]"
+	# reference models for the backbone-loading tests, off the venv's path (pyproject.toml: refmodels)
+	$(BIN)/python -m pip install --quiet --no-deps --upgrade --target $(VENV)/refmodels "torchvision>=0.28,<0.29" "timm>=1.0,<2"
 	touch $(STAMP)
 
 test: setup

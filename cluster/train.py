@@ -86,11 +86,18 @@ Mode = Literal["teacher", "supervised", "distill", "foundation"]
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """Which network: a registered name, constructor overrides, optional starting weights."""
+    """Which network: a registered name, constructor overrides, optional starting weights.
+
+    ``backbone_weights``: a torchvision- or timm-format ImageNet state dict for the encoder (MobileNetV3 or
+    ResNet; :func:`models.load_backbone_weights` maps the keys, checks shapes and prints what it loaded);
+    ``init_weights`` (a whole sodkd model) is applied after it. Both are checked on the driver before any
+    worker starts.
+    """
 
     name: str = "scfnet_m3"
     kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
     init_weights: str | None = None      # a models.save_weights file to start from (local or s3://)
+    backbone_weights: str | None = None  # ImageNet encoder weights (torchvision / timm state dict; local or s3://)
 
     def __post_init__(self) -> None:
         from models import list_models
@@ -857,6 +864,38 @@ def _panel(cfg: TrainConfig, module, val: ValSet, probs: np.ndarray, teacher) ->
     return make_panel(rows)
 
 
+def apply_start_weights(model, cfg: TrainConfig, verbose: bool = True) -> None:
+    """``model.backbone_weights`` then ``model.init_weights`` into ``model`` (files local or on S3).
+
+    Errors name the config key and the file: a wrong file is found here, on the driver (``run_training``
+    calls this on a throwaway model first), not after the workers started."""
+    import io
+
+    from models import load_backbone_weights, load_state
+    m = cfg.model
+    if m.backbone_weights:
+        fs, path = storage.get_filesystem(m.backbone_weights, cfg.s3)
+        if not storage.exists(fs, path):
+            raise ConfigError(f"model.backbone_weights: file not found: {m.backbone_weights}")
+        with tempfile.NamedTemporaryFile(suffix=".pt") as tmp:
+            tmp.write(storage.read_bytes(fs, path))
+            tmp.flush()
+            try:
+                report = load_backbone_weights(model, tmp.name)
+            except (ValueError, TypeError) as e:
+                raise ConfigError(f"model.backbone_weights: {m.backbone_weights}: {e}") from e
+        if verbose:
+            log.info("model.backbone_weights %s: %s", m.backbone_weights, report.summary())
+    if m.init_weights:
+        fs, path = storage.get_filesystem(m.init_weights, cfg.s3)
+        if not storage.exists(fs, path):
+            raise ConfigError(f"model.init_weights: file not found: {m.init_weights}")
+        try:
+            load_state(model, io.BytesIO(storage.read_bytes(fs, path)))
+        except ValueError as e:
+            raise ConfigError(f"model.init_weights: {m.init_weights}: {e}") from e
+
+
 def train_loop(config: dict) -> dict:
     """The per-worker training function (``TorchTrainer(train_loop, train_loop_config=config)``).
 
@@ -893,10 +932,7 @@ def train_loop(config: dict) -> dict:
 
     model = create_model(cfg.model.name, **cfg.model.kwargs)
     model.input_size = max(cfg.data.sizes)   # recorded in every weights file: the size to run it at
-    if cfg.model.init_weights:
-        fs, path = storage.get_filesystem(cfg.model.init_weights, cfg.s3)
-        import io
-        load_state(model, io.BytesIO(storage.read_bytes(fs, path)))
+    apply_start_weights(model, cfg, verbose=rank == 0)
     groups = with_lr_mult(model.param_groups(cfg.optim.lr, cfg.optim.backbone_lr_mult), cfg.optim.lr)
     optimizer = torch.optim.SGD(groups, lr=cfg.optim.lr, momentum=cfg.optim.momentum,
                                 weight_decay=cfg.optim.weight_decay, nesterov=cfg.optim.nesterov)
@@ -1226,6 +1262,9 @@ def run_training(cfg: TrainConfig) -> TrainOutcome:
         import mlflow
         uri = mlflow.get_tracking_uri()
     cfg = dataclasses.replace(cfg, mlflow=dataclasses.replace(cfg.mlflow, uri=resolve_tracking_uri(uri)))
+    if cfg.model.init_weights or cfg.model.backbone_weights:   # a wrong file fails here, in seconds
+        from models import create_model
+        apply_start_weights(create_model(cfg.model.name, **cfg.model.kwargs), cfg)
     ensure_ray()
     data = build_train_dataset(cfg)
     spe = steps_per_epoch(data.rows, cfg.optim.batch_size, cfg.scaling.num_workers)

@@ -22,7 +22,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--input", help="folder or s3://bucket/prefix of images (or video frame folders)")
     p.add_argument("--output", help="folder or s3://bucket/prefix for labels/ and rejects/")
     p.add_argument("--teacher", action="append", default=[], metavar="SPEC",
-                   help="MODEL:WEIGHTS, FILE.ts or FILE.onnx; repeat for an ensemble")
+                   help="MODEL:WEIGHTS, FILE.onnx, FILE.pt2 or FILE.ts; repeat for an ensemble. A file sodkd did "
+                        "not write needs a teacher card: FILE.card.yaml beside it, FILE?card=CARD, or --card")
+    p.add_argument("--card", action="append", default=[], metavar="CARD",
+                   help="teacher card (YAML) of the model files among --teacher, in their order; one card for "
+                        "several files applies to all of them")
     p.add_argument("--config", default=str(DEFAULT_CONFIG), help=f"YAML config (default {DEFAULT_CONFIG.name})")
     p.add_argument("--samples", type=int, default=6, help="sample images in the MLflow picture (0: none)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
@@ -40,8 +44,26 @@ def build_config(args: argparse.Namespace):
     if args.output:
         data["output"] = args.output
     if args.teacher:
-        data["teachers"] = list(args.teacher)
+        data["teachers"] = with_cards(list(args.teacher), list(args.card))
+    elif args.card:
+        raise SystemExit("sodkd label: --card describes a --teacher model file; give --teacher too")
     return load_label_config(data, args.overrides)
+
+
+def with_cards(teachers: list[str], cards: list[str]) -> list[str]:
+    """Attach ``--card`` files to the model-file specs among ``teachers`` (``FILE?card=CARD``)."""
+    from cluster.teachers import CARD_QUERY, parse_teacher_spec
+    if not cards:
+        return teachers
+    files = [i for i, t in enumerate(teachers) if parse_teacher_spec(t).kind != "registered"]
+    if len(cards) not in (1, len(files)):
+        raise SystemExit(f"sodkd label: {len(cards)} --card for {len(files)} model file(s) among --teacher: give "
+                         "one card for all of them or one per file")
+    out = list(teachers)
+    for n, i in enumerate(files):
+        if CARD_QUERY not in out[i]:
+            out[i] = f"{out[i]}{CARD_QUERY}{cards[0] if len(cards) == 1 else cards[n]}"
+    return out
 
 
 def run(args: argparse.Namespace) -> int:

@@ -198,3 +198,16 @@ def test_sodkd_exported_files_keep_working_without_a_card(tmp_path):
     T.export_teacher(m, tmp_path / "m3.onnx", "onnx", input_size=SIZE, onnx_exporter="torchscript")
     t = T.load_teacher(str(tmp_path / "m3.onnx"), device="cpu")
     assert isinstance(t, T.OnnxTeacher) and t.input_size == SIZE
+
+
+def test_label_cli_attaches_cards_to_the_model_files_in_order():
+    from jobs.label_cmd import with_cards
+    teachers = ["scfnet_r18:w.pt", "a.onnx", "b.pt2"]
+    assert with_cards(teachers, ["c.yaml"]) == ["scfnet_r18:w.pt", "a.onnx?card=c.yaml", "b.pt2?card=c.yaml"]
+    assert with_cards(teachers, ["1.yaml", "2.yaml"]) == ["scfnet_r18:w.pt", "a.onnx?card=1.yaml",
+                                                          "b.pt2?card=2.yaml"]
+    with pytest.raises(SystemExit, match="3 --card for 2 model file"):
+        with_cards(teachers, ["1", "2", "3"])
+    assert T.parse_teacher_spec("a.onnx?card=c.yaml").card == "c.yaml"
+    with pytest.raises(T.TeacherSpecError, match="describes a model file"):
+        T.parse_teacher_spec("scfnet_m3:w.pt?card=c.yaml")

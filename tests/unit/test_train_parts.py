@@ -251,3 +251,24 @@ def test_cli_errors_are_one_line_and_name_the_problem(capsys):
     assert "--labels" in capsys.readouterr().err
     assert cli.main(["train-teacher", "--paired", "/d", "mode=distill"]) == 2
     assert "trains mode teacher" in capsys.readouterr().err
+
+
+def test_start_weights_from_config_and_clear_errors(tmp_path):
+    from cluster.train import apply_start_weights
+    src = create_model("scfnet_m3")
+    torch.save(src.backbone.state_dict(), tmp_path / "encoder.pth")     # an encoder state dict on disk
+    torch.save(create_model("scfnet_r18").backbone.state_dict(), tmp_path / "resnet.pth")
+    cfg = load_train_config({"mode": "supervised", "data": {"paired": [{"uri": "/x"}]},
+                             "model": {"name": "scfnet_m3", "backbone_weights": str(tmp_path / "encoder.pth")}})
+    dst = create_model("scfnet_m3")
+    apply_start_weights(dst, cfg, verbose=False)
+    for k, v in src.backbone.state_dict().items():
+        torch.testing.assert_close(dst.backbone.state_dict()[k], v)
+    wrong = load_train_config({"mode": "supervised", "data": {"paired": [{"uri": "/x"}]},
+                               "model": {"backbone_weights": str(tmp_path / "resnet.pth")}})
+    with pytest.raises(ConfigError, match=r"model\.backbone_weights: .*resnet\.pth"):
+        apply_start_weights(create_model("scfnet_m3"), wrong)
+    missing = load_train_config({"mode": "supervised", "data": {"paired": [{"uri": "/x"}]},
+                                 "model": {"init_weights": str(tmp_path / "nope.pt")}})
+    with pytest.raises(ConfigError, match=r"model\.init_weights: file not found"):
+        apply_start_weights(create_model("scfnet_m3"), missing)
