@@ -9,9 +9,11 @@ The pipeline (one streaming Ray Data job)::
                         an image that cannot be decoded becomes a reject row (reason, detail), not a crash
     TeacherLabeler      an actor pool (ActorPoolStrategy: fixed size or min/max autoscaling; num_cpus and
                         num_gpus per actor; explicit batch size; fp16 on GPU): probabilities, resized to
-                        the label size, quantised to uint8, plus a per-image confidence summary
+                        the label size, quantised to uint8, plus a per-image confidence summary and, for
+                        an ensemble and/or flip TTA, the disagreement of the views averaged
     write_label_shards  CPU tasks: PNG-encode the maps, write OUTPUT/labels/part-*.parquet and
                         OUTPUT/rejects/part-*.parquet atomically (a shard is complete or absent)
+    write_review        driver, at the end: OUTPUT/review.csv, the labelled images worst first
 
 Nothing lost, nothing twice: every input ends either in a label shard or in a reject shard; a rerun skips
 every id already present in either, so rerunning a finished job labels nothing and rerunning a killed job
@@ -19,6 +21,24 @@ labels exactly the rest. Readers dedupe by id in case Ray retried a task that ha
 
 Reject rows travel through the teacher stage untouched (the actor only runs the network on decodable
 images) so both tables come out of one pass over the data.
+
+The review list: the images a person should look at (and label by hand) first. A teacher that averages
+several *views* -- ensemble members x flips, see :mod:`cluster.teachers` -- stores per image
+
+    disagreement = mean over pixels of (1/V) sum_v |v - p|,   p = (1/V) sum_v v
+
+(NaN for a single view). At the end of every run the job reads ``key, conf_mean, disagreement`` of the whole
+output (earlier runs' shards included) and scores each image
+
+    score = disagreement          when the image has one (the views disagree: higher = worse)
+    score = 1 - conf_mean         otherwise (single teacher, foundation teacher, shards older than the
+                                  column: a map far from 0/1 = worse)
+
+The two are on different scales: an output mixing both kinds of rows ranks them on one list anyway.
+``OUTPUT/review.csv`` holds ``rank, key, score, conf_mean, disagreement`` worst first (ties by key), the worst
+``review.top`` images (all with ``top: null``); it is rewritten by each run through the output's filesystem
+(local or S3, atomically). The MLflow run gets it as ``review/review.csv`` and a contact sheet of the worst
+``review.sheet`` images beside their soft labels as ``review/worst.png``.
 """
 
 from __future__ import annotations
@@ -48,9 +68,9 @@ from kd.imageio import ImageDecodeError, decode_image, encode_png, resize
 
 log = logging.getLogger(__name__)
 
-__all__ = ["PoolConfig", "DecodeConfig", "WriteConfig", "LabelConfig", "load_label_config", "Manifest",
-           "build_manifest", "load_images", "TeacherLabeler", "write_label_shards", "LabelSummary",
-           "run_labelling", "sample_figure"]
+__all__ = ["PoolConfig", "DecodeConfig", "WriteConfig", "ReviewConfig", "LabelConfig", "load_label_config",
+           "Manifest", "build_manifest", "load_images", "TeacherLabeler", "write_label_shards", "LabelSummary",
+           "Review", "review_scores", "write_review", "run_labelling", "sample_figure", "review_figure"]
 
 _DETAIL_CHARS = 300
 FOUNDATION = "foundation"  # teacher spec of the staged BLIP -> GroundingDINO -> SAM teacher
@@ -143,6 +163,25 @@ class WriteConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class ReviewConfig:
+    """The review list written at the end of each run (see the module docstring for the score).
+
+    Attributes:
+        top: rows of ``OUTPUT/review.csv``, the worst images; None = every labelled image.
+        sheet: images in the MLflow contact sheet ``review/worst.png`` (0 = no sheet).
+    """
+
+    top: int | None = 200
+    sheet: int = 12
+
+    def __post_init__(self) -> None:
+        if self.top is not None and self.top < 1:
+            raise ConfigError(f"review.top: must be >= 1 or null, got {self.top}")
+        if self.sheet < 0:
+            raise ConfigError(f"review.sheet: must be >= 0, got {self.sheet}")
+
+
+@dataclasses.dataclass(frozen=True)
 class LabelConfig:
     """``sodkd label``: what to label, with which teacher(s), where to, and how to spread the work.
 
@@ -163,6 +202,7 @@ class LabelConfig:
         limit: label at most this many new images in this run (the rest stay for a later run); video
             files that cannot be read, which are only recorded as rejects, do not count.
         progress: show Ray Data progress bars.
+        review: the review list (``OUTPUT/review.csv``) and its MLflow contact sheet.
     """
 
     input: str
@@ -176,6 +216,7 @@ class LabelConfig:
     pool: PoolConfig = dataclasses.field(default_factory=PoolConfig)
     decode: DecodeConfig = dataclasses.field(default_factory=DecodeConfig)
     write: WriteConfig = dataclasses.field(default_factory=WriteConfig)
+    review: ReviewConfig = dataclasses.field(default_factory=ReviewConfig)
     limit: int | None = None
     progress: bool = True
     ray_address: str | None = None
@@ -328,6 +369,11 @@ class TeacherLabeler:
 
         conf_mean = mean |2p - 1|,   conf_frac = mean [p < 0.1 or p > 0.9],   fg_frac = mean [p > 0.5]
 
+    and, from the same forward pass, the disagreement of the teacher's views ``v`` (ensemble members x flips,
+    :meth:`cluster.teachers.Teacher.probs_views`) at the teacher's resolution:
+
+        disagreement = mean over pixels of (1/V) sum_v |v - p|     (NaN when V = 1)
+
     Reject rows pass through with an all-zero label and NaN statistics. The ``image`` column is dropped.
     With ``decode`` (the keyword arguments of :func:`load_images` but the batch), manifest rows without an
     ``image`` column are read and decoded here first (decode placement ``actor``).
@@ -361,10 +407,15 @@ class TeacherLabeler:
         conf_mean = np.full(n, np.nan, np.float32)
         conf_frac = np.full(n, np.nan, np.float32)
         fg_frac = np.full(n, np.nan, np.float32)
+        disagreement = np.full(n, np.nan, np.float32)
         if ok.any():
             images = batch[S.IMAGE] if ok.all() else batch[S.IMAGE][ok]
             with torch.inference_mode():
-                p = self.teacher.predict_tensor(images)
+                p, views = self.teacher.predict_views(images)
+                if len(views) > 1:
+                    spread = sum((v - p).abs_().mean((1, 2)) for v in views) / len(views)
+                    disagreement[ok] = spread.float().cpu().numpy()
+                del views
                 if p.shape[-1] != size or p.shape[-2] != size:
                     p = F.interpolate(p[:, None], size=(size, size), mode="bilinear", align_corners=False,
                                       antialias=size < p.shape[-1])[:, 0].clamp_(0.0, 1.0)
@@ -377,7 +428,7 @@ class TeacherLabeler:
         out = {k: batch[k] for k in (S.ID, S.KEY, S.SEQUENCE, S.FRAME, S.ORIG_H, S.ORIG_W, S.REASON, S.DETAIL)}
         out.update({
             S.LABEL: label, S.CONF_MEAN: conf_mean, S.CONF_FRAC: conf_frac, S.FG_FRAC: fg_frac,
-            S.TEACHER: np.full(n, self.teacher.id, dtype=object),
+            S.DISAGREEMENT: disagreement, S.TEACHER: np.full(n, self.teacher.id, dtype=object),
             S.WEIGHTS_HASH: np.full(n, self.teacher.weights_hash, dtype=object),
             S.TTA: np.full(n, self.tta, dtype=object),
             S.LABELLED_AT: np.full(n, time.time(), np.float64),
@@ -415,6 +466,8 @@ def write_label_shards(batch: Mapping[str, np.ndarray], *, output_uri: str,
             S.LABEL_PNG: [encode_png(labels[i]) for i in ok],
             S.CONF_MEAN: _col(batch, S.CONF_MEAN, ok), S.CONF_FRAC: _col(batch, S.CONF_FRAC, ok),
             S.FG_FRAC: _col(batch, S.FG_FRAC, ok),
+            S.DISAGREEMENT: (_col(batch, S.DISAGREEMENT, ok) if S.DISAGREEMENT in batch  # foundation: one view
+                             else [float("nan")] * len(ok)),
         }, schema=L.LABEL_SCHEMA)
         if S.CONF in batch:  # foundation labels: + confidence map, caption, boxes (cluster.foundation)
             from cluster.foundation import foundation_columns, foundation_fields
@@ -551,7 +604,7 @@ def build_dataset(cfg: LabelConfig, items: Sequence[catalog.Item], teacher_size:
                           fn_kwargs={"output_uri": cfg.output, "s3": cfg.s3})
 
 
-def _label(cfg: LabelConfig, summary: LabelSummary) -> None:
+def _label(cfg: LabelConfig, summary: LabelSummary) -> Review | None:
     t_start, run_start = time.perf_counter(), time.time()
     out_fs, out_root = storage.get_filesystem(cfg.output, cfg.s3)
     manifest = build_manifest(cfg)
@@ -608,6 +661,79 @@ def _label(cfg: LabelConfig, summary: LabelSummary) -> None:
     summary.wall_s = time.perf_counter() - t_start
     processed = summary.labelled + summary.rejected
     summary.images_per_s = processed / summary.wall_s if summary.wall_s > 0 else 0.0
+    return write_review(cfg)  # after the timing: the rates describe the labelling itself
+
+
+# --- the review list -------------------------------------------------------------------------------------
+
+REVIEW_COLUMNS = ("rank", "key", "score", "conf_mean", "disagreement")
+
+
+@dataclasses.dataclass
+class Review:
+    """The review list a run wrote: ``rows`` worst first (dicts with :data:`REVIEW_COLUMNS` and ``id``), the
+    file's URI, its CSV text, and how many labelled images were scored (``total``, >= ``len(rows)``)."""
+
+    uri: str
+    rows: list[dict[str, Any]]
+    total: int
+    text: str
+
+    def line(self) -> str:
+        if not self.rows:
+            return f"sodkd label: review list {self.uri}: no labelled images"
+        w = self.rows[0]
+        basis = "disagreement" if np.isfinite(w["disagreement"]) else "1 - conf_mean"
+        return (f"sodkd label: review list {self.uri} ({len(self.rows)} of {self.total} labelled images, worst "
+                f"first): worst {w['key']} (score {w['score']:.4f} = {basis})")
+
+
+def review_scores(conf_mean: np.ndarray, disagreement: np.ndarray) -> np.ndarray:
+    """Per image: ``disagreement`` where it is finite, else ``1 - conf_mean`` (higher = review first)."""
+    conf_mean = np.asarray(conf_mean, np.float64)
+    disagreement = np.asarray(disagreement, np.float64)
+    return np.where(np.isfinite(disagreement), disagreement, 1.0 - conf_mean)
+
+
+def _fmt(v: float) -> str:
+    return f"{v:.6g}" if np.isfinite(v) else ""
+
+
+def write_review(cfg: LabelConfig) -> Review | None:
+    """Score every labelled image of ``cfg.output`` and write ``OUTPUT/review.csv``, worst first.
+
+    Reads only ``id, key, conf_mean, disagreement`` of the label shards (all runs'). Rows: the worst
+    ``cfg.review.top`` (every image when None); scores as :func:`review_scores`; ties by key; an image whose
+    score is NaN comes last. Returns None (and writes nothing) when the output holds no label shards.
+    """
+    import csv
+
+    fs, root = storage.get_filesystem(cfg.output, cfg.s3)
+    if not L.shard_paths(fs, root, S.LABELS_DIR):
+        return None
+    import pyarrow.compute as pc
+
+    t = L.read_label_table(fs, root, [S.KEY, S.CONF_MEAN, S.DISAGREEMENT])
+    conf = t.column(S.CONF_MEAN).to_numpy(zero_copy_only=False).astype(np.float64)
+    dis = t.column(S.DISAGREEMENT).to_numpy(zero_copy_only=False).astype(np.float64)  # null -> NaN
+    score = review_scores(conf, dis)
+    ranked = pa.table({"score": np.nan_to_num(score, nan=-np.inf), S.KEY: t.column(S.KEY)})  # NaN last
+    order = pc.sort_indices(ranked, sort_keys=[("score", "descending"), (S.KEY, "ascending")]).to_numpy()
+    if cfg.review.top is not None:
+        order = order[: cfg.review.top]
+    picked = t.take(pa.array(order, pa.int64())).select([S.ID, S.KEY]).to_pylist()
+    rows = [{"rank": r + 1, "key": row[S.KEY], "score": float(score[i]), "conf_mean": float(conf[i]),
+             "disagreement": float(dis[i]), "id": row[S.ID]} for r, (i, row) in enumerate(zip(order, picked))]
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(REVIEW_COLUMNS)
+    for row in rows:
+        w.writerow([row["rank"], row["key"], _fmt(row["score"]), _fmt(row["conf_mean"]),
+                    _fmt(row["disagreement"])])
+    text = buf.getvalue()
+    path = storage.join(root, S.REVIEW_FILE)
+    L.write_file_atomic(fs, path, text.encode("utf-8"))
+    return Review(storage.to_uri(fs, path), rows, t.num_rows, text)
 
 
 def _steady_rate(summary: LabelSummary, finished: list[tuple[float, int]], run_start: float) -> None:
@@ -625,20 +751,22 @@ def run_labelling(cfg: LabelConfig, samples: int = 6) -> LabelSummary:
     """Run the labelling job described by ``cfg``; print a summary line; record an MLflow run.
 
     The MLflow run (when ``cfg.tracking.enabled``) gets the flattened config as params, the teacher id and
-    weights hash as tags, the counts and images/s as metrics, and ``samples/labels.png`` (sample images
-    beside their labels).
+    weights hash as tags, the counts and images/s as metrics, ``samples/labels.png`` (sample images
+    beside their labels), and the review list: ``review/review.csv`` and ``review/worst.png`` (the worst
+    ``cfg.review.sheet`` images beside their labels). A second stderr line names the review file and the
+    worst key.
     """
     summary = LabelSummary()
     if not cfg.tracking.enabled:
-        _label(cfg, summary)
-        print(summary.line(), file=sys.stderr, flush=True)
+        review = _label(cfg, summary)
+        _print_lines(summary, review)
         return summary
     from cluster import tracking
     with tracking.start_run(cfg.tracking, run_name=cfg.tracking.run_name or "label",
                             tags={"sodkd.job": "label"}) as run:
         summary.run_id = run.info.run_id
         tracking.log_params(cfg)
-        _label(cfg, summary)
+        review = _label(cfg, summary)
         import mlflow
         mlflow.set_tags({"teacher": summary.teacher, "weights_hash": summary.weights_hash,
                          "layout": summary.layout})
@@ -654,8 +782,20 @@ def run_labelling(cfg: LabelConfig, samples: int = 6) -> LabelSummary:
             fig = sample_figure(cfg, samples)
             if fig is not None:
                 tracking.log_figure(fig, "samples/labels.png")
-    print(summary.line(), file=sys.stderr, flush=True)
+        if review is not None:
+            mlflow.log_text(review.text, f"review/{S.REVIEW_FILE}")
+            if cfg.review.sheet > 0 and review.rows:
+                fig = review_figure(cfg, review.rows[: cfg.review.sheet])
+                if fig is not None:
+                    tracking.log_figure(fig, "review/worst.png")
+    _print_lines(summary, review)
     return summary
+
+
+def _print_lines(summary: LabelSummary, review: Review | None) -> None:
+    print(summary.line(), file=sys.stderr, flush=True)
+    if review is not None:
+        print(review.line(), file=sys.stderr, flush=True)
 
 
 def sample_figure(cfg: LabelConfig, n: int = 6):
@@ -691,3 +831,56 @@ def sample_figure(cfg: LabelConfig, n: int = 6):
     fig.tight_layout()
     return fig
 
+
+def _read_inputs(cfg: LabelConfig, keys: Sequence[str], max_side: int) -> list[np.ndarray]:
+    """The source images of ``keys`` for a figure (video-file frames decoded); black where unreadable."""
+    from cluster.video_data import read_video_frames
+    fs, root = storage.get_filesystem(cfg.input, cfg.s3)
+    try:
+        frames = read_video_frames(fs, root, keys)
+    except Exception:  # noqa: BLE001 - a figure never fails the job
+        frames = {}
+    out = []
+    for key in keys:
+        image = frames.get(key)
+        if image is None:
+            try:
+                image = decode_image(storage.read_bytes(fs, storage.join(root, key)), max_side=max_side)
+            except (OSError, ImageDecodeError):
+                image = None
+        out.append(image if isinstance(image, np.ndarray) else np.zeros((8, 8, 3), np.uint8))
+    return out
+
+
+def review_figure(cfg: LabelConfig, rows: Sequence[Mapping[str, Any]], per_row: int = 3):
+    """A matplotlib contact sheet of review rows (:class:`Review` ``rows``, worst first): each image beside its
+    soft label, titled with rank, key and score; ``per_row`` pairs a row. None when no row's label is found."""
+    import matplotlib
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    fs, root = storage.get_filesystem(cfg.output, cfg.s3)
+    found = L.read_label_rows(fs, root, [r["id"] for r in rows], [S.LABEL_PNG, S.LABEL_H, S.LABEL_W])
+    labels = dict(zip(found.column(S.ID).to_pylist(), found.to_pylist()))
+    rows = [r for r in rows if r["id"] in labels]
+    if not rows:
+        return None
+    images = _read_inputs(cfg, [r["key"] for r in rows], max_side=256)
+    n_rows = -(-len(rows) // per_row)
+    cols = 2 * min(per_row, len(rows))
+    fig, axes = plt.subplots(n_rows, cols, figsize=(1.9 * cols, 2.2 * n_rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for j, (row, image) in enumerate(zip(rows, images)):
+        ax_img, ax_lab = axes[j // per_row, 2 * (j % per_row)], axes[j // per_row, 2 * (j % per_row) + 1]
+        label = resize(np.round(L.decode_label(labels[row["id"]]) * 255).astype(np.uint8), image.shape[:2])
+        ax_img.imshow(image)
+        ax_img.set_title(f"#{row['rank']} {row['key'][-28:]}", fontsize=6)
+        ax_lab.imshow(label, cmap="gray", vmin=0, vmax=255)
+        dis = row["disagreement"]
+        ax_lab.set_title(f"score {row['score']:.3f}" + (" (dis)" if np.isfinite(dis) else " (1-conf)"),
+                         fontsize=6)
+    where = cfg.output if len(cfg.output) <= 70 else "..." + cfg.output[-67:]
+    fig.suptitle(f"review: worst {len(rows)} labels of {where}", fontsize=8)
+    fig.tight_layout()
+    return fig

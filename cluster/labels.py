@@ -9,6 +9,10 @@ A killed job therefore leaves only complete shards; its rerun skips every id the
 Ray may retry a task after it wrote its shard, so an id can, rarely, sit in two shards; readers dedupe by
 id (first shard in name order wins). The distillation trainer joins labels to images by ``id`` (the stable
 hash of the image key, :func:`kd.schema.stable_id`), never by row order.
+
+Columns added to :data:`LABEL_SCHEMA` after shards had been written (:data:`FILLED_COLUMNS`: ``disagreement``)
+may be missing from older shards; the readers here give them to such shards filled (NaN), so old and new
+shards read back as one table with the current schema.
 """
 
 from __future__ import annotations
@@ -32,8 +36,9 @@ from kd import schema as S
 
 log = logging.getLogger(__name__)
 
-__all__ = ["LABEL_SCHEMA", "REJECT_SCHEMA", "shard_paths", "read_ids", "done_ids", "write_shard",
-           "read_labels", "read_rejects", "decode_label", "labels_dir", "remove_stale_temporaries", "resolve_root"]
+__all__ = ["LABEL_SCHEMA", "REJECT_SCHEMA", "FILLED_COLUMNS", "shard_paths", "read_ids", "done_ids", "write_shard",
+           "write_file_atomic", "read_labels", "read_label_table", "read_label_rows", "read_rejects", "decode_label",
+           "labels_dir", "remove_stale_temporaries", "resolve_root"]
 
 LABEL_SCHEMA = pa.schema([
     (S.ID, pa.string()), (S.KEY, pa.string()), (S.SEQUENCE, pa.string()), (S.FRAME, pa.int32()),
@@ -41,7 +46,11 @@ LABEL_SCHEMA = pa.schema([
     (S.TEACHER, pa.string()), (S.WEIGHTS_HASH, pa.string()), (S.TTA, pa.string()),
     (S.LABEL_H, pa.int32()), (S.LABEL_W, pa.int32()), (S.LABEL_PNG, pa.binary()),
     (S.CONF_MEAN, pa.float32()), (S.CONF_FRAC, pa.float32()), (S.FG_FRAC, pa.float32()),
+    (S.DISAGREEMENT, pa.float32()),   # nullable; NaN when the teacher has one view
 ])
+
+# label columns newer than the first shards: a shard without one reads back with this fill value
+FILLED_COLUMNS: dict[str, float] = {S.DISAGREEMENT: float("nan")}
 
 REJECT_SCHEMA = pa.schema([
     (S.ID, pa.string()), (S.KEY, pa.string()), (S.SEQUENCE, pa.string()), (S.FRAME, pa.int32()),
@@ -66,12 +75,35 @@ def shard_paths(fs: pafs.FileSystem, root: str, kind: str = S.LABELS_DIR) -> lis
     return storage.list_files(fs, d, [SHARD_SUFFIX], recursive=False)
 
 
+def _read_shard(fs: pafs.FileSystem, path: str, columns: list[str] | None, schema: pa.Schema) -> pa.Table:
+    """One shard's ``columns`` (all when None); :data:`FILLED_COLUMNS` of ``schema`` it lacks are filled."""
+    fill = [c for c in FILLED_COLUMNS if c in schema.names and (columns is None or c in columns)]
+    if fill and columns is not None:
+        names = set(pq.read_schema(path, filesystem=fs).names)
+        missing = [c for c in fill if c not in names]
+        t = pq.read_table(path, filesystem=fs, columns=[c for c in columns if c not in missing])
+    else:
+        t = pq.read_table(path, filesystem=fs, columns=columns)
+    for c in fill:
+        if c in t.column_names:
+            continue
+        field = schema.field(c)
+        col = pa.array(np.full(t.num_rows, FILLED_COLUMNS[c]), type=field.type)
+        if columns is None:  # at its place in the schema (before any columns that follow it there)
+            after = {f.name for f in list(schema)[schema.get_field_index(c) + 1:]}
+            at = next((i for i, n in enumerate(t.column_names) if n in after), t.num_columns)
+            t = t.add_column(at, field, col)
+        else:
+            t = t.append_column(field, col)
+    return t if columns is None else t.select(columns)
+
+
 def _read_shards(fs: pafs.FileSystem, paths: Iterable[str], columns: list[str] | None,
                  schema: pa.Schema) -> pa.Table:
     tables = []
     for p in paths:
         try:
-            t = pq.read_table(p, filesystem=fs, columns=columns)
+            t = _read_shard(fs, p, columns, schema)
         except (OSError, pa.ArrowInvalid) as e:
             # Cannot come from our atomic writer; a foreign or damaged file. Its ids count as not done,
             # so a rerun labels them again into a new shard.
@@ -107,15 +139,15 @@ def done_ids(fs: pafs.FileSystem, root: str) -> set[str]:
 
 
 def remove_stale_temporaries(fs: pafs.FileSystem, root: str) -> int:
-    """Delete hidden temporaries left by a writer killed mid-shard (local output only); returns how many.
+    """Delete hidden temporaries left by a writer killed mid-write (a shard or the review list; local output
+    only); returns how many.
 
     Call it only when no other job writes to the same output (one job per output at a time).
     """
     if not isinstance(fs, pafs.LocalFileSystem):
         return 0  # S3 writes are single objects: a killed upload leaves nothing visible
     n = 0
-    for kind in (S.LABELS_DIR, S.REJECTS_DIR):
-        d = _dir(root, kind)
+    for d in (_dir(root, S.LABELS_DIR), _dir(root, S.REJECTS_DIR), root):  # root: the review list's
         if not storage.is_dir(fs, d):
             continue
         for info in fs.get_file_info(pafs.FileSelector(d, recursive=False)):
@@ -137,14 +169,24 @@ def write_shard(fs: pafs.FileSystem, root: str, kind: str, table: pa.Table) -> s
     final = storage.join(d, name)
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink, compression="snappy")
-    data = sink.getvalue()
+    write_file_atomic(fs, final, sink.getvalue())
+    return final
+
+
+def write_file_atomic(fs: pafs.FileSystem, path: str, data: bytes | pa.Buffer) -> None:
+    """Write ``data`` to ``path`` so that readers see the old file or the whole new one, never a part.
+
+    Local: a hidden temporary in the same folder (created if needed), then renamed over ``path``. S3: one
+    object upload straight to the key (it appears when complete; no directory markers are created).
+    """
     if isinstance(fs, pafs.LocalFileSystem):
+        d, name = posixpath.split(path)
         fs.create_dir(d, recursive=True)
         tmp = storage.join(d, f".{name}{_TMP_MARK}{uuid.uuid4().hex[:8]}")
         try:
             with fs.open_output_stream(tmp) as f:
                 f.write(data)
-            fs.move(tmp, final)
+            fs.move(tmp, path)
         except BaseException:
             try:
                 fs.delete_file(tmp)
@@ -152,9 +194,8 @@ def write_shard(fs: pafs.FileSystem, root: str, kind: str, table: pa.Table) -> s
                 pass
             raise
     else:
-        with fs.open_output_stream(final) as f:
+        with fs.open_output_stream(path) as f:
             f.write(data)
-    return final
 
 
 def resolve_root(uri: str, s3: S3Config | None = None) -> tuple[pafs.FileSystem, str]:
@@ -177,8 +218,40 @@ def read_labels(uri: str, s3: S3Config | None = None, columns: list[str] | None 
     trainer joins them to images by ``id``.
     """
     fs, root = resolve_root(uri, s3)
+    return read_label_table(fs, root, columns)
+
+
+def read_label_table(fs: pafs.FileSystem, root: str, columns: list[str] | None = None) -> pa.Table:
+    """:func:`read_labels` of the job output ``root`` on ``fs`` (no root resolution)."""
     cols = None if columns is None else list(dict.fromkeys([S.ID, *columns]))
     return _dedupe(_read_shards(fs, shard_paths(fs, root, S.LABELS_DIR), cols, LABEL_SCHEMA))
+
+
+def read_label_rows(fs: pafs.FileSystem, root: str, ids: Iterable[str], columns: list[str] | None = None) -> pa.Table:
+    """The label rows of ``ids`` only (one per id, as :func:`read_labels` would give them, in shard order).
+
+    Reads the id column of every shard, then ``columns`` (all when None; ``id`` is always included) of the
+    shards that hold one of the ids -- cheap for a few rows of a large output (e.g. their label PNGs).
+    """
+    wanted = set(ids)
+    cols = None if columns is None else list(dict.fromkeys([S.ID, *columns]))
+    found: set[str] = set()
+    tables = []
+    for p in shard_paths(fs, root, S.LABELS_DIR):
+        if found >= wanted:
+            break
+        here = _read_shards(fs, [p], [S.ID], LABEL_SCHEMA).column(S.ID).to_pylist()
+        take = [i for i, v in enumerate(here) if v in wanted and v not in found]
+        if not take:
+            continue
+        t = _read_shards(fs, [p], cols, LABEL_SCHEMA)
+        if t.num_rows != len(here):  # unreadable between the two reads: skipped like any unreadable shard
+            continue
+        found.update(here[i] for i in take)
+        tables.append(t.take(pa.array(take)))
+    if not tables:
+        return _read_shards(fs, [], cols, LABEL_SCHEMA)
+    return _dedupe(pa.concat_tables(tables, promote_options="default"))
 
 
 def read_rejects(uri: str, s3: S3Config | None = None) -> pa.Table:

@@ -21,6 +21,12 @@ of one set of weights give the same labels (tested).
 with its prediction on the mirrored image (flipped back) -- both beyond the paper, both cheap gains in label
 quality. On CUDA the torch forms run in half precision unless ``precision="fp32"``.
 
+The maps such a mean is taken over are the teacher's *views*: ``views(x)`` returns them (a list of (N, H, W)
+maps whose mean is ``probs(x)``; one view for a single network, the members' views concatenated for an
+ensemble, the views of ``x`` then the flipped-back views of ``flip(x)`` for hflip TTA), and
+``probs_views(x)`` returns both from the same forward pass. The labelling job measures how far the views
+disagree per image (``cluster.labelling``).
+
 Every teacher also has an ``id`` (which model, which form) and a ``weights_hash`` (sha256 of the file it runs,
 16 hex chars) that the label shards record, so a label can always be traced to the weights that made it.
 """
@@ -174,6 +180,18 @@ class Teacher:
         """``x``: float32 (N, 3, H, W) RGB in 0..255 on any device -> float32 (N, H, W) on ``self.device``."""
         raise NotImplementedError
 
+    def probs_views(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """``(probs(x), views(x))`` from one forward pass; ``probs`` is computed exactly as :meth:`probs` does.
+
+        A single network has one view, its probabilities (the same tensor, no copy).
+        """
+        p = self.probs(x)
+        return p, [p]
+
+    def views(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The (N, H, W) maps on ``self.device`` whose mean is ``probs(x)``: one per ensemble member and flip."""
+        return self.probs_views(x)[1]
+
     def to_input(self, images: np.ndarray | torch.Tensor) -> torch.Tensor:
         """uint8 (N, S, S, 3) -> float32 (N, 3, S, S) in 0..255 on ``self.device`` (one copy to the device)."""
         if isinstance(images, np.ndarray):
@@ -190,6 +208,11 @@ class Teacher:
     def predict_tensor(self, images: np.ndarray | torch.Tensor) -> torch.Tensor:
         """uint8 (N, S, S, 3) -> float32 probabilities (N, S, S) on ``self.device``."""
         return self.probs(self.to_input(images))
+
+    @torch.inference_mode()
+    def predict_views(self, images: np.ndarray | torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """uint8 (N, S, S, 3) -> ``(probabilities, views)`` (:meth:`probs_views`), one forward pass."""
+        return self.probs_views(self.to_input(images))
 
     def predict(self, images: np.ndarray | torch.Tensor) -> np.ndarray:
         """uint8 (N, S, S, 3) at the teacher's size -> float32 (N, S, S) saliency probabilities in [0, 1]."""
@@ -354,6 +377,16 @@ class Ensemble(Teacher):
             total = p if total is None else total + p
         return total / len(self.members)
 
+    def probs_views(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The mean as :meth:`probs` computes it, and the members' views concatenated (in member order)."""
+        total, views = None, []
+        for m in self.members:
+            p, vs = m.probs_views(x)
+            p = p.to(self.device)
+            total = p if total is None else total + p
+            views.extend(v.to(self.device) for v in vs)
+        return total / len(self.members), views
+
     def describe(self) -> dict[str, Any]:
         d = super().describe()
         d["members"] = [m.describe() for m in self.members]
@@ -375,6 +408,13 @@ class HFlipTTA(Teacher):
         n = x.shape[0]
         p = self.teacher.probs(torch.cat([x, x.flip(-1)], dim=0))
         return 0.5 * (p[:n] + p[n:].flip(-1))
+
+    def probs_views(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The mean as :meth:`probs` computes it; views: the wrapped teacher's views of ``x``, then its views of
+        ``flip(x)`` flipped back (one batched forward over both)."""
+        n = x.shape[0]
+        p, vs = self.teacher.probs_views(torch.cat([x, x.flip(-1)], dim=0))
+        return 0.5 * (p[:n] + p[n:].flip(-1)), [v[:n] for v in vs] + [v[n:].flip(-1) for v in vs]
 
     def describe(self) -> dict[str, Any]:
         return {**self.teacher.describe(), "tta": "hflip"}

@@ -2,10 +2,12 @@
 
 1. a local directory plays the bucket: unlabeled images (the shared pool when ``../shared/data`` exists,
    else ``sample-data/``) are copied into ``demo-out/bucket/unlabeled``;
-2. ``sodkd label``: the project's reference teacher (``weights/``) soft-labels them with Ray Data;
-3. ``sodkd distill``: ``scfnet_m3`` learns from those labels on Ray Train (one worker), starting from the FS
-   student's weights (``start=fs``; ``start=scratch`` distils from random weights, which needs far more steps
-   than a demo has);
+2. ``sodkd label``: the best teacher the repository ships (``weights/csnet-L-x2.onnx``, a public CSNet-L-x2
+   with its teacher card beside it) soft-labels them with Ray Data at its card's size;
+3. ``sodkd distill``: ``scfnet_m3`` learns from those labels on Ray Train (one worker) with the calibrated KD
+   loss (dice + BCE to the teacher), starting from the FS student's weights (``start=fs``: distillation on
+   unlabeled images taking the labels-only student further; ``start=scratch`` distils from random weights,
+   which needs far more steps than a demo has);
 4. the teacher, the supervised-only (FS) student when its weights exist, and the distilled student are
    evaluated on ECSSD; a table is printed and an HTML report with saliency panels and PR curves is written;
 5. every step is an MLflow run in ``demo-out/mlflow.db`` (sqlite); the demo's own run holds the report.
@@ -32,10 +34,10 @@ log = logging.getLogger("sodkd.demo")
 @dataclasses.dataclass(frozen=True)
 class DemoConfig:
     out: str = "demo-out"
-    teacher: str = "scfnet_r18:weights/teacher-scfnet_r18.fp16.pt"   # the project's reference teacher
+    teacher: str = "weights/csnet-L-x2.onnx"   # the best teacher shipped (card: weights/csnet-L-x2.onnx.card.yaml)
     fs_student: str | None = "scfnet_m3:weights/fs-scfnet_m3.fp16.pt"  # supervised-only baseline, if present
     unlabeled: int = 400          # images labelled and distilled on
-    size: int = 160               # teacher input, label size and student training/eval size (weights: 160 px)
+    size: int | None = None       # student training/eval size; None = the FS student's own (its weights say)
     epochs: int = 4
     batch_size: int = 16
     start: str = "fs"             # fs: distil on from the FS student's weights; scratch: from random weights
@@ -70,16 +72,25 @@ def _fill_bucket(sources: list[Path], dest: Path, n: int) -> int:
     return min(n, len(picked))
 
 
-def _train_sizes(size: int) -> list[int]:
-    """Multi-scale training sizes ending at ``size`` (the paper's 224..352 in steps of 32, scaled down)."""
-    return [max(32, size - 32), max(32, size - 16), size]
-
-
 def _weights_path(spec: str | None) -> Path | None:
     if not spec:
         return None
     path = Path(spec.split(":", 1)[1] if ":" in spec else spec)
     return path if path.is_absolute() else REPO / path
+
+
+def _size_of(spec: str, size: int) -> dict[str, str]:
+    """Params and GMACs of a registered model's weights, params of an ONNX file (its initialisers)."""
+    from models import count_macs, count_params, create_model, read_metadata
+    if spec.lower().endswith(".onnx"):
+        import onnx
+        import numpy as np
+        proto = onnx.load(spec)
+        n = sum(int(np.prod(t.dims)) for t in proto.graph.initializer)
+        return {"params": f"{n / 1e6:.2f}M", "GMACs": "-"}
+    meta = read_metadata(str(_weights_path(spec)))
+    net = create_model(meta["model"], **meta.get("config", {}))
+    return {"params": f"{count_params(net) / 1e6:.2f}M", "GMACs": f"{count_macs(net, size=size) / 1e9:.2f}"}
 
 
 def run_demo(cfg: DemoConfig) -> dict:
@@ -92,7 +103,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     from cluster.train import load_train_config, run_training
     from kd import report
     from kd.imageio import decode_image, decode_mask, resize
-    from models import count_macs, count_params, read_metadata
+    from models import read_metadata
 
     import os
 
@@ -108,10 +119,15 @@ def run_demo(cfg: DemoConfig) -> dict:
     tracking_uri = f"sqlite:///{out / 'mlflow.db'}"
     mlflow.set_tracking_uri(tracking_uri)
     experiment = "sodkd-demo"
+    from cluster.teachers import parse_teacher_spec
+    teacher_registered = parse_teacher_spec(cfg.teacher).kind == "registered"
     teacher_w = _weights_path(cfg.teacher)
     if teacher_w is None or not teacher_w.is_file():
         raise FileNotFoundError(f"{teacher_w}: the reference teacher weights are missing (see weights/README.md)")
-    teacher_spec = f"{cfg.teacher.split(':', 1)[0]}:{teacher_w}"
+    teacher_spec = f"{cfg.teacher.split(':', 1)[0]}:{teacher_w}" if teacher_registered else str(teacher_w)
+    fs_w = _weights_path(cfg.fs_student)
+    fs_meta = read_metadata(str(fs_w)) if fs_w is not None and fs_w.is_file() else {}
+    size = int(cfg.size or fs_meta.get("input_size") or 224)
     sources, ecssd_root, data_desc = _data_roots(cfg)
     bucket = out / "bucket"
     n = _fill_bucket(sources, bucket / "unlabeled", cfg.unlabeled)
@@ -120,7 +136,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     track = {"enabled": True, "uri": tracking_uri, "experiment": experiment}
     label_cfg = load_label_config({
         "input": str(bucket / "unlabeled"), "output": str(bucket / "soft-labels"), "teachers": [teacher_spec],
-        "teacher_size": cfg.size, "label_size": cfg.size, "progress": False,
+        "teacher_size": size if teacher_registered else None, "label_size": size, "progress": False,
         "pool": {"size": 1, "num_cpus": 1.0, "batch_size": 16, "device": "cpu"},
         "tracking": {**track, "run_name": "demo-label"}})
     summary = run_labelling(label_cfg)
@@ -138,10 +154,11 @@ def run_demo(cfg: DemoConfig) -> dict:
     lr = cfg.lr if cfg.lr is not None else (0.005 if init is not None else 0.02)
     train_cfg = load_train_config({
         "mode": "distill",
+        "kd": {"structure": "dice", "pixel": "bce"},
         "model": {"name": "scfnet_m3", "init_weights": str(init) if init is not None else None},
         "data": {"unlabeled": [{"uri": str(bucket / "unlabeled"), "labels": str(bucket / "soft-labels")}],
-                 "load_size": cfg.size, "sizes": _train_sizes(cfg.size), "shuffle_buffer": 256},
-        "val": {"uri": str(ecssd_root), "limit": val_limit, "size": cfg.size, "panel": 4},
+                 "load_size": size, "sizes": [size], "shuffle_buffer": 256},
+        "val": {"uri": str(ecssd_root), "limit": val_limit, "size": size, "panel": 4},
         "optim": {"epochs": cfg.epochs, "batch_size": cfg.batch_size, "lr": lr, "lr_start": lr / 100,
                   "lr_final": lr / 100, "warmup_epochs": 1.0},
         "scaling": {"num_workers": 1, "cpus_per_worker": 1.0, "torch_threads": 2},
@@ -158,22 +175,17 @@ def run_demo(cfg: DemoConfig) -> dict:
     items = ecssd.items[:cfg.eval_images]
     step = max(1, len(items) // cfg.panels)
     panel_keys = [it.key for it in items[::step][:cfg.panels]]
-    models = {"teacher (" + cfg.teacher.split(":")[0] + ")": teacher_spec}
-    fs_w = _weights_path(cfg.fs_student)
+    teacher_name = cfg.teacher.split(":")[0] if teacher_registered else Path(cfg.teacher).name.rsplit(".", 1)[0]
+    models = {f"teacher ({teacher_name})": teacher_spec}
     if fs_w is not None and fs_w.is_file():
         models["FS student (labels only)"] = f"{cfg.fs_student.split(':', 1)[0]}:{fs_w}"
     models["KD student (this demo)"] = f"scfnet_m3:{student_w}"
     results, curves, samples, extra = {}, {}, {}, {}
     for name, spec in models.items():
-        res = evaluate(build_teacher(spec, device="cpu", input_size=cfg.size), ecssd, name=name,
-                       limit=cfg.eval_images, sample_keys=panel_keys)
+        t = build_teacher(spec, device="cpu")   # every model at its own size (weights and cards say)
+        res = evaluate(t, ecssd, name=name, limit=cfg.eval_images, sample_keys=panel_keys)
         results[name], curves[name], samples[name] = res.metrics, res.curves, res.samples
-        meta = read_metadata(str(_weights_path(spec)))
-        from models import create_model
-        net = create_model(meta["model"], **meta.get("config", {}))
-        extra[name] = {"params": f"{count_params(net) / 1e6:.2f}M",
-                       "GMACs": f"{count_macs(net, size=cfg.size) / 1e9:.2f}",
-                       "img/s": f"{res.images_per_s:.1f}"}
+        extra[name] = {**_size_of(spec, t.input_size), "size": str(t.input_size), "img/s": f"{res.images_per_s:.1f}"}
     rows = []
     for key in panel_keys:
         it = next(i for i in items if i.key == key)
@@ -189,17 +201,17 @@ def run_demo(cfg: DemoConfig) -> dict:
     }
     table = report.metrics_table_text(results, extra)
     notes = [f"Data: {n} unlabeled images from {data_desc}; evaluation on {len(items)} ECSSD images at "
-             f"{cfg.size}x{cfg.size} (min-max normalised predictions, PySODMetrics).",
+             f"each model's own size (students {size}x{size}; min-max normalised predictions, PySODMetrics).",
              f"Labelling: {summary.labelled} labelled at {summary.images_per_s:.1f} images/s with {teacher_spec}.",
              f"Distillation: scfnet_m3 {'from the FS student weights' if init is not None else 'from scratch'}, "
-             f"{cfg.epochs} epochs, batch {cfg.batch_size}, lr {lr:g}, sizes {_train_sizes(cfg.size)}, "
+             f"{cfg.epochs} epochs, batch {cfg.batch_size}, lr {lr:g}, size {size}, loss dice + BCE to the teacher, "
              f"{outcome.wall_s:.0f} s on this machine.",
              "Demo scale: short schedules on CPU. Reference-run figures are in benchmarks/RESULTS.md."]
     html_path = report.write_html(out / "report.html", "sodkd demo: distilling a SOD teacher into scfnet_m3",
                                   results, figures, notes, extra)
     mlflow.set_experiment(experiment)
     with mlflow.start_run(run_name="demo-report") as run:
-        mlflow.log_params({"unlabeled": n, "size": cfg.size, "epochs": cfg.epochs, "eval_images": len(items),
+        mlflow.log_params({"unlabeled": n, "size": size, "epochs": cfg.epochs, "eval_images": len(items),
                            "teacher": cfg.teacher, "data": data_desc})
         for name, m in results.items():
             slug = name.split(" ")[0].lower()

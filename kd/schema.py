@@ -27,10 +27,13 @@ LABEL_W = "label_w"
 CONF_MEAN = "conf_mean"    # mean over pixels of |2p-1|: 1 = every pixel certain, 0 = all at 0.5
 CONF_FRAC = "conf_frac"    # fraction of pixels with p < 0.1 or p > 0.9
 FG_FRAC = "fg_frac"        # fraction of pixels with p > 0.5
+DISAGREEMENT = "disagreement"  # mean over pixels of mean over views |v - p| (ensemble members x flips); NaN for
+                               # one view; absent from shards written before it existed (readers fill NaN)
 TTA = "tta"                # test-time augmentation used ("none" or "hflip")
 LABEL = "label"            # uint8 HxW soft map before PNG encoding (in-flight column of the labelling job)
 LABELLED_AT = "labelled_at"  # epoch seconds when the teacher finished the row's batch (in flight: rates)
 LABELS_DIR = "labels"      # OUTPUT/labels/*.parquet: one row per labelled image
+REVIEW_FILE = "review.csv"  # OUTPUT/review.csv: labelled images worst first (cluster.labelling.write_review)
 REJECTS_DIR = "rejects"    # OUTPUT/rejects/*.parquet: one row per image that could not be labelled
 
 # --- rejects table ---

@@ -198,7 +198,7 @@ def _teacher_shard(labelled, tmp_path, n: int = 2):
         S.ORIG_W: [r[S.ORIG_W] for r in teacher_rows], S.TEACHER: ["scfnet_r50"] * n,
         S.WEIGHTS_HASH: ["0" * 16] * n, S.TTA: ["none"] * n, S.LABEL_H: [32] * n, S.LABEL_W: [32] * n,
         S.LABEL_PNG: [encode_png(t_map)] * n, S.CONF_MEAN: [1.0] * n, S.CONF_FRAC: [1.0] * n,
-        S.FG_FRAC: [0.25] * n}, schema=L.LABEL_SCHEMA)
+        S.FG_FRAC: [0.25] * n, S.DISAGREEMENT: [float("nan")] * n}, schema=L.LABEL_SCHEMA)
     L.write_shard(pa.fs.LocalFileSystem(), str(tmp_path / "teacher"), S.LABELS_DIR, table)
     return tmp_path / "teacher", {r[S.ID] for r in teacher_rows}, t_map
 

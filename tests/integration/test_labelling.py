@@ -9,6 +9,7 @@ file stays well under two minutes on two cores.
 from __future__ import annotations
 
 import collections
+import csv
 import io
 import os
 import shutil
@@ -28,7 +29,7 @@ import torch
 from PIL import Image
 
 from cluster import labels as L
-from cluster.labelling import DecodeConfig, LabelConfig, PoolConfig, WriteConfig, run_labelling
+from cluster.labelling import DecodeConfig, LabelConfig, PoolConfig, ReviewConfig, WriteConfig, run_labelling
 from cluster.storage import S3Config, boto3_client
 from cluster.teachers import build_teacher, weights_hash
 from cluster.tracking import TrackingConfig
@@ -107,6 +108,11 @@ def _cfg(inp, out, teacher_spec, **kw) -> LabelConfig:
     return LabelConfig(**base)
 
 
+def _review(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
 def _raw_rows(fs, root, kind=S.LABELS_DIR) -> list[dict]:
     """Every row of every shard, NOT deduplicated: what "exactly once" is checked on."""
     rows = []
@@ -169,11 +175,30 @@ def test_local_folder_to_parquet_then_rerun_labels_nothing(ray_address, teacher,
     with Image.open(picture) as im:
         assert im.format == "PNG" and im.width > 100
 
+    # the review list: every labelled image, worst first; one teacher, one view: score = 1 - conf_mean
+    review = _review(out / S.REVIEW_FILE)
+    assert [r["key"] for r in review] and {r["key"] for r in review} == set(rows)
+    assert [int(r["rank"]) for r in review] == list(range(1, 9))
+    scores = [float(r["score"]) for r in review]
+    assert scores == sorted(scores, reverse=True)
+    assert all(r["disagreement"] == "" and np.isclose(float(r["score"]), 1 - rows[r["key"]][S.CONF_MEAN], atol=1e-5)
+               for r in review)
+    artifacts = {a.path for a in client.list_artifacts(summary.run_id, "review")}
+    assert artifacts == {"review/worst.png", f"review/{S.REVIEW_FILE}"}
+    sheet = Path(client.download_artifacts(summary.run_id, "review/worst.png", str(tmp_path / "dl")))
+    with Image.open(sheet) as im:
+        assert im.format == "PNG" and im.width > 100
+    logged = Path(client.download_artifacts(summary.run_id, f"review/{S.REVIEW_FILE}", str(tmp_path / "dl")))
+    assert logged.read_text() == (out / S.REVIEW_FILE).read_text()
+
     shards_before = sorted(os.listdir(out / S.LABELS_DIR))
-    again = run_labelling(_cfg(inp, out, spec, tracking=tracking), samples=0)
+    again = run_labelling(_cfg(inp, out, spec, tracking=tracking, review=ReviewConfig(top=3, sheet=0)), samples=0)
     assert (again.labelled, again.rejected, again.skipped_done) == (0, 0, 8)
     assert sorted(os.listdir(out / S.LABELS_DIR)) == shards_before
     assert client.get_run(again.run_id).data.metrics["label/skipped_done"] == 8
+    # a run that labels nothing still rewrites the list from the earlier runs' shards (here the worst 3)
+    assert _review(out / S.REVIEW_FILE) == review[:3]
+    assert {a.path for a in client.list_artifacts(again.run_id, "review")} == {f"review/{S.REVIEW_FILE}"}
     _assert_exactly_once(pafs.LocalFileSystem(), str(out), [p.name for p in src])
 
 
@@ -195,6 +220,12 @@ def test_video_frame_folders_with_an_ensemble_and_tta(ray_address, teacher, shar
     ensemble = build_teacher(list(specs), tta="hflip", input_size=TEACHER_SIZE, device="cpu")
     assert {(r[S.TEACHER], r[S.WEIGHTS_HASH], r[S.TTA]) for r in rows} == {
         ("ensemble(scfnet_r18,scfnet_m3)", ensemble.weights_hash, "hflip")}
+    # two members x two flips: every frame has a disagreement, and the review list ranks by it
+    assert all(np.isfinite(r[S.DISAGREEMENT]) and r[S.DISAGREEMENT] > 0 for r in rows)
+    review = _review(tmp_path / "out" / S.REVIEW_FILE)
+    dis = {r[S.KEY]: r[S.DISAGREEMENT] for r in rows}
+    assert len(review) == 6 and all(np.isclose(float(r["score"]), dis[r["key"]], rtol=1e-5) for r in review)
+    assert [float(r["score"]) for r in review] == sorted((float(r["score"]) for r in review), reverse=True)
     row = rows[0]
     image = resize(decode_image((tmp_path / "v" / row[S.KEY]).read_bytes(), max_side=TEACHER_SIZE),
                    (TEACHER_SIZE, TEACHER_SIZE))
@@ -218,8 +249,12 @@ def test_s3_input_to_parquet_in_the_same_bucket(ray_address, teacher, shared_dat
                             samples=0)
     assert (summary.labelled, summary.rejected) == (6, 0)
     keys = [o["Key"] for o in client.list_objects_v2(Bucket=BUCKET, Prefix="runs/r18/")["Contents"]]
-    # nothing but complete shards: no directory markers, no temporaries
+    # nothing but complete shards and the review list: no directory markers, no temporaries
+    assert f"runs/r18/{S.REVIEW_FILE}" in keys
+    keys.remove(f"runs/r18/{S.REVIEW_FILE}")
     assert keys and all(k.startswith("runs/r18/labels/part-") and k.endswith(".parquet") for k in keys)
+    review = client.get_object(Bucket=BUCKET, Key=f"runs/r18/{S.REVIEW_FILE}")["Body"].read().decode()
+    assert review.splitlines()[0] == "rank,key,score,conf_mean,disagreement" and len(review.splitlines()) == 7
     table = L.read_labels(out, s3)
     assert sorted(table.column(S.KEY).to_pylist()) == sorted(p.name for p in src)
     assert all(L.decode_label(r).shape == (LABEL_SIZE, LABEL_SIZE) for r in table.to_pylist())

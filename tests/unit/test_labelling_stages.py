@@ -4,6 +4,7 @@ write_label_shards, the shard readers, the config and the CLI wiring. Real image
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import shutil
 
 import numpy as np
@@ -32,6 +33,18 @@ def teacher_file(tmp_path_factory):
     with torch.no_grad():
         m.heads[0].weight.mul_(40.0)  # probabilities that span (0, 1)
     path = tmp_path_factory.mktemp("teacher") / "m3.pt"
+    save_weights(m, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def other_teacher_file(tmp_path_factory):
+    """A second, different teacher: an ensemble of the two disagrees."""
+    torch.manual_seed(1)
+    m = create_model("scfnet_m3").eval()
+    with torch.no_grad():
+        m.heads[0].weight.mul_(40.0)
+    path = tmp_path_factory.mktemp("teacher2") / "m3b.pt"
     save_weights(m, path)
     return path
 
@@ -117,6 +130,111 @@ def test_teacher_labeler_label_size_and_tta(image_dir, teacher_file):
     down = np.stack([np.asarray(Image.fromarray(p, "F").resize((32, 32), Image.BILINEAR)) for p in ref])
     err = np.abs(out[S.LABEL][ok].astype(np.float32) / 255 - down).max()
     assert err <= 0.5 / 255 + 1e-3, f"max error {err * 255:.2f}/255"
+
+
+def test_views_average_to_probs_and_give_the_disagreement(image_dir, teacher_file, other_teacher_file):
+    keys = sorted(p.name for p in image_dir.iterdir())
+    batch = LB.load_images(_manifest_batch(keys), input_uri=str(image_dir), s3=None, size=SIZE)
+    ok = batch[S.REASON] == ""
+    a, b = f"scfnet_m3:{teacher_file}", f"scfnet_m3:{other_teacher_file}"
+    for specs, tta, n_views in (([a, b], "none", 2), ([a], "hflip", 2), ([a, b], "hflip", 4)):
+        teacher = build_teacher(specs, tta=tta, input_size=SIZE, device="cpu")
+        with torch.inference_mode():
+            x = teacher.to_input(batch[S.IMAGE][ok])
+            views, p = teacher.views(x), teacher.probs(x)
+        assert len(views) == n_views and all(v.shape == p.shape for v in views)
+        torch.testing.assert_close(torch.stack(views).mean(0), p)
+        out = LB.TeacherLabeler(specs, tta=tta, teacher_size=SIZE, device="cpu", threads=1)(batch)
+        dis = out[S.DISAGREEMENT]
+        assert dis.dtype == np.float32 and np.isfinite(dis[ok]).all() and (dis[ok] > 0).all(), (specs, tta, dis)
+        assert np.isnan(dis[~ok]).all()   # rejects: no prediction
+        expected = torch.stack([(v - p).abs().mean((1, 2)) for v in views]).mean(0).numpy()
+        np.testing.assert_allclose(dis[ok], expected, rtol=1e-5, atol=1e-7)
+        # the labels are what probs() gives, unchanged by computing the views in the same pass
+        np.testing.assert_array_equal(out[S.LABEL][ok], (p * 255).round().to(torch.uint8).numpy())
+    single = build_teacher(a, input_size=SIZE, device="cpu")
+    with torch.inference_mode():
+        x = single.to_input(batch[S.IMAGE][ok])
+        views = single.views(x)
+        assert len(views) == 1
+        torch.testing.assert_close(views[0], single.probs(x))
+    out = LB.TeacherLabeler([a], teacher_size=SIZE, device="cpu", threads=1)(batch)
+    assert np.isnan(out[S.DISAGREEMENT]).all()
+
+
+def _old_shard(table):
+    """``table`` as a shard written before the disagreement column existed."""
+    return table.drop_columns([S.DISAGREEMENT])
+
+
+def test_shards_without_disagreement_still_read(tmp_path, image_dir, teacher_file, other_teacher_file):
+    keys = sorted(p.name for p in image_dir.iterdir() if p.suffix == ".jpg")
+    batch = LB.load_images(_manifest_batch(keys), input_uri=str(image_dir), s3=None, size=SIZE)
+    labelled = LB.TeacherLabeler([f"scfnet_m3:{teacher_file}", f"scfnet_m3:{other_teacher_file}"],
+                                 teacher_size=SIZE, device="cpu")(batch)
+    out = tmp_path / "out"
+    LB.write_label_shards(labelled, output_uri=str(out), s3=None)
+    new = L.read_labels(str(out))
+    fs = pafs.LocalFileSystem()
+    first = new.slice(0, 1)                      # an old shard (no column) for the first image, one for the rest
+    old_only = tmp_path / "old"
+    L.write_shard(fs, str(old_only), S.LABELS_DIR, _old_shard(first))
+    assert S.DISAGREEMENT not in pq.read_schema(L.shard_paths(fs, str(old_only))[0]).names
+    t = L.read_labels(str(old_only))
+    assert t.schema == L.LABEL_SCHEMA and np.isnan(t.column(S.DISAGREEMENT).to_numpy()).all()
+    t = L.read_labels(str(old_only), columns=[S.KEY, S.DISAGREEMENT])
+    assert t.column_names == [S.ID, S.KEY, S.DISAGREEMENT] and np.isnan(t.column(S.DISAGREEMENT)[0].as_py())
+    L.write_shard(fs, str(old_only), S.LABELS_DIR, new.slice(1))
+    both = L.read_labels(str(old_only), columns=[S.KEY, S.CONF_MEAN, S.DISAGREEMENT])
+    assert both.num_rows == new.num_rows == 3
+    dis = dict(zip(both.column(S.KEY).to_pylist(), both.column(S.DISAGREEMENT).to_numpy()))
+    assert np.isnan(dis[first.column(S.KEY)[0].as_py()]) and sum(np.isfinite(v) for v in dis.values()) == 2
+    assert L.read_labels(str(old_only)).schema == L.LABEL_SCHEMA
+    rows = L.read_label_rows(fs, str(old_only), [first.column(S.ID)[0].as_py()], [S.LABEL_PNG, S.DISAGREEMENT])
+    assert rows.num_rows == 1 and rows.column(S.LABEL_PNG)[0].as_py() == first.column(S.LABEL_PNG)[0].as_py()
+
+
+def test_review_list_worst_first(tmp_path, image_dir, teacher_file, other_teacher_file):
+    import csv
+    keys = sorted(p.name for p in image_dir.iterdir())
+    batch = LB.load_images(_manifest_batch(keys), input_uri=str(image_dir), s3=None, size=SIZE)
+    ens = LB.TeacherLabeler([f"scfnet_m3:{teacher_file}", f"scfnet_m3:{other_teacher_file}"],
+                            teacher_size=SIZE, device="cpu")(batch)
+    out = tmp_path / "out"
+    cfg = LB.LabelConfig(input=str(image_dir), output=str(out), teachers=(f"scfnet_m3:{teacher_file}",))
+    assert LB.write_review(cfg) is None          # nothing labelled yet: no list
+    LB.write_label_shards(ens, output_uri=str(out), s3=None)
+    review = LB.write_review(cfg)
+    with open(out / S.REVIEW_FILE, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == list(LB.REVIEW_COLUMNS) and review.uri == str(out / S.REVIEW_FILE)
+    ok = ens[S.REASON] == ""
+    assert len(rows) == review.total == ok.sum()
+    assert [int(r["rank"]) for r in rows] == list(range(1, len(rows) + 1))
+    scores = [float(r["score"]) for r in rows]
+    assert scores == sorted(scores, reverse=True)
+    by_key = dict(zip(ens[S.KEY], ens[S.DISAGREEMENT]))
+    assert all(np.isclose(float(r["score"]), by_key[r["key"]], rtol=1e-5) for r in rows)
+    assert all(float(r["score"]) == float(r["disagreement"]) for r in rows)
+    # an image labelled by a single teacher (no disagreement) is scored 1 - conf_mean; top keeps the worst
+    shutil.copy(image_dir / keys[0], image_dir / "copy.jpg")
+    single = LB.TeacherLabeler([f"scfnet_m3:{teacher_file}"], teacher_size=SIZE, device="cpu")(
+        LB.load_images(_manifest_batch(["copy.jpg"]), input_uri=str(image_dir), s3=None, size=SIZE))
+    LB.write_label_shards(single, output_uri=str(out), s3=None)
+    full = LB.write_review(dataclasses.replace(cfg, review=LB.ReviewConfig(top=None)))
+    assert len(full.rows) == full.total == ok.sum() + 1
+    copy = next(r for r in full.rows if r["key"] == "copy.jpg")
+    assert np.isnan(copy["disagreement"]) and np.isclose(copy["score"], 1 - single[S.CONF_MEAN][0], rtol=1e-5)
+    review = LB.write_review(dataclasses.replace(cfg, review=LB.ReviewConfig(top=2)))
+    with open(out / S.REVIEW_FILE, newline="") as f:
+        top = list(csv.DictReader(f))
+    assert [r["key"] for r in top] == [r["key"] for r in review.rows] == [r["key"] for r in full.rows[:2]]
+    assert review.total == full.total and "worst" in review.line()
+    fig = LB.review_figure(cfg, review.rows)
+    assert fig is not None and len([a for a in fig.axes if a.images]) == 4
+    import matplotlib.pyplot as plt
+    plt.close(fig)
+    assert not list(out.glob(".*"))              # the atomic write left no temporary
 
 
 def test_write_shards_and_read_back(tmp_path, image_dir, teacher_file):
@@ -217,6 +335,11 @@ def test_config_from_yaml_flags_and_overrides(tmp_path):
                                              "pool.max_size=3"]))
     with pytest.raises(ConfigError, match="tta: expected one of"):
         label_cmd.build_config(p.parse_args(["--input", "a", "--output", "b", "--teacher", "t.ts", "tta=vflip"]))
+    assert cfg.review == LB.ReviewConfig(top=200, sheet=12)   # jobs/configs/label.yaml
+    assert label_cmd.build_config(p.parse_args(["--input", "a", "--output", "b", "--teacher", "t.ts",
+                                                "review.top=null"])).review.top is None
+    with pytest.raises(ConfigError, match="review.top: must be >= 1"):
+        label_cmd.build_config(p.parse_args(["--input", "a", "--output", "b", "--teacher", "t.ts", "review.top=0"]))
 
 
 def test_decode_placement_auto_follows_the_pool():
