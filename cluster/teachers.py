@@ -316,7 +316,6 @@ class CardTeacher(_SingleTeacher):
 
     def __init__(self, runner, card, id: str, weights_hash: str, input_size: int | None, device: torch.device,
                  card_uri: str):
-        from kd.card import CardCheckError  # noqa: F401  (re-exported for callers catching it)
         size = int(input_size or card.input.size)
         try:
             card.input.check_size(size)
@@ -329,7 +328,7 @@ class CardTeacher(_SingleTeacher):
         self._checked = False
 
     def _run(self, xn: torch.Tensor) -> torch.Tensor:
-        from kd.card import check_first_batch
+        from kd.card import check_first_batch, select_maps
         c = self.card
         x = xn.flip(1) if c.input.channels == "BGR" else xn
         if c.input.layout == "NHWC":
@@ -340,10 +339,7 @@ class CardTeacher(_SingleTeacher):
             maps = check_first_batch(outs, c, n, (s, s), f"teacher {self.id} (card {self.card_uri})")
             self._checked = True
         else:
-            y = outs[c.output.index]
-            y = y[:, None] if y.ndim == 3 else y
-            m = y[:, c.output.channel].astype(np.float32)
-            maps = 1.0 / (1.0 + np.exp(-m)) if c.output.kind == "logits" else np.clip(m, 0.0, 1.0)
+            maps = select_maps(outs, c)
         p = torch.from_numpy(np.ascontiguousarray(maps, dtype=np.float32))[:, None].to(self.device)
         if p.shape[-2:] != (s, s):
             p = (F.interpolate(p, size=(s, s), mode="bilinear", align_corners=False) if self.out_resize == "bilinear"

@@ -39,7 +39,7 @@ import yaml
 
 from kd.config import ConfigError, load_config, to_dict
 
-__all__ = ["CardInput", "CardOutput", "TeacherCard", "load_card", "card_beside", "check_first_batch",
+__all__ = ["CardInput", "CardOutput", "TeacherCard", "load_card", "card_beside", "check_first_batch", "select_maps",
            "CardCheckError", "CARD_SUFFIX"]
 
 CARD_SUFFIX = ".card.yaml"
@@ -144,6 +144,15 @@ def card_beside(path: str) -> str:
     return path + CARD_SUFFIX
 
 
+def select_maps(outputs: list[np.ndarray], card: TeacherCard) -> np.ndarray:
+    """The card's output and channel as probabilities (N, h, w) float32, without checks (every batch after
+    the first)."""
+    o = card.output
+    y = np.asarray(outputs[o.index])
+    m = (y[:, None] if y.ndim == 3 else y)[:, o.channel].astype(np.float32)
+    return 1.0 / (1.0 + np.exp(-m)) if o.kind == "logits" else np.clip(m, 0.0, 1.0)
+
+
 class CardCheckError(ValueError):
     """The first batch through a carded teacher does not look like saliency maps; says what looks wrong."""
 
@@ -160,9 +169,7 @@ def check_first_batch(outputs: list[np.ndarray], card: TeacherCard, n: int, hw: 
     """
     o = card.output
     if not card.check:
-        y = np.asarray(outputs[o.index])
-        m = (y[:, None] if y.ndim == 3 else y)[:, o.channel].astype(np.float32)
-        return 1.0 / (1.0 + np.exp(-m)) if o.kind == "logits" else np.clip(m, 0.0, 1.0)
+        return select_maps(outputs, card)
     hint = f"{who}: the card's output section (index {o.index}, channel {o.channel}, kind {o.kind})"
     if o.index >= len(outputs):
         raise CardCheckError(f"{hint}: the model has {len(outputs)} output(s); output.index {o.index} does not exist")

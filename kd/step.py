@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kd.losses import SIDE_WEIGHTS, boundary_dice, iou_loss, soft_dice
+from kd.losses import SIDE_WEIGHTS, boundary_dice, deep_supervision, iou_loss, soft_dice
 
 __all__ = ["KDLoss", "MaskLoss", "soft_loss", "mask_loss", "batch_loss", "pixel_term", "confidence_weights",
            "make_panel"]
@@ -132,11 +132,7 @@ def pixel_term(logits: Tensor, t: Tensor, cfg: KDLoss) -> Tensor:
 def soft_loss(logits_list: Sequence[Tensor], target: Tensor, cfg: KDLoss = KDLoss(),
               weights: Sequence[float] = SIDE_WEIGHTS) -> Tensor:
     """``sum_i w_i [S(p_i, t) + lambda P(z_i, t)]`` over the side outputs (module docstring)."""
-    if len(logits_list) != len(weights):
-        raise ValueError(f"logits_list has {len(logits_list)} outputs but weights has {len(weights)} entries")
-    t = target.detach()
-    total = logits_list[0].new_zeros(())
-    for w, z in zip(weights, logits_list):
+    def per_output(z: Tensor, t: Tensor) -> Tensor:
         term = z.new_zeros(())
         if cfg.structure == "dice":
             term = term + soft_dice(torch.sigmoid(z), t)
@@ -144,26 +140,24 @@ def soft_loss(logits_list: Sequence[Tensor], target: Tensor, cfg: KDLoss = KDLos
             term = term + iou_loss(torch.sigmoid(z), t)
         if cfg.pixel != "none" and cfg.pixel_weight:
             term = term + float(cfg.pixel_weight) * pixel_term(z, t, cfg)
-        total = total + float(w) * term
-    return total
+        return term
+
+    return deep_supervision(per_output, logits_list, target.detach(), weights)
 
 
 def mask_loss(logits_list: Sequence[Tensor], mask: Tensor, band: int, cfg: MaskLoss = MaskLoss(),
               weights: Sequence[float] = SIDE_WEIGHTS) -> Tensor:
     """``sum_i w_i [D(p_i, m) + b D(edge(p_i), edge(m)) + c BCE(z_i, m)]`` (KD-SCFNet's at b=1, c=0)."""
-    if len(logits_list) != len(weights):
-        raise ValueError(f"logits_list has {len(logits_list)} outputs but weights has {len(weights)} entries")
-    m = mask.detach()
-    total = logits_list[0].new_zeros(())
-    for w, z in zip(weights, logits_list):
+    def per_output(z: Tensor, m: Tensor) -> Tensor:
         p = torch.sigmoid(z)
         term = soft_dice(p, m)
         if cfg.boundary:
             term = term + float(cfg.boundary) * boundary_dice(p, m, band)
         if cfg.bce:
             term = term + float(cfg.bce) * F.binary_cross_entropy_with_logits(z, m)
-        total = total + float(w) * term
-    return total
+        return term
+
+    return deep_supervision(per_output, logits_list, mask.detach(), weights)
 
 
 def batch_loss(logits_list: Sequence[Tensor], target: Tensor, soft: Tensor, band: int,
