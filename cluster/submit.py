@@ -84,9 +84,6 @@ def submit(job_args: list[str], address: str | None = None, env_names: list[str]
            working_dir: Path | None = REPO_ROOT) -> str:
     if not job_args:
         raise ValueError("no job given: e.g. `sodkd submit label --input s3://bucket/images ...`")
-    from jobs.cli import COMMANDS
-    if job_args[0] not in COMMANDS or job_args[0] in ("submit", "jobs", "local"):
-        raise ValueError(f"{job_args[0]}: not a sodkd job (one of {', '.join(sorted(COMMANDS))})")
     entrypoint = "python -m jobs.cli " + " ".join(shlex.quote(a) for a in job_args)
     runtime_env = build_runtime_env(env_names, pip, working_dir)
     c = client(address)

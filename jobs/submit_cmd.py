@@ -19,8 +19,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("job", nargs=argparse.REMAINDER, help="the job and its arguments, e.g. label --input ...")
 
 
+NOT_JOBS = ("submit", "jobs", "local")   # commands that talk to a cluster rather than run on one
+
+
+def check_job(job_args: list[str]) -> None:
+    """A submitted job must be a sodkd command that runs on the cluster (``label``, ``distill`` ...)."""
+    from jobs.cli import COMMANDS
+    if not job_args:
+        raise ValueError("no job given: e.g. `sodkd submit label --input s3://bucket/images ...`")
+    if job_args[0] not in COMMANDS or job_args[0] in NOT_JOBS:
+        jobs = sorted(c for c in COMMANDS if c not in NOT_JOBS)
+        raise ValueError(f"{job_args[0]}: not a sodkd job (one of {', '.join(jobs)})")
+
+
 def run(args: argparse.Namespace) -> int:
     job_args = [a for a in args.job if a != "--"] if args.job[:1] == ["--"] else args.job
+    check_job(job_args)
     runtime_env = submit.build_runtime_env(args.env, args.pip)
     print(f"submitting `sodkd {' '.join(job_args)}` to {submit.resolve_address(args.address)}")
     print(f"runtime env: {submit.describe_runtime_env(runtime_env)}")

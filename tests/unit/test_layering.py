@@ -45,3 +45,35 @@ def test_models_and_kd_never_import_ray_or_mlflow():
 def test_models_imports_nothing_else_of_sodkd():
     result = _probe("models")
     assert not {"kd", "cluster", "jobs", "ray", "mlflow"} & set(result["tops"]), result["tops"]
+
+
+def test_cluster_never_imports_jobs():
+    """models <- kd <- cluster <- jobs: the CLI layer checks what it hands down, nothing below reaches up."""
+    result = _probe("cluster")
+    assert "cluster.train" in result["imported"] and "cluster.submit" in result["imported"]
+    assert "jobs" not in set(result["tops"]), result["tops"]
+    # imports inside functions (run only when called) are not seen by the probe: read the sources too
+    assert imports_of(REPO / "cluster", {"jobs"}) == [], "cluster/ imports jobs"
+    assert imports_of(REPO / "models", {"kd", "cluster", "jobs", "ray", "mlflow"}) == []
+    assert imports_of(REPO / "kd", {"cluster", "jobs", "ray", "mlflow"}) == []
+
+
+def imports_of(package: Path, tops: set[str]) -> list[str]:
+    """``file:line module`` for every import statement under ``package`` of a module whose top is in ``tops``."""
+    import ast
+    found = []
+    for path in sorted(package.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module] if isinstance(node, ast.ImportFrom) and node.module and not node.level
+                     else [])
+            found += [f"{path.relative_to(REPO)}:{node.lineno} {n}" for n in names if n.split(".")[0] in tops]
+    return found
+
+
+def test_source_scan_sees_a_function_level_import(tmp_path, monkeypatch):
+    pkg = tmp_path / "cluster"
+    pkg.mkdir()
+    (pkg / "x.py").write_text("def f():\n    from jobs.cli import COMMANDS\n    return COMMANDS\n")
+    monkeypatch.setattr(sys.modules[__name__], "REPO", tmp_path)
+    assert imports_of(pkg, {"jobs"}) == ["cluster/x.py:2 jobs.cli"]

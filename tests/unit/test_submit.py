@@ -1,6 +1,7 @@
 import pytest
 
 from cluster import submit
+from jobs.submit_cmd import check_job
 
 
 def test_runtime_env_passes_names_not_printed_values(monkeypatch):
@@ -22,9 +23,9 @@ def test_missing_env_name_and_unknown_job_are_errors(monkeypatch):
         submit.build_runtime_env(["NOT_SET_ANYWHERE"])
     monkeypatch.setenv("RAY_ADDRESS", "http://127.0.0.1:1")
     with pytest.raises(ValueError, match="frobnicate: not a sodkd job"):
-        submit.submit(["frobnicate"])
+        check_job(["frobnicate"])
     with pytest.raises(ValueError, match="submit: not a sodkd job"):
-        submit.submit(["submit", "models"])
+        check_job(["submit", "models"])
     monkeypatch.delenv("RAY_ADDRESS")
     with pytest.raises(ValueError, match="RAY_ADDRESS"):
         submit.resolve_address(None)
