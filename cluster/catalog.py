@@ -8,10 +8,16 @@ Layouts (as in ``../shared/data``):
 
 Every item has a ``key``: its path relative to ROOT, with ``/`` separators. Keys (and so ids, the hash of the
 key) do not change when a bucket is copied to a local directory, so labels made from one join the other.
+
+Keys are data: a key is the listed path with ``ROOT/`` cut off, nothing else -- never normalised, so
+``a/../b.jpg``, ``a//b.jpg``, ``./c.jpg``, backslashes, spaces and any unicode stay as the bucket holds them,
+and ``ROOT/ + key`` (:func:`cluster.storage.join`) is the path read. :func:`image_folder` and
+:func:`video_folders` account for everything under ROOT (:attr:`Catalog.rejected`, :attr:`Catalog.ignored`).
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import posixpath
 from collections import defaultdict
@@ -19,7 +25,7 @@ from collections import defaultdict
 import pyarrow.fs as pafs
 
 from cluster import storage
-from cluster.storage import S3Config
+from cluster.storage import RetryConfig, S3Config
 from kd.schema import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, stable_id
 
 
@@ -38,9 +44,17 @@ class Item:
 
 @dataclasses.dataclass
 class Catalog:
+    """``items`` to read; for :func:`image_folder` and :func:`video_folders` also what else ROOT holds:
+    ``rejected`` -- inputs that cannot be read as files, ``(item, reason, detail)`` with reason
+    ``broken_link``, ``special_file`` (FIFO, socket, device), ``linked_dir`` (a symlink to a folder: not
+    followed) or ``unreadable_dir`` -- and ``ignored``, counts of the objects that are not inputs of the layout
+    by kind: ``.ext`` (a file type that is not an image), ``hidden`` (a name starting with ``.``),
+    ``folder_marker`` (an S3 key ending in ``/``), ``mask`` and ``outside_sequence`` (video layout)."""
     fs: pafs.FileSystem
     root: str
     items: list[Item]
+    rejected: list[tuple[Item, str, str]] = dataclasses.field(default_factory=list)
+    ignored: dict[str, int] = dataclasses.field(default_factory=dict)
 
     @property
     def uri(self) -> str:
@@ -57,21 +71,62 @@ class Catalog:
 
 
 def _rel(root: str, path: str) -> str:
-    return posixpath.relpath(path, root)
+    """The key of ``path`` under ``root``: the path with ``root/`` cut off, byte for byte (no normalising)."""
+    base = root.rstrip("/") + "/"
+    if not path.startswith(base):
+        raise ValueError(f"{path!r} is not under {root!r}")
+    return path[len(base):]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Entry:
+    key: str
+    path: str
+    kind: str
+    detail: str
+
+
+def _listing(uri: str, s3: S3Config | None, retry: RetryConfig | None) -> tuple[pafs.FileSystem, str, list[_Entry]]:
+    """Everything under ``uri`` with its key (:func:`cluster.storage.walk`); a ``uri`` that is one file gives
+    its folder as the root and the file name as the key."""
+    fs, root = storage.get_filesystem(uri, s3)
+    listed = storage.walk(fs, root, s3, retry)
+    if len(listed) == 1 and listed[0].path == root:
+        root = posixpath.dirname(root)
+    return fs, root, [_Entry(_rel(root, e.path), e.path, e.kind, e.detail) for e in listed]
+
+
+def _not_input(e: _Entry, extensions: tuple[str, ...]) -> str | None:
+    """Why ``e`` is no input at all (an ``ignored`` kind), or None."""
+    if posixpath.basename(e.key).startswith("."):
+        return "hidden"
+    if e.kind == storage.DIR_MARKER:
+        return "folder_marker"
+    if e.kind == storage.FILE and not e.key.lower().endswith(extensions):
+        return posixpath.splitext(posixpath.basename(e.key))[1].lower() or "no_extension"
+    return None
 
 
 def _stem(path: str) -> str:
     return posixpath.splitext(posixpath.basename(path))[0]
 
 
-def image_folder(uri: str, s3: S3Config | None = None, limit: int | None = None) -> Catalog:
-    """Every image file under ``uri`` (recursively), sorted by key."""
-    fs, root = storage.get_filesystem(uri, s3)
-    paths = storage.list_files(fs, root, IMAGE_EXTENSIONS)
-    items = [Item(key=_rel(root, p), path=p) for p in paths]
-    if not items:
+def image_folder(uri: str, s3: S3Config | None = None, limit: int | None = None,
+                 retry: RetryConfig | None = None) -> Catalog:
+    """Every image file under ``uri`` (recursively), sorted by key; the rest is ``rejected`` or ``ignored``."""
+    fs, root, entries = _listing(uri, s3, retry)
+    items, rejected, ignored = [], [], collections.Counter()
+    for e in entries:
+        why = _not_input(e, IMAGE_EXTENSIONS)
+        if why is not None:
+            ignored[why] += 1
+        elif e.kind == storage.FILE:
+            items.append(Item(key=e.key, path=e.path))
+        else:
+            rejected.append((Item(key=e.key, path=e.path), e.kind, e.detail))
+    if not items and not rejected:
         raise FileNotFoundError(f"{uri}: no image files ({', '.join(IMAGE_EXTENSIONS)}) found")
-    return Catalog(fs, root, items[:limit] if limit else items)
+    return Catalog(fs, root, items[:limit] if limit else items, rejected, dict(ignored))
 
 
 def paired_folder(uri: str, s3: S3Config | None = None, limit: int | None = None,
@@ -104,25 +159,35 @@ def video_folders(uri: str, s3: S3Config | None = None, sequences: list[str] | N
     Video files become items with ``frame=-1`` (the whole file); the labelling and video jobs expand them into
     frames with PyAV.
     """
-    fs, root = storage.get_filesystem(uri, s3)
-    files = storage.list_files(fs, root, IMAGE_EXTENSIONS + VIDEO_EXTENSIONS)
-    by_seq: dict[str, list[str]] = defaultdict(list)
+    fs, root, entries = _listing(uri, s3, None)
+    by_seq: dict[str, list[_Entry]] = defaultdict(list)
+    masks: dict[str, dict[str, str]] = defaultdict(dict)   # sequence -> mask stem -> path
     items: list[Item] = []
-    for p in files:
-        rel = _rel(root, p)
-        parts = rel.split("/")
-        if rel.lower().endswith(VIDEO_EXTENSIONS):
-            items.append(Item(key=rel, path=p, sequence=_stem(p), frame=-1))
-            continue
-        if len(parts) < 2 or "masks" in parts[1:-1]:
-            continue
-        by_seq[parts[0]].append(p)
-    for seq, paths in sorted(by_seq.items()):
-        mask_dir = storage.join(root, seq, "masks")
-        masks = ({_stem(m): m for m in storage.list_files(fs, mask_dir, IMAGE_EXTENSIONS)}
-                 if storage.is_dir(fs, mask_dir) else {})
-        for idx, p in enumerate(sorted(paths)[:max_frames]):
-            items.append(Item(key=_rel(root, p), path=p, mask_path=masks.get(_stem(p)), sequence=seq, frame=idx))
+    rejected: list[tuple[Item, str, str]] = []
+    ignored: collections.Counter = collections.Counter()
+    for e in entries:
+        why = _not_input(e, IMAGE_EXTENSIONS + VIDEO_EXTENSIONS)
+        parts = e.key.split("/")
+        if why is not None:
+            ignored[why] += 1
+        elif e.kind != storage.FILE:
+            rejected.append((Item(key=e.key, path=e.path), e.kind, e.detail))
+        elif e.key.lower().endswith(VIDEO_EXTENSIONS):
+            items.append(Item(key=e.key, path=e.path, sequence=_stem(e.path), frame=-1))
+        elif len(parts) < 2:
+            ignored["outside_sequence"] += 1
+        elif "masks" in parts[1:-1]:
+            if parts[1] == "masks":
+                masks[parts[0]][_stem(e.path)] = e.path
+            ignored["mask"] += 1
+        else:
+            by_seq[parts[0]].append(e)
+    for seq, frames in sorted(by_seq.items()):
+        frames = sorted(frames, key=lambda e: e.path)
+        ignored["past_max_frames"] += len(frames[max_frames:]) if max_frames is not None else 0
+        for idx, e in enumerate(frames[:max_frames]):
+            items.append(Item(key=e.key, path=e.path, mask_path=masks[seq].get(_stem(e.path)), sequence=seq,
+                              frame=idx))
     if sequences is not None:
         unknown = set(sequences) - {i.sequence for i in items}
         if unknown:
@@ -130,4 +195,4 @@ def video_folders(uri: str, s3: S3Config | None = None, sequences: list[str] | N
         items = [i for i in items if i.sequence in sequences]
     if not items:
         raise FileNotFoundError(f"{uri}: no video sequences (ROOT/<seq>/images/*.jpg or video files) found")
-    return Catalog(fs, root, items)
+    return Catalog(fs, root, items, rejected, {k: v for k, v in ignored.items() if v})

@@ -15,9 +15,21 @@ The pipeline (one streaming Ray Data job)::
                         OUTPUT/rejects/part-*.parquet atomically (a shard is complete or absent)
     write_review        driver, at the end: OUTPUT/review.csv, the labelled images worst first
 
-Nothing lost, nothing twice: every input ends either in a label shard or in a reject shard; a rerun skips
-every id already present in either, so rerunning a finished job labels nothing and rerunning a killed job
-labels exactly the rest. Readers dedupe by id in case Ray retried a task that had already written.
+Nothing lost, nothing twice: every object under the input is accounted for -- an input (an image file, a
+video frame) ends in a label shard, in a reject shard (with its reason: undecodable, missing, a broken link,
+a FIFO or other special file, ...) or *deferred*; any other object (another file type, a hidden name, an S3
+folder marker, a mask) is counted in the summary's ``ignored``. A rerun skips every id already present in a
+label or reject shard, so rerunning a finished job labels nothing and rerunning a killed job labels exactly
+the rest. Readers dedupe by id in case Ray retried a task that had already written.
+
+Transient is not final: a read or shard write that fails with a transient storage error (network, timeout,
+throttling, 5xx) is retried with backoff (``retry``); an input that still fails is *deferred* -- written
+nowhere, so not done -- counted in the summary, and the run raises :class:`DeferredInputs` (``sodkd label``
+exits non-zero); the next run labels it. A missing object is a reject (``read_error``), not deferred.
+
+Keys are data: the key listed is the key read, hashed and stored, byte for byte (:mod:`cluster.catalog`);
+output names never derive from keys. Images are labelled as a viewer shows them: EXIF orientation applied,
+``orig_h``/``orig_w`` the displayed size; an animated GIF is labelled from its first frame.
 
 Reject rows travel through the teacher stage untouched (the actor only runs the network on decodable
 images) so both tables come out of one pass over the data.
@@ -48,6 +60,7 @@ import dataclasses
 import io
 import json
 import logging
+import math
 import os
 import posixpath
 import sys
@@ -60,19 +73,28 @@ import pyarrow as pa
 from cluster import catalog, storage
 from cluster import labels as L
 from cluster.foundation import FoundationConfig
-from cluster.storage import S3Config
+from cluster.storage import RetryConfig, S3Config
 from cluster.tracking import TrackingConfig
 from kd import schema as S
 from kd.config import ConfigError, load_config
-from kd.imageio import ImageDecodeError, decode_image, encode_png, resize
+from kd.imageio import ImageDecodeError, decode_image, encode_png, oriented_size, resize
 
 log = logging.getLogger(__name__)
 
-__all__ = ["PoolConfig", "DecodeConfig", "WriteConfig", "ReviewConfig", "LabelConfig", "load_label_config",
-           "Manifest", "build_manifest", "load_images", "TeacherLabeler", "write_label_shards", "LabelSummary",
-           "Review", "review_scores", "write_review", "run_labelling", "sample_figure", "review_figure"]
+__all__ = ["PoolConfig", "DecodeConfig", "WriteConfig", "ReviewConfig", "RetryConfig", "LabelConfig",
+           "load_label_config", "Manifest", "build_manifest", "load_images", "TeacherLabeler", "write_label_shards",
+           "LabelSummary", "DeferredInputs", "Review", "review_scores", "write_review", "run_labelling",
+           "sample_figure", "review_figure"]
 
 _DETAIL_CHARS = 300
+_DEFERRED_EXAMPLES = 5   # deferred keys named in the summary
+
+
+def _finite(section: str, **values: float) -> None:
+    """Reject NaN and infinite values, naming the dotted key."""
+    for name, v in values.items():
+        if v is not None and not math.isfinite(v):
+            raise ConfigError(f"{section}.{name}: must be a finite number, got {v}")
 FOUNDATION = "foundation"  # teacher spec of the staged BLIP -> GroundingDINO -> SAM teacher
 
 
@@ -104,6 +126,7 @@ class PoolConfig:
     precision: Literal["auto", "fp32", "fp16"] = "auto"
 
     def __post_init__(self) -> None:
+        _finite("pool", num_cpus=self.num_cpus, num_gpus=self.num_gpus)
         if self.size is None:
             if self.min_size is None or self.max_size is None:
                 raise ConfigError("pool: set size, or min_size and max_size for autoscaling")
@@ -146,6 +169,7 @@ class DecodeConfig:
         return "tasks" if num_gpus > 0 else "actor"
 
     def __post_init__(self) -> None:
+        _finite("decode", num_cpus=self.num_cpus)
         if self.num_cpus <= 0 or self.batch_size < 1:
             raise ConfigError(f"decode: need num_cpus > 0 and batch_size >= 1, got {self.num_cpus}, {self.batch_size}")
 
@@ -158,6 +182,7 @@ class WriteConfig:
     shard_rows: int = 256
 
     def __post_init__(self) -> None:
+        _finite("write", num_cpus=self.num_cpus)
         if self.num_cpus <= 0 or self.shard_rows < 1:
             raise ConfigError(f"write: need num_cpus > 0 and shard_rows >= 1, got {self.num_cpus}, {self.shard_rows}")
 
@@ -203,6 +228,11 @@ class LabelConfig:
             files that cannot be read, which are only recorded as rejects, do not count.
         progress: show Ray Data progress bars.
         review: the review list (``OUTPUT/review.csv``) and its MLflow contact sheet.
+        retry: job-level retries of reads and shard writes that met a transient storage error (network,
+            timeout, throttling, 5xx; :func:`cluster.storage.is_transient`); an input still failing after
+            them is *deferred*: not written anywhere, so not done, counted in the summary, retried by the
+            next run, and the run raises :class:`DeferredInputs` (``sodkd label`` exits non-zero).
+            ``s3.request_attempts`` sets the S3 clients' own per-request retries beneath these.
     """
 
     input: str
@@ -217,6 +247,7 @@ class LabelConfig:
     decode: DecodeConfig = dataclasses.field(default_factory=DecodeConfig)
     write: WriteConfig = dataclasses.field(default_factory=WriteConfig)
     review: ReviewConfig = dataclasses.field(default_factory=ReviewConfig)
+    retry: RetryConfig = dataclasses.field(default_factory=RetryConfig)
     limit: int | None = None
     progress: bool = True
     ray_address: str | None = None
@@ -255,9 +286,14 @@ def load_label_config(source: Any = None, overrides: Any = None) -> LabelConfig:
 
 @dataclasses.dataclass
 class Manifest:
-    items: list[catalog.Item]        # images (or frames) to label
-    unsupported: list[catalog.Item]  # inputs the job cannot label (video files): recorded as rejects
+    """What the input holds, all of it: ``items`` to label; ``rejected`` -- inputs known unlabellable from the
+    listing alone, ``(item, reason, detail)`` (broken links, special files, links to folders, unreadable
+    folders, video files PyAV cannot open), written as reject rows; ``ignored`` -- counts of the objects that
+    are no input of the layout, by kind (:attr:`cluster.catalog.Catalog.ignored`)."""
+    items: list[catalog.Item]
+    rejected: list[tuple[catalog.Item, str, str]]
     layout: str
+    ignored: dict[str, int] = dataclasses.field(default_factory=dict)
 
 
 def _looks_like_video(keys: Sequence[str]) -> bool:
@@ -270,9 +306,9 @@ def build_manifest(cfg: LabelConfig) -> Manifest:
     """List the input once: every image (or video frame) with its stable id, sorted by key."""
     layout = cfg.layout
     if layout != "video":
-        cat = catalog.image_folder(cfg.input, cfg.s3)
+        cat = catalog.image_folder(cfg.input, cfg.s3, retry=cfg.retry)
         if layout == "images" or not _looks_like_video([i.key for i in cat.items]):
-            return Manifest(cat.items, [], "images")
+            return Manifest(cat.items, cat.rejected, "images", cat.ignored)
         layout = "video"
     cat = catalog.video_folders(cfg.input, cfg.s3)
     frames = [i for i in cat.items if i.frame >= 0]
@@ -280,7 +316,9 @@ def build_manifest(cfg: LabelConfig) -> Manifest:
     # cannot be opened as a video is recorded as a reject
     from cluster.video_data import expand_videos
     video_frames, unreadable = expand_videos(cat.fs, [i for i in cat.items if i.frame < 0])
-    return Manifest(frames + video_frames, unreadable, layout)
+    rejected = cat.rejected + [(i, "video_file", "not a readable video file (PyAV could not open or demux it)")
+                               for i in unreadable]
+    return Manifest(frames + video_frames, rejected, layout, cat.ignored)
 
 
 def _manifest_table(items: Sequence[catalog.Item]) -> pa.Table:
@@ -305,23 +343,53 @@ def _filesystem(uri: str, s3: S3Config | None):
     return _FS_CACHE[key]
 
 
-def _image_size(data: bytes) -> tuple[int, int]:
-    from PIL import Image
-    with Image.open(io.BytesIO(data)) as img:
-        w, h = img.size
-    return h, w
+def _read_rounds(keys: Sequence[str], read: Any, retry: RetryConfig) -> tuple[dict[str, Any], dict[str, int]]:
+    """``read(keys) -> {key: value or exception}``, called again for the keys whose exception is transient
+    (:func:`cluster.storage.is_transient`) after a backoff, up to ``retry.attempts`` rounds: one wait per
+    round for the whole batch, so an outage costs a batch the retry window once, not once per image.
+    Returns the last result per key and how many times each key was retried."""
+    results: dict[str, Any] = {}
+    retried: dict[str, int] = collections.Counter()
+    pending = list(keys)
+    for attempt in range(1, retry.attempts + 1):
+        got = read(pending)
+        results.update(got)
+        pending = [k for k in pending if isinstance(got.get(k), Exception) and storage.is_transient(got[k])]
+        if not pending or attempt == retry.attempts:
+            break
+        wait = retry.delay(attempt + 1)
+        log.warning("%d reads met a transient error (attempt %d of %d, next in %.1f s), e.g. %s: %s",
+                    len(pending), attempt, retry.attempts, wait, pending[0], got[pending[0]])
+        for k in pending:
+            retried[k] += 1
+        time.sleep(wait)
+    return results, retried
+
+
+def _read_objects(fs, root: str, s3: S3Config | None, keys: Sequence[str]) -> dict[str, bytes | Exception]:
+    out: dict[str, bytes | Exception] = {}
+    for key in keys:
+        try:
+            out[key] = storage.read_bytes(fs, storage.join(root, key), s3)
+        except OSError as e:
+            out[key] = e
+    return out
 
 
 def load_images(batch: Mapping[str, np.ndarray], *, input_uri: str, s3: S3Config | None,
-                size: int) -> dict[str, np.ndarray]:
+                size: int, retry: RetryConfig | None = None) -> dict[str, np.ndarray]:
     """Manifest rows -> rows with ``image`` uint8 (N, size, size, 3) and ``reason`` ("" when decodable).
 
     A row whose bytes cannot be read or decoded keeps a black placeholder image and gets the machine
     reason (``empty``, ``truncated``, ``not_an_image``, ``too_large``, ``read_error`` ...) and the message.
-    ``orig_h``/``orig_w`` are the source image's own size (not the draft-decoded one).
+    A read that fails with a transient storage error is retried (``retry``, whole batch per round); a row
+    still failing so gets the reason :data:`kd.schema.DEFERRED` (never written, so not done). ``retries``
+    counts each row's retried reads. ``orig_h``/``orig_w`` are the source image's displayed size (EXIF
+    orientation applied; not the draft-decoded size).
     """
+    retry = retry or RetryConfig()
     fs, root = _filesystem(input_uri, s3)
-    keys = batch[S.KEY]
+    keys = [str(k) for k in batch[S.KEY]]
     n = len(keys)
     images = np.zeros((n, size, size, 3), np.uint8)
     orig_h = np.zeros(n, np.int32)
@@ -329,24 +397,29 @@ def load_images(batch: Mapping[str, np.ndarray], *, input_uri: str, s3: S3Config
     reasons = np.full(n, "", dtype=object)
     details = np.full(n, "", dtype=object)
     from cluster.video_data import read_video_frames
-    video_frames = read_video_frames(fs, root, keys)  # frames of video files, each file decoded once
+    from kd.videoio import parse_frame_key
+    frame_keys = [k for k in keys if parse_frame_key(k) is not None]
+    # frames of video files, each file decoded once (per round)
+    video_frames, retried = _read_rounds(frame_keys, lambda ks: read_video_frames(fs, root, ks), retry)
+    files, retried_files = _read_rounds([k for k in keys if k not in video_frames],
+                                        lambda ks: _read_objects(fs, root, s3, ks), retry)
+    retried.update(retried_files)
     for i, key in enumerate(keys):
-        if key in video_frames:
-            frame = video_frames[key]
-            if isinstance(frame, Exception):
-                reasons[i], details[i] = "video_decode", f"{type(frame).__name__}: {frame}"[:_DETAIL_CHARS]
+        got = video_frames[key] if key in video_frames else files[key]
+        if isinstance(got, Exception):
+            if storage.is_transient(got):
+                reasons[i] = S.DEFERRED
             else:
-                orig_h[i], orig_w[i] = frame.shape[:2]
-                images[i] = resize(frame, (size, size))
+                reasons[i] = "video_decode" if key in video_frames else "read_error"
+            details[i] = f"{type(got).__name__}: {got}"[:_DETAIL_CHARS]
+            continue
+        if key in video_frames:
+            orig_h[i], orig_w[i] = got.shape[:2]
+            images[i] = resize(got, (size, size))
             continue
         try:
-            data = storage.read_bytes(fs, storage.join(root, str(key)))
-        except OSError as e:
-            reasons[i], details[i] = "read_error", str(e)[:_DETAIL_CHARS]
-            continue
-        try:
-            rgb = decode_image(data, max_side=size)
-            orig_h[i], orig_w[i] = _image_size(data)
+            rgb = decode_image(got, max_side=size)
+            orig_h[i], orig_w[i] = oriented_size(got)
             images[i] = resize(rgb, (size, size))
         except ImageDecodeError as e:
             reasons[i], details[i] = e.reason, str(e)[:_DETAIL_CHARS]
@@ -354,8 +427,9 @@ def load_images(batch: Mapping[str, np.ndarray], *, input_uri: str, s3: S3Config
             reasons[i], details[i] = "too_large", f"MemoryError: {e}"[:_DETAIL_CHARS]
         except Exception as e:  # noqa: BLE001 - any decoder failure is a reject, never a job failure
             reasons[i], details[i] = "decode_error", f"{type(e).__name__}: {e}"[:_DETAIL_CHARS]
-    return {S.ID: batch[S.ID], S.KEY: keys, S.SEQUENCE: batch[S.SEQUENCE], S.FRAME: batch[S.FRAME],
-            S.ORIG_H: orig_h, S.ORIG_W: orig_w, S.IMAGE: images, S.REASON: reasons, S.DETAIL: details}
+    return {S.ID: batch[S.ID], S.KEY: batch[S.KEY], S.SEQUENCE: batch[S.SEQUENCE], S.FRAME: batch[S.FRAME],
+            S.ORIG_H: orig_h, S.ORIG_W: orig_w, S.IMAGE: images, S.REASON: reasons, S.DETAIL: details,
+            S.RETRIES: np.array([retried.get(k, 0) for k in keys], np.int32)}
 
 
 # --- stage: teacher (actor pool) --------------------------------------------------------------------------
@@ -425,7 +499,8 @@ class TeacherLabeler:
                                      (p > 0.5).float().mean((1, 2))], 1).cpu().numpy()
             label[ok] = q.cpu().numpy()
             conf_mean[ok], conf_frac[ok], fg_frac[ok] = stats[:, 0], stats[:, 1], stats[:, 2]
-        out = {k: batch[k] for k in (S.ID, S.KEY, S.SEQUENCE, S.FRAME, S.ORIG_H, S.ORIG_W, S.REASON, S.DETAIL)}
+        out = {k: batch[k] for k in (S.ID, S.KEY, S.SEQUENCE, S.FRAME, S.ORIG_H, S.ORIG_W, S.REASON, S.DETAIL,
+                                     S.RETRIES) if k in batch}
         out.update({
             S.LABEL: label, S.CONF_MEAN: conf_mean, S.CONF_FRAC: conf_frac, S.FG_FRAC: fg_frac,
             S.DISAGREEMENT: disagreement, S.TEACHER: np.full(n, self.teacher.id, dtype=object),
@@ -442,17 +517,44 @@ def _col(batch: Mapping[str, np.ndarray], name: str, idx: np.ndarray) -> list:
     return np.asarray(batch[name])[idx].tolist()
 
 
-def write_label_shards(batch: Mapping[str, np.ndarray], *, output_uri: str,
-                       s3: S3Config | None) -> dict[str, np.ndarray]:
+def write_label_shards(batch: Mapping[str, np.ndarray], *, output_uri: str, s3: S3Config | None,
+                       retry: RetryConfig | None = None) -> dict[str, np.ndarray]:
     """PNG-encode the labels and write one label shard and/or one reject shard; returns one row of counts.
 
-    The returned row: ``labelled``, ``rejected``, ``reasons`` (JSON ``{reason: count}``), ``shard``.
+    Rows with reason :data:`kd.schema.DEFERRED` are written nowhere. A shard write is retried on transient
+    storage errors (``retry``); when it still fails so, its rows become deferred too (not done: the next run
+    labels them again); any other write error is raised.
+
+    The returned row: ``labelled``, ``rejected``, ``deferred``, ``retried`` (transient errors retried: the
+    rows' reads and this task's writes), ``reasons`` (JSON ``{reason: count}`` of the rejects),
+    ``deferred_keys`` (JSON ``[[key, detail], ...]``, the first few), ``shards``, ``labelled_at``.
     """
     fs, root = _filesystem(output_uri, s3)
     reasons = np.asarray(batch[S.REASON])
     ok = np.flatnonzero(reasons == "")
-    bad = np.flatnonzero(reasons != "")
-    shards = []
+    bad = np.flatnonzero((reasons != "") & (reasons != S.DEFERRED))
+    deferred = [(str(batch[S.KEY][i]), str(batch[S.DETAIL][i])) for i in np.flatnonzero(reasons == S.DEFERRED)]
+    retried = int(np.sum(batch[S.RETRIES])) if S.RETRIES in batch else 0
+
+    def count_retry(_e: BaseException) -> None:
+        nonlocal retried
+        retried += 1
+
+    def write(kind: str, table: pa.Table, idx: np.ndarray) -> bool:
+        try:
+            shards.append(L.write_shard(fs, root, kind, table, retry, on_retry=count_retry))
+            return True
+        except Exception as e:  # noqa: BLE001 - transient: deferred; anything else fails the task
+            if not storage.is_transient(e):
+                raise
+            log.warning("%s shard of %d rows not written after retries (deferred to the next run): %s",
+                        kind, len(idx), e)
+            deferred.extend((str(batch[S.KEY][i]), f"writing the {kind} shard: {type(e).__name__}: {e}"[:_DETAIL_CHARS])
+                            for i in idx)
+            return False
+
+    shards: list[str] = []
+    labelled = rejected = 0
     if len(ok):
         labels = np.asarray(batch[S.LABEL])
         h, w = labels.shape[1:3]
@@ -474,12 +576,15 @@ def write_label_shards(batch: Mapping[str, np.ndarray], *, output_uri: str,
             values = foundation_columns(batch, ok)
             for f in foundation_fields():
                 table = table.append_column(f, pa.array(values[f.name], f.type))
-        shards.append(L.write_shard(fs, root, S.LABELS_DIR, table))
-    if len(bad):
-        shards.append(L.write_shard(fs, root, S.REJECTS_DIR, _reject_table(batch, bad)))
-    counts = collections.Counter(reasons[bad].tolist())
-    return {"labelled": np.array([len(ok)], np.int64), "rejected": np.array([len(bad)], np.int64),
+        labelled = len(ok) if write(S.LABELS_DIR, table, ok) else 0
+    counts: collections.Counter = collections.Counter()
+    if len(bad) and write(S.REJECTS_DIR, _reject_table(batch, bad), bad):
+        rejected = len(bad)
+        counts.update(reasons[bad].tolist())
+    return {"labelled": np.array([labelled], np.int64), "rejected": np.array([rejected], np.int64),
+            "deferred": np.array([len(deferred)], np.int64), "retried": np.array([retried], np.int64),
             "reasons": np.array([json.dumps(counts)], dtype=object),
+            "deferred_keys": np.array([json.dumps(deferred[:_DEFERRED_EXAMPLES])], dtype=object),
             "shards": np.array([",".join(posixpath.basename(s) for s in shards)], dtype=object),
             "labelled_at": np.array([_when_labelled(batch)], dtype=object)}
 
@@ -512,6 +617,12 @@ class LabelSummary:
     images the teacher finished after its first batch, over the time from the end of that batch to the end
     of the last -- the rate a long job runs at, where start-up is amortised. ``startup_s`` is run start to
     the end of the first teacher batch.
+
+    Every object under the input is counted once: ``total`` inputs (= ``labelled + rejected + skipped_done +
+    deferred + deferred_transient``) plus ``sum(ignored.values())`` objects that are no input of the layout
+    (other file types, hidden names, S3 folder markers, masks). ``deferred_transient`` inputs met only
+    transient storage errors (after ``retry``): nothing was written for them, the next run retries them;
+    ``deferred_examples`` names a few (key, error). ``retried`` counts the transient errors that were retried.
     """
 
     total: int = 0
@@ -519,6 +630,10 @@ class LabelSummary:
     rejected: int = 0
     skipped_done: int = 0
     deferred: int = 0                 # left for a later run by ``limit``
+    deferred_transient: int = 0       # transient storage errors after every retry: not done, next run retries
+    retried: int = 0
+    ignored: dict[str, int] = dataclasses.field(default_factory=dict)
+    deferred_examples: list[tuple[str, str]] = dataclasses.field(default_factory=list)
     wall_s: float = 0.0
     images_per_s: float = 0.0
     steady_images_per_s: float = 0.0
@@ -533,9 +648,14 @@ class LabelSummary:
 
     def line(self) -> str:
         reasons = ", ".join(f"{k} {v}" for k, v in sorted(self.reasons.items()))
+        ignored = ", ".join(f"{k} {v}" for k, v in sorted(self.ignored.items()))
+        transient = (f", DEFERRED after transient storage errors {self.deferred_transient} (not done; rerun to "
+                     f"label them)" if self.deferred_transient else "")
         return (f"sodkd label: {self.total} inputs: labelled {self.labelled}, rejected {self.rejected}"
                 f"{f' ({reasons})' if reasons else ''}, skipped as done {self.skipped_done}"
-                f"{f', deferred by limit {self.deferred}' if self.deferred else ''}; "
+                f"{f', deferred by limit {self.deferred}' if self.deferred else ''}{transient}"
+                f"{f'; not inputs: {ignored}' if ignored else ''}"
+                f"{f'; {self.retried} transient errors retried' if self.retried else ''}; "
                 f"{self.wall_s:.1f} s, {self.images_per_s:.2f} images/s"
                 f"{f' (steady {self.steady_images_per_s:.2f})' if self.steady_images_per_s else ''}; teacher {self.teacher} "
                 f"({self.weights_hash})")
@@ -577,7 +697,7 @@ def build_dataset(cfg: LabelConfig, items: Sequence[catalog.Item], teacher_size:
     table = _manifest_table(items)
     step = cfg.decode.batch_size
     ds = ray.data.from_arrow([table.slice(i, step) for i in range(0, table.num_rows, step)])
-    decode_kwargs = {"input_uri": cfg.input, "s3": cfg.s3, "size": teacher_size}
+    decode_kwargs = {"input_uri": cfg.input, "s3": cfg.s3, "size": teacher_size, "retry": cfg.retry}
     in_actor = cfg.decode.resolved_placement(cfg.pool.num_gpus) == "actor" and not cfg.is_foundation
     if not in_actor:
         # ray_remote_args_fn keeps Ray Data from fusing these tasks into the actor stage below when the
@@ -588,7 +708,7 @@ def build_dataset(cfg: LabelConfig, items: Sequence[catalog.Item], teacher_size:
         from cluster.foundation import foundation_stages
         ds = foundation_stages(ds, cfg.foundation, cfg.label_size or teacher_size)
         return ds.map_batches(write_label_shards, batch_size=cfg.write.shard_rows, num_cpus=cfg.write.num_cpus,
-                              fn_kwargs={"output_uri": cfg.output, "s3": cfg.s3})
+                              fn_kwargs={"output_uri": cfg.output, "s3": cfg.s3, "retry": cfg.retry})
     pool = cfg.pool
     compute = (ray.data.ActorPoolStrategy(size=pool.size) if pool.size is not None
                else ray.data.ActorPoolStrategy(min_size=pool.min_size, max_size=pool.max_size))
@@ -601,7 +721,26 @@ def build_dataset(cfg: LabelConfig, items: Sequence[catalog.Item], teacher_size:
                                "device": device, "precision": pool.precision, "threads": pool.threads(),
                                "decode": decode_kwargs if in_actor else None})
     return ds.map_batches(write_label_shards, batch_size=cfg.write.shard_rows, num_cpus=cfg.write.num_cpus,
-                          fn_kwargs={"output_uri": cfg.output, "s3": cfg.s3})
+                          fn_kwargs={"output_uri": cfg.output, "s3": cfg.s3, "retry": cfg.retry})
+
+
+class DeferredInputs(OSError):
+    """A labelling run ended with inputs deferred after transient storage errors (``summary`` says how many
+    and names a few): they are not done, and the next run retries them."""
+
+    def __init__(self, summary: LabelSummary):
+        examples = "; ".join(f"{k}: {d}" for k, d in summary.deferred_examples[:2])
+        super().__init__(f"{summary.deferred_transient} inputs deferred after transient storage errors (not done; "
+                         f"rerun the same command to label them){f', e.g. {examples}' if examples else ''}")
+        self.summary = summary
+
+
+def _check_ids(cfg: LabelConfig, items: Sequence[catalog.Item]) -> None:
+    seen: dict[str, str] = {}
+    for it in items:
+        other = seen.setdefault(it.id, it.key)
+        if other != it.key:
+            raise ValueError(f"{cfg.input}: the keys {other!r} and {it.key!r} hash to the same id {it.id}")
 
 
 def _label(cfg: LabelConfig, summary: LabelSummary) -> Review | None:
@@ -609,34 +748,31 @@ def _label(cfg: LabelConfig, summary: LabelSummary) -> Review | None:
     out_fs, out_root = storage.get_filesystem(cfg.output, cfg.s3)
     manifest = build_manifest(cfg)
     summary.layout = manifest.layout
-    summary.total = len(manifest.items) + len(manifest.unsupported)
-    ids = [i.id for i in manifest.items] + [i.id for i in manifest.unsupported]
-    if len(set(ids)) != len(ids):
-        dup = collections.Counter(ids).most_common(1)[0][0]
-        raise ValueError(f"{cfg.input}: two keys hash to the same id {dup}")
+    summary.ignored = dict(manifest.ignored)
+    listed_rejects = [it for it, _, _ in manifest.rejected]
+    summary.total = len(manifest.items) + len(listed_rejects)
+    _check_ids(cfg, manifest.items + listed_rejects)
     stale = L.remove_stale_temporaries(out_fs, out_root)
     if stale:
         log.info("removed %d temporary files left by an interrupted run", stale)
     done = L.done_ids(out_fs, out_root)
     todo = [i for i in manifest.items if i.id not in done]
-    unsupported = [i for i in manifest.unsupported if i.id not in done]
-    summary.skipped_done = summary.total - len(todo) - len(unsupported)
+    rejected_now = [r for r in manifest.rejected if r[0].id not in done]
+    summary.skipped_done = summary.total - len(todo) - len(rejected_now)
     if cfg.limit is not None and len(todo) > cfg.limit:
         summary.deferred = len(todo) - cfg.limit
         todo = todo[: cfg.limit]
     reasons: collections.Counter = collections.Counter()
-    if unsupported:
-        n = len(unsupported)
-        batch = {S.ID: np.array([i.id for i in unsupported], dtype=object),
-                 S.KEY: np.array([i.key for i in unsupported], dtype=object),
-                 S.SEQUENCE: np.array([i.sequence for i in unsupported], dtype=object),
-                 S.FRAME: np.array([i.frame for i in unsupported], np.int32),
-                 S.REASON: np.full(n, "video_file", dtype=object),
-                 S.DETAIL: np.full(n, "not a readable video file (PyAV could not open or demux it)",
-                                   dtype=object)}
-        L.write_shard(out_fs, out_root, S.REJECTS_DIR, _reject_table(batch, np.arange(n)))
-        summary.rejected += n
-        reasons["video_file"] += n
+    if rejected_now:  # known from the listing alone: recorded without Ray
+        n = len(rejected_now)
+        batch = {S.ID: np.array([i.id for i, _, _ in rejected_now], dtype=object),
+                 S.KEY: np.array([i.key for i, _, _ in rejected_now], dtype=object),
+                 S.SEQUENCE: np.array([i.sequence for i, _, _ in rejected_now], dtype=object),
+                 S.FRAME: np.array([i.frame for i, _, _ in rejected_now], np.int32),
+                 S.REASON: np.array([r for _, r, _ in rejected_now], dtype=object),
+                 S.DETAIL: np.array([d[:_DETAIL_CHARS] for _, _, d in rejected_now], dtype=object)}
+        out = write_label_shards(batch, output_uri=cfg.output, s3=cfg.s3, retry=cfg.retry)
+        _count(summary, reasons, out)
     summary.teacher, summary.weights_hash, teacher_size = _teacher_info(cfg)
     log.info("labelling %d images (%d skipped as done) with %s at %d px", len(todo), summary.skipped_done,
              summary.teacher, teacher_size)
@@ -647,10 +783,7 @@ def _label(cfg: LabelConfig, summary: LabelSummary) -> Review | None:
         ds = build_dataset(cfg, todo, teacher_size)
         finished: collections.Counter = collections.Counter()  # teacher batch end time -> images
         for out in ds.iter_batches(batch_size=None, batch_format="numpy"):
-            summary.labelled += int(np.sum(out["labelled"]))
-            summary.rejected += int(np.sum(out["rejected"]))
-            for r in out["reasons"]:
-                reasons.update(json.loads(r))
+            _count(summary, reasons, out)
             for when in out["labelled_at"]:
                 for t, n in json.loads(when):
                     finished[t] += n
@@ -661,7 +794,26 @@ def _label(cfg: LabelConfig, summary: LabelSummary) -> Review | None:
     summary.wall_s = time.perf_counter() - t_start
     processed = summary.labelled + summary.rejected
     summary.images_per_s = processed / summary.wall_s if summary.wall_s > 0 else 0.0
-    return write_review(cfg)  # after the timing: the rates describe the labelling itself
+    try:
+        return write_review(cfg)  # after the timing: the rates describe the labelling itself
+    except OSError as e:  # the list is derived data, rewritten by every run: an outage must not hide the counts
+        if not storage.is_transient(e):
+            raise
+        log.warning("review list not rewritten (transient storage error; the next run rewrites it): %s", e)
+        return None
+
+
+def _count(summary: LabelSummary, reasons: collections.Counter, out: Mapping[str, np.ndarray]) -> None:
+    """Add the count rows of :func:`write_label_shards` to ``summary`` and ``reasons``."""
+    summary.labelled += int(np.sum(out["labelled"]))
+    summary.rejected += int(np.sum(out["rejected"]))
+    summary.deferred_transient += int(np.sum(out["deferred"]))
+    summary.retried += int(np.sum(out["retried"]))
+    for r in out["reasons"]:
+        reasons.update(json.loads(r))
+    for d in out["deferred_keys"]:
+        room = _DEFERRED_EXAMPLES - len(summary.deferred_examples)
+        summary.deferred_examples += [tuple(x) for x in json.loads(d)[:max(room, 0)]]
 
 
 # --- the review list -------------------------------------------------------------------------------------
@@ -755,12 +907,14 @@ def run_labelling(cfg: LabelConfig, samples: int = 6) -> LabelSummary:
     beside their labels), and the review list: ``review/review.csv`` and ``review/worst.png`` (the worst
     ``cfg.review.sheet`` images beside their labels). A second stderr line names the review file and the
     worst key.
+
+    Raises :class:`DeferredInputs` (its ``summary`` is the run's) after all of that when inputs were deferred
+    after transient storage errors: the run is incomplete, the next one retries them.
     """
     summary = LabelSummary()
     if not cfg.tracking.enabled:
         review = _label(cfg, summary)
-        _print_lines(summary, review)
-        return summary
+        return _finish(summary, review)
     from cluster import tracking
     with tracking.start_run(cfg.tracking, run_name=cfg.tracking.run_name or "label",
                             tags={"sodkd.job": "label"}) as run:
@@ -773,7 +927,9 @@ def run_labelling(cfg: LabelConfig, samples: int = 6) -> LabelSummary:
         tracking.log_metrics({
             "label/total": summary.total, "label/labelled": summary.labelled,
             "label/rejected": summary.rejected, "label/skipped_done": summary.skipped_done,
-            "label/deferred": summary.deferred, "label/wall_s": summary.wall_s,
+            "label/deferred": summary.deferred, "label/deferred_transient": summary.deferred_transient,
+            "label/retried": summary.retried, "label/ignored": sum(summary.ignored.values()),
+            "label/wall_s": summary.wall_s,
             "label/images_per_s": summary.images_per_s,
             "label/images_per_s_steady": summary.steady_images_per_s, "label/startup_s": summary.startup_s,
             **{f"label/rejected.{k}": v for k, v in summary.reasons.items()},
@@ -788,14 +944,18 @@ def run_labelling(cfg: LabelConfig, samples: int = 6) -> LabelSummary:
                 fig = review_figure(cfg, review.rows[: cfg.review.sheet])
                 if fig is not None:
                     tracking.log_figure(fig, "review/worst.png")
-    _print_lines(summary, review)
-    return summary
+    return _finish(summary, review)
 
 
-def _print_lines(summary: LabelSummary, review: Review | None) -> None:
+def _finish(summary: LabelSummary, review: Review | None) -> LabelSummary:
     print(summary.line(), file=sys.stderr, flush=True)
     if review is not None:
         print(review.line(), file=sys.stderr, flush=True)
+    for key, detail in summary.deferred_examples:
+        log.warning("deferred %s: %s", key, detail)
+    if summary.deferred_transient:
+        raise DeferredInputs(summary)
+    return summary
 
 
 def sample_figure(cfg: LabelConfig, n: int = 6):
@@ -817,7 +977,7 @@ def sample_figure(cfg: LabelConfig, n: int = 6):
     fig, axes = plt.subplots(len(rows), 2, figsize=(5, 2.5 * len(rows)), squeeze=False)
     for ax_row, row in zip(axes, rows):
         try:
-            image = decode_image(storage.read_bytes(in_fs, storage.join(in_root, row[S.KEY])), max_side=512)
+            image = decode_image(storage.read_bytes(in_fs, storage.join(in_root, row[S.KEY]), cfg.s3), max_side=512)
         except (OSError, ImageDecodeError):
             image = np.zeros((8, 8, 3), np.uint8)
         label = resize((L.decode_label(row) * 255).astype(np.uint8), image.shape[:2])
@@ -845,7 +1005,7 @@ def _read_inputs(cfg: LabelConfig, keys: Sequence[str], max_side: int) -> list[n
         image = frames.get(key)
         if image is None:
             try:
-                image = decode_image(storage.read_bytes(fs, storage.join(root, key)), max_side=max_side)
+                image = decode_image(storage.read_bytes(fs, storage.join(root, key), cfg.s3), max_side=max_side)
             except (OSError, ImageDecodeError):
                 image = None
         out.append(image if isinstance(image, np.ndarray) else np.zeros((8, 8, 3), np.uint8))

@@ -10,6 +10,10 @@ Ray may retry a task after it wrote its shard, so an id can, rarely, sit in two 
 id (first shard in name order wins). The distillation trainer joins labels to images by ``id`` (the stable
 hash of the image key, :func:`kd.schema.stable_id`), never by row order.
 
+Storage errors that may pass (:func:`cluster.storage.is_transient`: network, timeouts, throttling, 5xx) are
+retried with backoff when a shard is written or read; a shard still unreadable for such a reason raises
+(its ids are not silently taken as not done), while a damaged shard is skipped with a warning.
+
 Columns added to :data:`LABEL_SCHEMA` after shards had been written (:data:`FILLED_COLUMNS`: ``disagreement``)
 may be missing from older shards; the readers here give them to such shards filled (NaN), so old and new
 shards read back as one table with the current schema.
@@ -22,7 +26,7 @@ import logging
 import posixpath
 import time
 import uuid
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 import pyarrow as pa
@@ -31,7 +35,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from cluster import storage
-from cluster.storage import S3Config
+from cluster.storage import RetryConfig, S3Config
 from kd import schema as S
 
 log = logging.getLogger(__name__)
@@ -103,8 +107,11 @@ def _read_shards(fs: pafs.FileSystem, paths: Iterable[str], columns: list[str] |
     tables = []
     for p in paths:
         try:
-            t = _read_shard(fs, p, columns, schema)
+            t = storage.retrying(lambda p=p: _read_shard(fs, p, columns, schema), None,
+                                 f"reading {storage.to_uri(fs, p)}")
         except (OSError, pa.ArrowInvalid) as e:
+            if storage.is_transient(e):
+                raise
             # Cannot come from our atomic writer; a foreign or damaged file. Its ids count as not done,
             # so a rerun labels them again into a new shard.
             log.warning("skipping unreadable shard %s: %s", storage.to_uri(fs, p), e)
@@ -157,8 +164,13 @@ def remove_stale_temporaries(fs: pafs.FileSystem, root: str) -> int:
     return n
 
 
-def write_shard(fs: pafs.FileSystem, root: str, kind: str, table: pa.Table) -> str:
+def write_shard(fs: pafs.FileSystem, root: str, kind: str, table: pa.Table, retry: RetryConfig | None = None,
+                on_retry: Callable[[BaseException], None] | None = None) -> str:
     """Write ``table`` as a new uniquely named shard of ``kind`` under ``root``, atomically; returns its path.
+
+    Transient storage errors are retried as ``retry`` says (default :class:`cluster.storage.RetryConfig`),
+    each attempt to the same name, so an attempt that landed although its answer was lost is overwritten,
+    not duplicated; the last error is raised. ``on_retry`` sees each retried error.
 
     Local: written to ``.part-*.tmp-*`` in the same folder, then renamed (atomic on one filesystem).
     S3: written straight to the final key; the object only appears when the upload completes (no
@@ -169,7 +181,9 @@ def write_shard(fs: pafs.FileSystem, root: str, kind: str, table: pa.Table) -> s
     final = storage.join(d, name)
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink, compression="snappy")
-    write_file_atomic(fs, final, sink.getvalue())
+    data = sink.getvalue()
+    storage.retrying(lambda: write_file_atomic(fs, final, data), retry, f"writing {storage.to_uri(fs, final)}",
+                     on_retry)
     return final
 
 

@@ -4,6 +4,10 @@ Real buckets hold CMYK JPEGs, 16-bit PNGs, palette and grayscale images, alpha c
 things that are not images at all. :func:`decode_image` converts every decodable kind to RGB uint8 and raises
 :class:`ImageDecodeError` with a short machine-readable reason otherwise, so a pipeline can record the key
 and the reason in a rejects table and go on.
+
+Images are decoded as a viewer shows them: the EXIF orientation tag is applied (a portrait photo stored
+sideways comes out upright, :func:`oriented_size` gives its displayed height and width), and an animated
+GIF, PNG or WebP gives its first frame.
 """
 
 from __future__ import annotations
@@ -11,9 +15,10 @@ from __future__ import annotations
 import io
 
 import numpy as np
-from PIL import Image, ImageFile
+from PIL import Image, ImageFile, ImageOps
 
 MAX_PIXELS = 100_000_000   # larger images are decoded at reduced size via draft() or rejected
+_ORIENTATION = 0x0112      # EXIF tag; values 5..8 swap width and height
 
 
 class ImageDecodeError(ValueError):
@@ -40,8 +45,34 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+def _orientation(img: Image.Image) -> int:
+    try:
+        value = int(img.getexif().get(_ORIENTATION, 1))
+    except Exception:  # noqa: BLE001 - unreadable EXIF: the pixels as stored
+        return 1
+    return value if 1 <= value <= 8 else 1
+
+
+def _upright(img: Image.Image) -> Image.Image:
+    """``img`` turned as its EXIF orientation says (a no-op for orientation 1 or unreadable EXIF)."""
+    if _orientation(img) == 1:
+        return img
+    try:
+        return ImageOps.exif_transpose(img)
+    except Exception:  # noqa: BLE001 - a broken EXIF block does not make the pixels unusable
+        return img
+
+
+def oriented_size(data: bytes) -> tuple[int, int]:
+    """(height, width) of the encoded image as displayed (EXIF orientation applied), from its header."""
+    with Image.open(io.BytesIO(data)) as img:
+        w, h = img.size
+        return (w, h) if _orientation(img) >= 5 else (h, w)
+
+
 def decode_image(data: bytes, max_side: int | None = None) -> np.ndarray:
-    """Encoded bytes -> HxWx3 uint8 RGB. ``max_side`` lets JPEG decode at reduced size (fast path)."""
+    """Encoded bytes -> HxWx3 uint8 RGB, upright (EXIF orientation applied), the first frame of an animation.
+    ``max_side`` lets JPEG decode at reduced size (fast path)."""
     if not data:
         raise ImageDecodeError("empty", "zero bytes")
     ImageFile.LOAD_TRUNCATED_IMAGES = False
@@ -60,7 +91,7 @@ def decode_image(data: bytes, max_side: int | None = None) -> np.ndarray:
         raise ImageDecodeError("too_large", f"{w}x{h} pixels")
     try:
         img.load()
-        rgb = _to_rgb(img)
+        rgb = _to_rgb(_upright(img))
     except Image.DecompressionBombError as e:
         raise ImageDecodeError("too_large", str(e)) from e
     except (OSError, SyntaxError, ValueError) as e:

@@ -38,6 +38,9 @@ REJECTS_DIR = "rejects"    # OUTPUT/rejects/*.parquet: one row per image that co
 
 # --- rejects table ---
 REASON = "reason"          # short machine-readable reason ("truncated", "not_an_image", ...); "" while in flight = ok
+DEFERRED = "deferred"      # in-flight REASON of a row that met only transient storage errors: never written as a
+                           # reject (not done), the next run retries it
+RETRIES = "retries"        # in flight: transient read errors retried for the row (the job's summary counts them)
 DETAIL = "detail"          # the human-readable error message behind the reason
 
 # --- foundation-model labels (issue 7) ---
@@ -61,7 +64,7 @@ VAL_EM = "val/em"
 TARGET = "target"          # uint8 HxW training target at the image's size: a mask, or teacher probability x 255
 SOFT = "soft"              # bool: True when TARGET is a teacher's soft label (distillation loss), False for a mask
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")  # animated: the first frame
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm")
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import shutil
 
 import numpy as np
@@ -16,7 +17,7 @@ from PIL import Image
 
 from cluster import labelling as LB
 from cluster import labels as L
-from cluster import tracking
+from cluster import catalog, storage, tracking
 from cluster.teachers import build_teacher, weights_hash
 from kd import schema as S
 from kd.config import ConfigError
@@ -361,3 +362,85 @@ def test_tracking_params_never_carry_credentials():
     assert clean == {"s3.endpoint_url": "http://minio:9000", "pool.size": "2", "input": "s3://bucket/x"}
     assert "hunter2" not in str(clean)
     assert len(tracking.sanitize_params({"k": "x" * 10_000})["k"]) == tracking.MAX_PARAM_CHARS
+
+
+# --- transient is not final (issue 13) ---------------------------------------------------------------------
+
+CANARY = "canary-secret-13-do-not-log"
+
+
+def _dead_endpoint() -> str:
+    import socket
+    with socket.socket() as s:   # a port nothing listens on: every connection is refused
+        s.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{s.getsockname()[1]}"
+
+
+@pytest.fixture
+def aws_env(monkeypatch):
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIA13CANARY")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", CANARY)
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+
+
+FAST = LB.RetryConfig(attempts=3, delay_s=0.01, max_delay_s=0.02)
+
+
+def test_reads_that_fail_transiently_are_retried_then_deferred_never_rejected(aws_env, tmp_path):
+    s3 = LB.S3Config(endpoint_url=_dead_endpoint(), request_attempts=1)
+    keys = ["a.jpg", "sub/../b.jpg"]
+    out = LB.load_images(_manifest_batch(keys), input_uri="s3://bkt/in", s3=s3, size=SIZE, retry=FAST)
+    assert list(out[S.REASON]) == [S.DEFERRED] * 2
+    assert list(out[S.RETRIES]) == [FAST.attempts - 1] * 2      # every round retried them, then gave up
+    assert all("EndpointConnectionError" in d and CANARY not in d for d in out[S.DETAIL])
+    # deferred rows are written nowhere: not done, the next run takes them again
+    counts = LB.write_label_shards(out, output_uri=str(tmp_path / "o"), s3=None, retry=FAST)
+    assert (counts["labelled"][0], counts["rejected"][0], counts["deferred"][0]) == (0, 0, 2)
+    assert counts["retried"][0] == 2 * (FAST.attempts - 1)
+    assert [k for k, _ in json.loads(counts["deferred_keys"][0])] == keys
+    assert L.done_ids(pafs.LocalFileSystem(), str(tmp_path / "o")) == set()
+
+
+def test_shard_writes_that_fail_transiently_defer_their_rows(aws_env, image_dir, teacher_file):
+    keys = sorted(p.name for p in image_dir.iterdir())
+    batch = LB.load_images(_manifest_batch(keys), input_uri=str(image_dir), s3=None, size=SIZE)
+    labelled = LB.TeacherLabeler([f"scfnet_m3:{teacher_file}"], teacher_size=SIZE, device="cpu", threads=1)(batch)
+    s3 = LB.S3Config(endpoint_url=_dead_endpoint(), request_attempts=1)
+    counts = LB.write_label_shards(labelled, output_uri="s3://bkt/out", s3=s3, retry=FAST)
+    # 3 labels + 3 rejects, neither shard could be written: all 6 deferred, none counted as done
+    assert (counts["labelled"][0], counts["rejected"][0], counts["deferred"][0]) == (0, 0, 6)
+    assert counts["retried"][0] == 2 * (FAST.attempts - 1) and counts["shards"][0] == ""
+    assert json.loads(counts["reasons"][0]) == {}
+
+
+def test_a_final_write_error_is_raised_not_deferred(image_dir, tmp_path):
+    keys = ["empty.jpg"]
+    batch = LB.load_images(_manifest_batch(keys), input_uri=str(image_dir), s3=None, size=SIZE)
+    (tmp_path / "o").write_text("a file where the output folder should be")
+    with pytest.raises(OSError) as err:
+        LB.write_label_shards(batch, output_uri=str(tmp_path / "o"), s3=None, retry=FAST)
+    assert not isinstance(err.value, storage.TransientError)
+
+
+def test_nan_and_infinite_config_values_are_rejected_with_their_key():
+    base = {"input": "a", "output": "b", "teachers": ["t.ts"]}
+    for over, key in [("pool.num_cpus=.nan", "pool.num_cpus"), ("pool.num_gpus=.inf", "pool.num_gpus"),
+                      ("decode.num_cpus=.nan", "decode.num_cpus"), ("write.num_cpus=-.inf", "write.num_cpus"),
+                      ("retry.delay_s=.nan", "retry.delay_s"), ("retry.max_delay_s=.inf", "retry.max_delay_s"),
+                      ("retry.attempts=0", "retry.attempts"), ("s3.request_attempts=0", "s3.request_attempts")]:
+        with pytest.raises(ConfigError, match=rf"^{key.replace('.', '[.]')}: "):
+            LB.load_label_config(base, [over])
+    cfg = LB.load_label_config(base, ["retry.attempts=2", "retry.delay_s=0.1", "s3.request_attempts=5"])
+    assert (cfg.retry.attempts, cfg.retry.delay_s, cfg.s3.request_attempts) == (2, 0.1, 5)
+
+
+def test_an_id_collision_names_both_keys():
+    class SameId(catalog.Item):
+        @property
+        def id(self) -> str:
+            return "0123456789abcdef"
+
+    cfg = LB.LabelConfig(input="in", output="out", teachers=("t.ts",))
+    LB._check_ids(cfg, [catalog.Item("a.jpg", "in/a.jpg"), catalog.Item("b.jpg", "in/b.jpg")])
+    with pytest.raises(ValueError, match=r"'a/\.\./b\.jpg' and 'b\.jpg' hash to the same id 0123456789abcdef"):
+        LB._check_ids(cfg, [SameId("a/../b.jpg", "in/a/../b.jpg"), SameId("b.jpg", "in/b.jpg")])
