@@ -34,6 +34,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from kd.augment import MILD  # noqa: E402  (the reference recipe's augmentation)
 SHARED = Path(os.environ.get("SODKD_SHARED", REPO.parent / "shared"))
 DATA = SHARED / "data"
 OUT = REPO / "runs" / "ref"
@@ -61,6 +63,9 @@ RUNS = {
     "kd-dice-bce-conf": ("distill", {"kd": {"structure": "dice", "pixel": "bce", "confidence": "teacher"}},
                          "teacher labels; dice + BCE x teacher confidence"),
 }
+
+# the KD-loss ablation at a shorter budget (all four rows at the same steps): abl-dice, abl-bce, ...
+RUNS.update({"abl-" + k[3:]: v for k, v in list(RUNS.items()) if k.startswith("kd-")})
 
 
 def prepare() -> None:
@@ -101,8 +106,7 @@ def train_config(name: str, steps: int) -> dict:
         "mode": mode,
         "model": {"name": "scfnet_m3"},
         "data": {"load_size": SIZE, "sizes": [SIZE], "decode_cpus": 1.0, "shuffle_buffer": 1024,
-                 "augment": {"blur_p": 0.0, "contrast": [0.8, 1.2], "brightness": 10.0, "crop_frac": 0.1,
-                             "hflip_p": 0.5, "vflip_p": 0.0}},
+                 "augment": MILD.to_dict()},
         "val": {"uri": str(OUT / "data" / "duts-val"), "size": SIZE, "panel": 4},
         "optim": {"epochs": epochs, "batch_size": BATCH, "lr": LR, "lr_start": LR / 20, "lr_final": LR / 50,
                   "warmup_epochs": min(0.5, 100 / per_epoch), "backbone_lr_mult": 1.0, "nesterov": True},
@@ -160,7 +164,7 @@ def score_teacher(spec, cat, size: int | None, tta: str = "none", threads: int =
             "size": t.input_size}
 
 
-def evaluate_all(section: str, results: Path, threads: int) -> None:
+def evaluate_all(section: str, results: Path, threads: int, only: str | None = None) -> None:
     import numpy as np
 
     from cluster import storage
@@ -175,6 +179,8 @@ def evaluate_all(section: str, results: Path, threads: int) -> None:
     if tkey not in cache:
         cache[tkey] = score_teacher(TEACHERS["csnet-x2"], cat, None, tta="hflip", threads=threads)
     for name in RUNS:
+        if only and not name.startswith(only):
+            continue
         sp = OUT / "state" / f"{name}.json"
         if not sp.exists():
             continue
@@ -229,13 +235,14 @@ def main() -> None:
     e.add_argument("--section", default="reference-runs-3")
     e.add_argument("--results", default=str(REPO / "benchmarks" / "RESULTS.md"))
     e.add_argument("--threads", type=int, default=2)
+    e.add_argument("--only", default=None, help="only runs whose name starts with this (e.g. abl-)")
     args = ap.parse_args()
     if args.cmd == "prepare":
         prepare()
     elif args.cmd == "train":
         train(args.name, args.steps)
     else:
-        evaluate_all(args.section, Path(args.results), args.threads)
+        evaluate_all(args.section, Path(args.results), args.threads, args.only)
 
 
 if __name__ == "__main__":

@@ -36,8 +36,10 @@ sys.path.insert(0, str(REPO))
 DATA = Path(os.environ.get("SODKD_SHARED_DATA", REPO.parent / "shared" / "data"))
 DAVIS = DATA / "davis2016-dev"
 
-SIZE = 160
+SIZE = 224                      # default: the image student's own size (its weights record it)
 EPOCHS = 4
+DEFAULT_TEACHER = str(REPO / "weights" / "csnet-L-x2.onnx")   # card beside it
+DEFAULT_STUDENT = str(REPO / "weights" / "kd-scfnet_m3-from-csnet-L-x2.fp16.pt")
 BATCH = 4
 LR = 0.005                      # from a trained image student: half the default
 TRAIN_SEQS = ("blackswan", "breakdance", "car-roundabout", "cows", "dog")
@@ -86,6 +88,30 @@ def distill(out: Path, name: str, teacher_labels: Path, init: str | None, loss: 
             "mlflow_run_id": res.mlflow_run_id}
 
 
+def evaluate_teacher(spec: str, seqs: dict) -> dict:
+    """A teacher file sodkd did not write (ONNX with a card) frame by frame at its card's size, scored like
+    :func:`jobs.eval_video_cmd.evaluate_model` scores a student."""
+    import numpy as np
+
+    from cluster.teachers import build_teacher
+    from kd.augment import postprocess
+    from kd.imageio import resize
+    from kd.video_eval import VideoEvaluator
+    import torch
+    t = build_teacher(spec, device="cpu")
+    ev, t0, frames = VideoEvaluator(), time.perf_counter(), 0
+    for seq, (images, masks) in seqs.items():
+        maps = []
+        for frame in images:
+            p = t.predict(resize(frame, (t.input_size, t.input_size))[None])[0]
+            maps.append(postprocess(torch.from_numpy(np.ascontiguousarray(p)), frame.shape[:2]))
+        ev.add_sequence(seq, maps, masks)
+        frames += len(images)
+    res = ev.results()
+    res.update(model=t.id, size=t.input_size, seconds_per_frame=(time.perf_counter() - t0) / max(frames, 1))
+    return res
+
+
 def summarize(results: dict) -> dict:
     """Means over the train and held-out sequences of S, max F, MAE and flicker (flicker over the sequences
     that have at least one pair of frames whose mask barely changes; ``flicker_seqs`` says how many)."""
@@ -109,6 +135,8 @@ def main() -> None:
     ap.add_argument("--results", default=str(REPO / "benchmarks" / "RESULTS.md"))
     ap.add_argument("--data", default=str(DAVIS), help="DAVIS-layout root (default ../shared/data/davis2016-dev)")
     ap.add_argument("--epochs", type=int, default=EPOCHS)
+    ap.add_argument("--size", type=int, default=None, help="training and evaluation size (default: the image "
+                    "student's own; a carded teacher runs at its card's size)")
     ap.add_argument("--section", default="video-reference", help="RESULTS.md section to (re)write")
     ap.add_argument("--reference", default=str(REPO / "runs" / "reference"),
                     help="output folder of benchmarks/reference_runs.py the weights come from (its state.json)")
@@ -125,13 +153,19 @@ def main() -> None:
         state_path.write_text(json.dumps(state, indent=1, default=float))
 
     reference = Path(args.reference)
-    teacher = args.teacher or state.get("teacher_weights") or _reference_weights("teacher", reference)
-    student = args.image_student or state.get("image_student_weights") or _reference_weights("kd", reference)
-    if not teacher:
-        raise SystemExit("no teacher weights: run benchmarks/reference_runs.py first or pass --teacher")
+    teacher = (args.teacher or state.get("teacher_weights") or _reference_weights("teacher", reference)
+               or DEFAULT_TEACHER)
+    student = (args.image_student or state.get("image_student_weights") or _reference_weights("kd", reference)
+               or DEFAULT_STUDENT)
+    from cluster.teachers import parse_teacher_spec
     from models import read_metadata
-    teacher_model = read_metadata(teacher)["model"]
-    state.update(teacher_weights=teacher, teacher_model=teacher_model)
+    global SIZE
+    SIZE = int(args.size or state.get("size") or read_metadata(student).get("input_size") or SIZE)
+    registered = parse_teacher_spec(teacher).kind == "registered" or teacher.endswith(".pt")
+    teacher_model = read_metadata(teacher.split(":", 1)[-1])["model"] if registered else Path(
+        teacher.split("?", 1)[0]).name.rsplit(".", 1)[0]
+    teacher_spec = (teacher if ":" in teacher else f"{teacher_model}:{teacher}") if registered else teacher
+    state.update(teacher_weights=teacher, teacher_model=teacher_model, size=SIZE)
     if "reference_info" not in state:
         state["reference_info"] = reference_info(reference)
     save()
@@ -144,8 +178,9 @@ def main() -> None:
         from cluster.labelling import load_label_config, run_labelling
         t0 = time.perf_counter()
         lcfg = load_label_config({
-            "input": str(DAVIS), "output": str(labels), "teachers": [f"{teacher_model}:{teacher}"],
-            "layout": "video", "label_size": SIZE, "teacher_size": SIZE, "progress": False,
+            "input": str(DAVIS), "output": str(labels), "teachers": [teacher_spec],
+            "layout": "video", "label_size": SIZE, "teacher_size": SIZE if registered else None,
+            "progress": False,
             "pool": {"size": 1, "num_cpus": 1.0, "batch_size": 16, "torch_threads": 2},
             "tracking": {"uri": f"sqlite:///{out / 'mlflow.db'}", "experiment": "sodkd-video-reference"}})
         summary = run_labelling(lcfg, samples=4)
@@ -175,13 +210,22 @@ def main() -> None:
         state["eval"] = {}
         for key, path in (("teacher", teacher), ("image", student), ("video", state["video"]["weights"]),
                           ("spatial", state["spatial"]["weights"])):
-            r = evaluate_model(load_weights(path), seqs, SIZE)
+            if key == "teacher" and not registered:
+                r = evaluate_teacher(teacher_spec, seqs)
+            else:
+                r = evaluate_model(load_weights(path.split(":", 1)[-1]), seqs, SIZE)
             state["eval"][key] = {"summary": summarize(r), "overall": r["overall"],
                                   "sequences": r["sequences"], "ms_per_frame": r["seconds_per_frame"] * 1e3}
             log.info("%s: %s", key, state["eval"][key]["summary"])
         save()
 
     write_results(state, Path(args.results), args.section)
+
+
+def _rel(path: str) -> str:
+    """A path inside a checkout, relative to it (the run may have used a frozen copy of the repository)."""
+    p = path.split("?", 1)[0]
+    return p.split("/weights/", 1)[1].join(("weights/", "")) if "/weights/" in p else p
 
 
 def _f(v: float, digits: int = 3) -> str:
@@ -202,8 +246,8 @@ def write_results(state: dict, results: Path, section: str = "video-reference") 
     lines = [
         "## Video reference run (issue 6): video student vs image student on DAVIS-2016 (10 dev sequences)",
         "",
-        f"Teacher `{state['teacher_weights']}` ({state['teacher_model']}), image student "
-        f"`{state['image_student_weights']}` (both from the image reference run). Soft labels: "
+        f"Teacher `{_rel(state['teacher_weights'])}` ({state['teacher_model']}), image student "
+        f"`{_rel(state['image_student_weights'])}` (the reference teacher and image student). Soft labels: "
         f"{state['labels']['labelled']} DAVIS frames labelled by the teacher at {SIZE} px in "
         f"{state['labels']['wall_s'] / 60:.1f} min; no DAVIS mask is used for training.",
         "",
@@ -243,7 +287,7 @@ def write_results(state: dict, results: Path, section: str = "video-reference") 
                           for k in ("spatial", "video")) + "."]
     if state.get("reference_info"):
         lines += ["", "The image reference run's weights used here: " + "; ".join(state["reference_info"]) + "."]
-    lines += ["", "Reading: minutes-long CPU runs from from-scratch weights at 160 px, so every figure is far from "
+    lines += ["", f"Reading: minutes-long CPU runs from from-scratch weights at {SIZE} px, so every figure is far from "
               "the paper's DAVIS regime (SSAV reference: S .893, max F .861, MAE .028); what the run shows is the "
               "video pipeline end to end (label -> clips -> spatiotemporal KD -> streaming evaluation) and, under "
               "equal training, what the temporal terms change: compare the two video rows (same data, steps and "

@@ -15,7 +15,7 @@ Normalisation uses the model's mean and std in pixel units (0..255), e.g. SCFNet
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Sequence
 
 import numpy as np
@@ -47,6 +47,10 @@ class AugmentConfig:
     hflip_p: float = 0.5
     vflip_p: float = 0.2
 
+    def to_dict(self) -> dict:
+        """The config section (``data.augment``) that builds this config again."""
+        return {f.name: list(v) if isinstance(v := getattr(self, f.name), tuple) else v for f in fields(self)}
+
     def __post_init__(self):
         for name in ("blur_p", "color_p", "crop_p", "hflip_p", "vflip_p"):
             v = getattr(self, name)
@@ -60,6 +64,12 @@ class AugmentConfig:
             raise ValueError(f"brightness: must be >= 0, got {self.brightness}")
         if not 0.0 <= self.crop_frac < 0.5:
             raise ValueError(f"crop_frac: must lie in [0, 0.5), got {self.crop_frac}")
+
+
+# The reference runs' recipe (benchmarks/reference_runs.py) and the demo's fine-tuning: no blur, no vertical flip,
+# milder photometric jitter than the paper's. A student fine-tuned under another augmentation than it was
+# trained with first loses accuracy while its batch-norm statistics move to the new input distribution.
+MILD = AugmentConfig(blur_p=0.0, contrast=(0.8, 1.2), brightness=10.0, crop_frac=0.1, hflip_p=0.5, vflip_p=0.0)
 
 
 def _check_image(image: np.ndarray, name: str = "image") -> None:

@@ -183,3 +183,13 @@ def test_augment_config_loads_from_plain_data_strictly():
     assert cfg == AugmentConfig(hflip_p=0.25, contrast=(0.8, 1.2), vflip_p=0.0)
     with pytest.raises(ConfigError, match="blur_prob: unknown key"):
         load_config(AugmentConfig, {"blur_prob": 0.1})
+
+
+def test_augment_config_to_dict_builds_the_same_config_and_mild_has_no_vertical_flip():
+    from cluster.train import load_train_config
+    from kd.augment import MILD
+    cfg = load_train_config({"data": {"augment": MILD.to_dict(), "paired": [{"uri": "/nowhere"}]}})
+    assert cfg.data.augment == MILD
+    assert MILD.vflip_p == 0.0 and MILD.blur_p == 0.0 and MILD != AugmentConfig()
+    assert AugmentConfig(**{**MILD.to_dict(), "contrast": tuple(MILD.contrast),
+                            "blur_sigma": tuple(MILD.blur_sigma)}) == MILD
