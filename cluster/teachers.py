@@ -5,13 +5,17 @@ A *teacher spec* is one string, the form the CLI and configs use:
 - ``NAME:WEIGHTS`` -- a model of the registry (``models.create_model``) with a weights file written by
   ``models.save_weights`` (or a bare state dict), e.g. ``scfnet_r50:/ckpt/teacher.pt`` or
   ``scfnet_r50:s3://bucket/teachers/r50.pt``;
-- ``FILE.ts`` / ``FILE.torchscript`` -- a TorchScript module written by :func:`export_teacher`;
 - ``FILE.onnx`` -- an ONNX model written by :func:`export_teacher`, run by onnxruntime (CUDA provider when
-  one is available and asked for, else CPU).
+  one is available and asked for, else CPU);
+- ``FILE.pt2`` -- a torch.export program written by :func:`export_teacher` (``torch.export.load``);
+- ``FILE.ts`` / ``FILE.torchscript`` -- a TorchScript module that older sodkd releases wrote (still read, with a
+  DeprecationWarning; sodkd no longer writes TorchScript);
+- any of these file kinds written by someone else, run as its teacher card says (``FILE.card.yaml``, kd/card.py).
+  ``sodkd export`` writes such a card beside every file it exports.
 
 Every teacher declares its preprocessing: RGB mean and std in 0..255 units and the square input size. A
-registered model carries them as attributes; an exported file carries them as JSON metadata (TorchScript
-``_extra_files``, ONNX ``metadata_props``) next to the graph, so labelling never guesses them. Exported
+registered model carries them as attributes; an exported file carries them as JSON metadata (ONNX
+``metadata_props``, ``.pt2`` / TorchScript extra files) next to the graph, so labelling never guesses them. Exported
 graphs take the *normalised* image ``(x - mean) / std`` (N, 3, S, S) and return probabilities (N, 1, S, S),
 the sigmoid of the finest side output -- the same quantity ``SODModel.predict`` returns, so the three forms
 of one set of weights give the same labels (tested).
@@ -54,8 +58,8 @@ from cluster.storage import S3Config
 
 __all__ = [
     "TeacherSpec", "TeacherSpecError", "parse_teacher_spec", "Teacher", "EagerTeacher", "TorchScriptTeacher",
-    "OnnxTeacher", "CardTeacher", "Ensemble", "HFlipTTA", "load_teacher", "build_teacher", "export_teacher",
-    "read_export_metadata", "weights_hash", "METADATA_KEY",
+    "ExportTeacher", "OnnxTeacher", "CardTeacher", "Ensemble", "HFlipTTA", "load_teacher", "build_teacher",
+    "export_teacher", "export_card", "read_export_metadata", "EXPORT_FORMATS", "weights_hash", "METADATA_KEY",
 ]
 
 METADATA_KEY = "sodkd_teacher"          # TorchScript extra file "<key>.json", ONNX metadata_props key
@@ -282,6 +286,21 @@ class TorchScriptTeacher(_SingleTeacher):
         self.module = module.to(device).eval()
         if half:
             self.module.half()
+
+    def _run(self, xn: torch.Tensor) -> torch.Tensor:
+        return self.module(xn)
+
+
+class ExportTeacher(_SingleTeacher):
+    """A torch.export program from :func:`export_teacher` (normalised image -> probabilities), run in float32.
+
+    ``program.module()`` is a graph module: it has no train/eval mode (the graph was captured in eval mode) and is
+    only moved to the device (half precision would need a program exported in it)."""
+
+    def __init__(self, module: nn.Module, meta: dict[str, Any], id: str, weights_hash: str, device: torch.device):
+        super().__init__(id, weights_hash, meta["mean"], meta["std"], meta["input_size"], device, False)
+        self.meta = meta
+        self.module = module.to(device)
 
     def _run(self, xn: torch.Tensor) -> torch.Tensor:
         return self.module(xn)
@@ -534,8 +553,7 @@ def _load_export(spec: TeacherSpec, data: bytes, device: torch.device, half: boo
         raise _no_card(spec)
     meta = _check_meta(json.loads(raw), spec)
     _check_size(spec, meta, input_size)
-    return TorchScriptTeacher(module, meta, f"export:{meta.get('model', 'unknown')}", weights_hash(data),
-                              device, half)
+    return ExportTeacher(module, meta, f"export:{meta.get('model', 'unknown')}", weights_hash(data), device)
 
 
 def _onnx_providers(device: torch.device | str) -> list[str]:
@@ -588,8 +606,11 @@ def _load_onnx(spec: TeacherSpec, data: bytes, device: str, input_size: int | No
 
 def _check_size(spec: TeacherSpec, meta: dict[str, Any], input_size: int | None) -> None:
     if input_size is not None and int(input_size) != int(meta["input_size"]):
+        how = (f"its graph takes other sizes in multiples of {meta.get('size_multiple')}: run it through its card "
+               f"(FILE{CARD_QUERY}FILE.card.yaml, parity is checked at the export's size only)"
+               if meta.get("dynamic_hw") else "export it again at that size")
         raise TeacherSpecError(f"teacher spec {spec}: exported at input size {meta['input_size']}, "
-                               f"not the {input_size} asked for (export it again at that size)")
+                               f"not the {input_size} asked for ({how})")
 
 
 def load_teacher(spec: str | TeacherSpec, s3: S3Config | None = None, device: str = "auto",
@@ -632,6 +653,10 @@ def build_teacher(specs: str | Sequence[str], tta: str = "none", s3: S3Config | 
 
 # --- export ----------------------------------------------------------------------------------------------
 
+EXPORT_FORMATS = ("onnx", "pt2")
+SIZE_MULTIPLE = 32      # exported graphs take any H, W that are multiples of the encoder's stride
+
+
 class _ProbsHead(nn.Module):
     """Normalised image (N, 3, S, S) -> probabilities of the finest side output (N, 1, S, S)."""
 
@@ -643,54 +668,77 @@ class _ProbsHead(nn.Module):
         return torch.sigmoid(self.model(x)[0])
 
 
-def export_teacher(model: nn.Module, path: str | os.PathLike, fmt: Literal["torchscript", "onnx"],
+def _dynamic_shapes(size: int) -> dict[str, Any]:
+    """torch.export dims: free batch; H and W free in multiples of 32 when the working size is one.
+
+    Writing H as ``32 * k`` is what lets torch.export prove the guards of ``upsample_like`` (feature maps at
+    strides 4..32 differ in size) for every input instead of failing on a plain free dim."""
+    dim = torch.export.Dim
+    dims: dict[int, Any] = {0: dim("batch", max=4096)}
+    if size % SIZE_MULTIPLE == 0:
+        dims[2] = SIZE_MULTIPLE * dim("h32", min=2, max=128)
+        dims[3] = SIZE_MULTIPLE * dim("w32", min=2, max=128)
+    return {"x": dims}
+
+
+def export_teacher(model: nn.Module, path: str | os.PathLike, fmt: Literal["onnx", "pt2", "torchscript"],
                    input_size: int | None = None, extra_meta: dict[str, Any] | None = None,
                    onnx_exporter: Literal["dynamo", "torchscript"] = "dynamo") -> dict[str, Any]:
-    """Write ``model`` (a ``SODModel``) as a self-describing TorchScript or ONNX teacher file.
+    """Write ``model`` (a ``SODModel``) as a self-describing ONNX or torch.export (``.pt2``) file.
 
-    The graph maps the normalised image ``(x - mean) / std``, float32 (N, 3, S, S), to probabilities
-    (N, 1, S, S); N is dynamic, S is fixed at ``input_size`` (default ``model.input_size``). The metadata
-    (model name and config, mean, std, input size, I/O description, ``extra_meta``) is stored as JSON in the
-    TorchScript ``_extra_files`` / ONNX ``metadata_props`` under ``sodkd_teacher``. The file is written
-    atomically (temporary name + rename). Returns the metadata.
+    BatchNorm is folded into the convolutions first (:func:`models.fuse.fold_batchnorm`, on a copy). The
+    graph maps the normalised image ``(x - mean) / std``, float32 (N, 3, H, W), to probabilities
+    (N, 1, H, W); N is dynamic, and so are H and W in multiples of 32 when ``input_size`` (default
+    ``model.input_size``) is one (``meta["dynamic_hw"]``), else they are fixed at it. The metadata (model name
+    and config, mean, std, working size, I/O description, ``extra_meta``) is stored as JSON under
+    ``sodkd_teacher`` in the ONNX ``metadata_props`` / the ``.pt2`` extra files. The file is written atomically
+    (temporary name + rename). Returns the metadata.
 
     ``onnx_exporter``: ``dynamo`` (``torch.export``, the supported path) or ``torchscript`` (the older,
-    faster tracer-based exporter).
+    faster tracer-based ONNX exporter; it writes ONNX, not TorchScript). ``fmt="torchscript"`` still writes a
+    legacy TorchScript file, with a DeprecationWarning: sodkd no longer writes them (``sodkd export`` does not
+    offer it); it is kept only so that tests can make the ``.ts`` files older releases wrote.
     """
-    if fmt not in ("torchscript", "onnx"):
-        raise ValueError(f"export format: expected 'torchscript' or 'onnx', got {fmt!r}")
+    if fmt not in EXPORT_FORMATS + ("torchscript",):
+        raise ValueError(f"export format: expected one of {', '.join(EXPORT_FORMATS)}, got {fmt!r}")
     for attr in ("mean", "std", "input_size"):
         if not hasattr(model, attr):
             raise TypeError(f"export_teacher: model lacks {attr!r} (expected a models.SODModel)")
+    from models.fuse import fold_batchnorm
     size = int(input_size or model.input_size)
+    dynamic = fmt != "torchscript" and size % SIZE_MULTIPLE == 0
     meta: dict[str, Any] = {
         "format": EXPORT_FORMAT, "format_version": EXPORT_FORMAT_VERSION,
         "model": getattr(model, "name", type(model).__name__),
         "config": json.loads(json.dumps(getattr(model, "config", {}))),
         "mean": [float(v) for v in model.mean], "std": [float(v) for v in model.std], "input_size": size,
-        "input": "float32 (N, 3, S, S) RGB normalised as (x - mean) / std with x in 0..255",
-        "output": "float32 (N, 1, S, S) saliency probabilities (sigmoid of the finest side output)",
+        "dynamic_hw": dynamic, "size_multiple": SIZE_MULTIPLE if dynamic else size, "bn_folded": True,
+        "input": "float32 (N, 3, H, W) RGB normalised as (x - mean) / std with x in 0..255",
+        "output": "float32 (N, 1, H, W) saliency probabilities (sigmoid of the finest side output)",
         "torch_version": str(torch.__version__),
     }
     meta.update(json.loads(json.dumps(extra_meta or {})))
     dest = Path(path)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    was_training = model.training
-    head = _ProbsHead(model).cpu().float().eval()
+    head = _ProbsHead(fold_batchnorm(model).cpu().float()).eval()
     example = torch.zeros(2, 3, size, size)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp" + dest.suffix)
     os.close(fd)
     try:
         with torch.no_grad():
             if fmt == "torchscript":
+                warnings.warn("export_teacher: TorchScript is deprecated in torch and sodkd no longer writes it; "
+                              "this legacy path only makes .ts files for tests", DeprecationWarning, stacklevel=2)
                 traced = torch.jit.trace(head, example, check_trace=False)
                 torch.jit.save(traced, tmp, _extra_files={f"{METADATA_KEY}.json": json.dumps(meta)})
+            elif fmt == "pt2":
+                program = torch.export.export(head, (example,), dynamic_shapes=_dynamic_shapes(size))
+                torch.export.save(program, tmp, extra_files={f"{METADATA_KEY}.json": json.dumps(meta)})
             else:
                 _export_onnx(head, example, tmp, meta, onnx_exporter)
         os.replace(tmp, dest)
     finally:
         Path(tmp).unlink(missing_ok=True)
-        model.train(was_training)
     return meta
 
 
@@ -698,11 +746,15 @@ def _export_onnx(head: nn.Module, example: torch.Tensor, tmp: str, meta: dict[st
     import onnx
     if exporter == "dynamo":
         torch.onnx.export(head, (example,), tmp, input_names=["image"], output_names=["probs"],
-                          dynamic_shapes={"x": {0: torch.export.Dim("batch")}}, external_data=False,
+                          dynamic_shapes=_dynamic_shapes(example.shape[-1]), external_data=False,
                           dynamo=True, verbose=False)
     elif exporter == "torchscript":
-        torch.onnx.export(head, (example,), tmp, input_names=["image"], output_names=["probs"],
-                          dynamic_axes={"image": {0: "batch"}, "probs": {0: "batch"}}, dynamo=False)
+        axes = {0: "batch", 2: "height", 3: "width"} if meta["dynamic_hw"] else {0: "batch"}
+        with warnings.catch_warnings():   # the tracer-based exporter is deprecated; it is the fast option here
+            warnings.filterwarnings("ignore", category=DeprecationWarning)
+            warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+            torch.onnx.export(head, (example,), tmp, input_names=["image"], output_names=["probs"],
+                              dynamic_axes={"image": axes, "probs": axes}, dynamo=False)
     else:
         raise ValueError(f"onnx_exporter: expected 'dynamo' or 'torchscript', got {exporter!r}")
     proto = onnx.load(tmp)
@@ -711,15 +763,39 @@ def _export_onnx(head: nn.Module, example: torch.Tensor, tmp: str, meta: dict[st
     onnx.save(proto, tmp)
 
 
+def export_card(meta: dict[str, Any], fmt: str, parity: dict[str, Any] | None = None):
+    """The teacher card (:mod:`kd.card`) that describes a file :func:`export_teacher` wrote.
+
+    It says what the embedded metadata says, in the format third-party model files use, so any tool that
+    reads cards runs the file right: input ``image`` (NCHW, RGB, 0-255 scale, the model's mean/std), free H and
+    W in multiples of 32 when the export is dynamic, output 0 = probabilities. ``parity`` (the export's check
+    against eager: max |p - p_eager|, on what, and optionally the MAE change) goes into ``notes``."""
+    from kd.card import CardInput, CardOutput, TeacherCard
+    size, dynamic = int(meta["input_size"]), bool(meta.get("dynamic_hw"))
+    notes = [f"sodkd export to {fmt} of {meta['model']} (torch {meta.get('torch_version')}, BatchNorm folded)"]
+    if parity:
+        notes.append("parity: " + ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}"
+                                            for k, v in parity.items()))
+    return TeacherCard(
+        model=str(meta["model"]), source="sodkd export", notes="; ".join(notes),
+        input=CardInput(name="image" if fmt == "onnx" else None, size=size, free=dynamic,
+                        multiple=SIZE_MULTIPLE if dynamic else 1, layout="NCHW", channels="RGB", scale="0-255",
+                        mean=tuple(meta["mean"]), std=tuple(meta["std"])),
+        output=CardOutput(index=0, channel=0, kind="probabilities", resize="bilinear"))
+
+
 def read_export_metadata(path: str, s3: S3Config | None = None) -> dict[str, Any]:
-    """The ``sodkd_teacher`` metadata of an exported TorchScript or ONNX file."""
+    """The ``sodkd_teacher`` metadata of an exported ONNX, ``.pt2`` or (legacy) TorchScript file."""
     spec = parse_teacher_spec(path)
     if spec.kind == "registered":
-        raise TeacherSpecError(f"{path}: not an exported teacher file (*.ts, *.torchscript, *.onnx)")
+        raise TeacherSpecError(f"{path}: not an exported teacher file (*.onnx, *.pt2, *.ts)")
     data = _read_file(spec.path, s3, path)
+    extra = {f"{METADATA_KEY}.json": ""}
     if spec.kind == "torchscript":
-        extra = {f"{METADATA_KEY}.json": ""}
         _jit_load(data, torch.device("cpu"), extra)
+        raw = extra[f"{METADATA_KEY}.json"]
+    elif spec.kind == "export":
+        torch.export.load(io.BytesIO(data), extra_files=extra)
         raw = extra[f"{METADATA_KEY}.json"]
     else:
         import onnx

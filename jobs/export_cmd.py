@@ -1,9 +1,16 @@
-"""``sodkd export --model MODEL:WEIGHTS --output FILE [--format onnx|torchscript]``: export with a parity check.
+"""``sodkd export --model MODEL:WEIGHTS --output FILE.onnx|FILE.pt2``: export with a parity check and a card.
+
+Writes ONNX (dynamic batch, height and width; H and W in multiples of 32 when the working size is one) or a
+torch.export program (``.pt2``, the same dynamic dims), BatchNorm folded into the convolutions. TorchScript is
+no longer written (torch deprecates it); ``.ts`` files written by older releases still load as teachers.
 
 The exported file is self-describing (preprocessing and model config in its metadata), so it can be handed
 to ``sodkd label --teacher FILE`` or ``sodkd predict --model FILE`` as is. After writing, the file is loaded
-back through the same loader the labelling job uses and compared with the eager model on real-looking inputs;
-a mismatch beyond ``--atol`` is an error.
+back through the loader the labelling job uses and compared with the eager model on a few inputs (images of
+``--images``, else seeded random ones): max |p_export - p_eager| beyond ``--atol`` is an error. Beside the file
+goes its teacher card ``FILE.card.yaml`` (kd/card.py: the format third-party model files use, with the parity
+in ``notes``), and the file is read back once more through that card (``FILE?card=FILE.card.yaml``), which must
+give the same maps: a tool that only reads cards runs the export right.
 """
 
 from __future__ import annotations
@@ -15,18 +22,21 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cluster.teachers import build_teacher, export_teacher, parse_teacher_spec
+from cluster.teachers import build_teacher, export_card, export_teacher, parse_teacher_spec
+
+FORMAT_OF_SUFFIX = {".onnx": "onnx", ".pt2": "pt2"}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="MODEL:WEIGHTS, e.g. scfnet_m3:weights/scfnet_m3_kd.pt")
-    p.add_argument("--output", required=True, type=Path, help="output file (.onnx, .ts or .torchscript)")
-    p.add_argument("--format", choices=["onnx", "torchscript"], default=None,
+    p.add_argument("--output", required=True, type=Path, help="output file (.onnx or .pt2)")
+    p.add_argument("--format", choices=sorted(set(FORMAT_OF_SUFFIX.values())), default=None,
                    help="default: from the output suffix")
-    p.add_argument("--size", type=int, default=None, help="input size S (default: the model's)")
+    p.add_argument("--size", type=int, default=None, help="working size S (default: the weights')")
     p.add_argument("--atol", type=float, default=1e-4, help="largest allowed probability difference")
     p.add_argument("--onnx-exporter", choices=["dynamo", "torchscript"], default="dynamo",
-                   help="torch.export-based (default) or the older, faster tracer-based ONNX exporter")
+                   help="torch.export-based (default) or the older, faster tracer-based ONNX exporter "
+                        "(both write ONNX)")
     p.add_argument("--images", type=Path, default=None,
                    help="folder of images for the parity check (default: seeded random images)")
 
@@ -41,32 +51,64 @@ def parity_inputs(size: int, images: Path | None, n: int = 4) -> np.ndarray:
     return np.random.default_rng(0).integers(0, 256, (n, size, size, 3), dtype=np.uint8)
 
 
+def format_of(output: Path, fmt: str | None) -> str:
+    """The export format asked for: ``--format``, else the output's suffix; TorchScript is refused."""
+    suffix = output.suffix.lower()
+    if suffix in (".ts", ".torchscript") or fmt == "torchscript":
+        raise ValueError(f"--output {output}: sodkd no longer writes TorchScript (deprecated in torch); export to "
+                         ".onnx or .pt2 (existing .ts files still load as teachers)")
+    fmt = fmt or FORMAT_OF_SUFFIX.get(suffix)
+    if fmt is None:
+        raise ValueError(f"--output {output}: expected a .onnx or .pt2 file (or --format)")
+    return fmt
+
+
 def export_with_parity(model_spec: str, output: Path, fmt: str, size: int | None = None, atol: float = 1e-4,
                        images: Path | None = None, onnx_exporter: str = "dynamo") -> dict:
+    """Export, check parity against eager, write and read back the card; returns the report (a dict)."""
+    from kd.card import card_beside
+    from models import load_weights
+
+    fmt = format_of(output, fmt)
     spec = parse_teacher_spec(model_spec)
     if spec.kind != "registered":
         raise ValueError(f"--model {model_spec}: give MODEL:WEIGHTS (an exported file is already exported)")
-    from models import load_weights
     model = load_weights(spec.path)
     if getattr(model, "name", spec.model) != spec.model:
         raise ValueError(f"--model {model_spec}: the weights file holds {model.name}, not {spec.model}")
-    model.eval()
-    meta = export_teacher(model, output, fmt, input_size=size, onnx_exporter=onnx_exporter)
+    if hasattr(model, "streamer"):
+        raise ValueError(f"--model {model_spec}: {model.name} is a video model (it streams state between frames); "
+                         "export an image model")
+    meta = export_teacher(model.eval(), output, fmt, input_size=size, onnx_exporter=onnx_exporter)
     s = meta["input_size"]
     eager = build_teacher(model_spec, device="cpu", input_size=s)
     exported = build_teacher(str(output), device="cpu")
     x = parity_inputs(s, images)
     with torch.inference_mode():
-        diff = float(np.abs(eager.predict(x) - exported.predict(x)).max())
+        p_eager, p_export = eager.predict(x), exported.predict(x)
+    diff = float(np.abs(p_eager - p_export).max())
     if diff > atol:
         raise ValueError(f"{output}: exported {fmt} differs from eager by {diff:.2e} > atol {atol:.0e}")
-    return {"output": str(output), "format": fmt, "input_size": s, "max_abs_diff": diff,
-            "model": meta["model"], "bytes": output.stat().st_size}
+    parity = {"max_abs_diff": diff, "inputs": f"{len(x)} {'images of ' + str(images) if images else 'random images'}"
+                                             f" at {s} px"}
+    card_path = Path(card_beside(str(output)))
+    card = export_card(meta, fmt, parity)
+    card_path.write_text(f"# Teacher card of {output.name}, written by sodkd export (kd/card.py).\n" + card.to_yaml())
+    carded = build_teacher(f"{output}?card={card_path}", device="cpu")
+    if images is None:     # a trained model may rightly see no object in noise: the card's check wants images
+        carded._checked = True
+    via_card = carded.predict(x)
+    card_diff = float(np.abs(via_card - p_export).max())
+    if card_diff > atol:
+        raise ValueError(f"{card_path}: the file run through its card differs from its metadata by {card_diff:.2e}")
+    return {"output": str(output), "format": fmt, "input_size": s, "dynamic_hw": meta["dynamic_hw"],
+            "max_abs_diff": diff, "card": str(card_path), "model": meta["model"], "bytes": output.stat().st_size}
 
 
 def run(args: argparse.Namespace) -> int:
-    fmt = args.format or ("onnx" if args.output.suffix.lower() == ".onnx" else "torchscript")
+    fmt = format_of(args.output, args.format)
     report = export_with_parity(args.model, args.output, fmt, args.size, args.atol, args.images, args.onnx_exporter)
     print(json.dumps(report, indent=2))
-    print(f"parity ok: max |eager - {fmt}| = {report['max_abs_diff']:.2e} on {args.images or 'random images'}")
+    print(f"parity ok: max |eager - {fmt}| = {report['max_abs_diff']:.2e} on {args.images or 'random images'}; "
+          f"card {report['card']}")
     return 0

@@ -20,8 +20,8 @@ def weights(tmp_path_factory):
 
 
 # The dynamo ONNX exporter (the default) runs in `make demo` (the trained student is logged with it); the faster
-# tracer-based one keeps the unit suite quick.
-@pytest.mark.parametrize("fmt, suffix", [("torchscript", ".ts"), ("onnx", ".onnx")])
+# tracer-based one (it writes ONNX too) keeps the unit suite quick.
+@pytest.mark.parametrize("fmt, suffix", [("pt2", ".pt2"), ("onnx", ".onnx")])
 def test_export_writes_a_self_describing_file_with_parity(tmp_path, weights, shared_data, fmt, suffix):
     out = tmp_path / f"m3{suffix}"
     rep = export_with_parity(f"scfnet_m3:{weights}", out, fmt, size=96,
@@ -29,14 +29,18 @@ def test_export_writes_a_self_describing_file_with_parity(tmp_path, weights, sha
     assert rep["max_abs_diff"] <= 1e-4 and rep["input_size"] == 96 and out.stat().st_size > 100_000
     meta = read_export_metadata(str(out))
     assert meta["model"] == "scfnet_m3" and meta["input_size"] == 96 and len(meta["mean"]) == 3
+    assert meta["dynamic_hw"] and meta["bn_folded"]
     t = build_teacher(str(out), device="cpu")
     probs = t.predict(np.zeros((3, 96, 96, 3), np.uint8))
     assert probs.shape == (3, 96, 96) and 0 <= probs.min() and probs.max() <= 1
 
 
-def test_export_rejects_mismatched_spec_and_exported_input(tmp_path, weights):
+def test_export_rejects_mismatched_spec_torchscript_and_exported_input(tmp_path, weights):
     with pytest.raises(ValueError, match="holds scfnet_m3, not scfnet_r18"):
-        export_with_parity(f"scfnet_r18:{weights}", tmp_path / "x.ts", "torchscript", size=64)
+        export_with_parity(f"scfnet_r18:{weights}", tmp_path / "x.onnx", "onnx", size=64)
+    with pytest.raises(ValueError, match="no longer writes TorchScript"):
+        export_with_parity(f"scfnet_m3:{weights}", tmp_path / "x.ts", None, size=64)
+    assert not (tmp_path / "x.ts").exists()
     res = subprocess.run([sys.executable, "-m", "jobs.cli", "export", "--model", str(tmp_path / "nope.onnx"),
-                          "--output", str(tmp_path / "y.ts")], capture_output=True, text=True)
+                          "--output", str(tmp_path / "y.onnx")], capture_output=True, text=True)
     assert res.returncode == 2 and "already exported" in res.stderr

@@ -114,7 +114,7 @@ def test_eval_video_compares_models_per_sequence(setup, tmp_path, capsys):
 
 
 def test_predict_model_spec_registered_and_exported_agree(setup, tmp_path):
-    """``--model MODEL:WEIGHTS`` equals ``--weights``; an exported TorchScript file gives the same maps."""
+    """``--model MODEL:WEIGHTS`` equals ``--weights``; an exported ONNX file gives the same maps."""
     from cluster.teachers import export_teacher
 
     one = setup["data"] / "blackswan" / "images" / "00001.jpg"
@@ -124,8 +124,8 @@ def test_predict_model_spec_registered_and_exported_agree(setup, tmp_path):
                  "--output", str(tmp_path / "w"), "--size", str(SIZE)]) == 0
     a = np.asarray(Image.open(tmp_path / "spec" / "00001.png")).astype(int)
     np.testing.assert_array_equal(a, np.asarray(Image.open(tmp_path / "w" / "00001.png")))
-    ts = tmp_path / "m3.ts"
-    export_teacher(load_weights(setup["image"]), ts, "torchscript", input_size=SIZE)
+    ts = tmp_path / "m3.onnx"
+    export_teacher(load_weights(setup["image"]), ts, "onnx", input_size=SIZE, onnx_exporter="torchscript")
     assert main(["predict", "--model", str(ts), "--input", str(one), "--output", str(tmp_path / "ts")]) == 0
     b = np.asarray(Image.open(tmp_path / "ts" / "00001.png")).astype(int)
     assert a.shape == b.shape and np.abs(a - b).max() <= 2 and a.std() > 1
