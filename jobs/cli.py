@@ -16,7 +16,7 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "models": ("jobs.models_cmd", "list registered models with params and MACs"),
     "eval": ("jobs.eval_cmd", "score a folder of predicted maps against masks"),
-    "export": ("jobs.export_cmd", "export a model to ONNX or TorchScript with an output-parity check"),
+    "export": ("jobs.export_cmd", "export a model to ONNX or torch.export (.pt2) with a parity check and a card"),
     "demo": ("jobs.demo", "the main job end to end on embedded defaults (what `make demo` runs)"),
     "submit": ("jobs.submit_cmd", "submit a sodkd job to a Ray cluster (Ray Jobs API)"),
     "jobs": ("jobs.jobs_cmd", "list, follow or stop submitted jobs"),
