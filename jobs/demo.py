@@ -102,6 +102,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     from cluster.teachers import build_teacher
     from cluster.train import load_train_config, run_training
     from kd import report
+    from kd.augment import MILD
     from kd.imageio import decode_image, decode_mask, resize
     from models import read_metadata
 
@@ -157,7 +158,10 @@ def run_demo(cfg: DemoConfig) -> dict:
         "kd": {"structure": "dice", "pixel": "bce"},
         "model": {"name": "scfnet_m3", "init_weights": str(init) if init is not None else None},
         "data": {"unlabeled": [{"uri": str(bucket / "unlabeled"), "labels": str(bucket / "soft-labels")}],
-                 "load_size": size, "sizes": [size], "shuffle_buffer": 256},
+                 "load_size": size, "sizes": [size], "shuffle_buffer": 256,
+                 # the FS student's own recipe: fine-tuning under the paper's stronger augmentation (blur,
+                 # vertical flips) first costs accuracy while batch-norm statistics move
+                 "augment": MILD.to_dict()},
         "val": {"uri": str(ecssd_root), "limit": val_limit, "size": size, "panel": 4},
         "optim": {"epochs": cfg.epochs, "batch_size": cfg.batch_size, "lr": lr, "lr_start": lr / 100,
                   "lr_final": lr / 100, "warmup_epochs": 1.0},
