@@ -316,9 +316,20 @@ def build_manifest(cfg: LabelConfig) -> Manifest:
     # cannot be opened as a video is recorded as a reject
     from cluster.video_data import expand_videos
     video_frames, unreadable = expand_videos(cat.fs, [i for i in cat.items if i.frame < 0])
+    for it in unreadable:  # a final reject only if the file reads now: an outage raises, recording nothing
+        storage.retrying(lambda it=it: _probe(cat.fs, it.path), cfg.retry, f"reading {it.key}")
     rejected = cat.rejected + [(i, "video_file", "not a readable video file (PyAV could not open or demux it)")
                                for i in unreadable]
     return Manifest(frames + video_frames, rejected, layout, cat.ignored)
+
+
+def _probe(fs, path: str) -> None:
+    """Open ``path`` as the video reader does and read a few bytes; a missing or odd object is no error here."""
+    try:
+        with fs.open_input_file(path) as f:
+            f.read(16)
+    except (FileNotFoundError, pa.ArrowInvalid):
+        pass
 
 
 def _manifest_table(items: Sequence[catalog.Item]) -> pa.Table:

@@ -444,3 +444,19 @@ def test_an_id_collision_names_both_keys():
     LB._check_ids(cfg, [catalog.Item("a.jpg", "in/a.jpg"), catalog.Item("b.jpg", "in/b.jpg")])
     with pytest.raises(ValueError, match=r"'a/\.\./b\.jpg' and 'b\.jpg' hash to the same id 0123456789abcdef"):
         LB._check_ids(cfg, [SameId("a/../b.jpg", "in/a/../b.jpg"), SameId("b.jpg", "in/b.jpg")])
+
+
+def test_video_manifest_rejects_an_unreadable_video_and_counts_the_rest(tmp_path, shared_data):
+    v = tmp_path / "v"
+    (v / "seq" / "images").mkdir(parents=True)
+    (v / "seq" / "masks").mkdir()
+    for p in sorted((shared_data / "davis2016-dev" / "blackswan" / "images").glob("*.jpg"))[:2]:
+        shutil.copy(p, v / "seq" / "images" / p.name)
+    (v / "seq" / "masks" / "00000.png").write_bytes(b"\x89PNG not really")
+    (v / "clip.mp4").write_bytes(b"not a video at all" * 10)
+    (v / "notes.md").write_text("x")
+    cfg = LB.LabelConfig(input=str(v), output=str(tmp_path / "o"), teachers=("x.onnx",), layout="video")
+    m = LB.build_manifest(cfg)
+    assert [i.key for i in m.items] == ["seq/images/00000.jpg", "seq/images/00001.jpg"]
+    assert [(i.key, reason) for i, reason, _ in m.rejected] == [("clip.mp4", "video_file")]
+    assert m.ignored == {"mask": 1, ".md": 1}
