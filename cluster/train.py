@@ -154,6 +154,11 @@ class DataSection:
         augment: the paper's augmentation (``kd.augment.AugmentConfig``).
         cache: materialise the decoded images in the object store once (epochs then skip decoding).
         shuffle_buffer: rows of the per-worker local shuffle buffer (0 = no shuffling).
+        shuffle_blocks: with ``cache``, cut the cached rows into blocks of ``shuffle_block_rows`` and draw the
+            blocks in a new random order every epoch (``randomize_block_order``, reseeded per execution), so
+            the local buffer mixes rows from the whole dataset, not from a window of the sources' sorted order
+            (folders one after another, synsets in name order). Off = the stored order, for debugging only.
+        shuffle_block_rows: rows per block for ``shuffle_blocks``.
         decode_cpus: Ray CPUs per decode task (fractional keeps small machines from starving).
         decode_batch: images per decode task batch.
     """
@@ -166,6 +171,8 @@ class DataSection:
     augment: AugmentConfig = dataclasses.field(default_factory=AugmentConfig)
     cache: bool = True
     shuffle_buffer: int = 1024
+    shuffle_blocks: bool = True
+    shuffle_block_rows: int = 32
     decode_cpus: float = 0.5
     decode_batch: int = 16
 
@@ -176,6 +183,8 @@ class DataSection:
             raise ConfigError(f"data.sizes: need one or more sizes >= 16, got {list(self.sizes)}")
         if self.decode_cpus <= 0 or self.decode_batch < 1 or self.shuffle_buffer < 0:
             raise ConfigError("data: decode_cpus > 0, decode_batch >= 1 and shuffle_buffer >= 0 are required")
+        if self.shuffle_block_rows < 1:
+            raise ConfigError(f"data.shuffle_block_rows: must be >= 1, got {self.shuffle_block_rows}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -564,6 +573,17 @@ class TrainData:
     counts: dict[str, int]       # rows per source kind: paired / offline / online
 
 
+def _shuffled_blocks(ds, cfg: TrainConfig):
+    """``ds`` (cached) with its blocks drawn in a new order every execution, i.e. every epoch (``data.shuffle_blocks``).
+
+    Seeded by ``run.seed`` and the execution index, so a run is repeatable; a resumed run restarts the index.
+    """
+    if not (cfg.data.cache and cfg.data.shuffle_blocks):
+        return ds
+    from ray.data import RandomSeedConfig
+    return ds.randomize_block_order(seed=RandomSeedConfig(seed=cfg.run.seed, reseed_after_execution=True))
+
+
 def build_train_dataset(cfg: TrainConfig) -> TrainData:
     """The Ray Data pipeline for ``cfg.data`` (see the module docstring)."""
     import ray
@@ -574,7 +594,11 @@ def build_train_dataset(cfg: TrainConfig) -> TrainData:
     decode_kw = dict(batch_size=d.decode_batch, num_cpus=d.decode_cpus)
 
     def cache(ds):
-        return ds.materialize() if d.cache else ds
+        if not d.cache:
+            return ds
+        if d.shuffle_blocks:   # small blocks before caching: one copy, and the block order can mix them
+            ds = ds.repartition(target_num_rows_per_block=d.shuffle_block_rows)
+        return ds.materialize()
 
     foundation = cfg.mode == "foundation"
     for src in d.paired:
@@ -634,6 +658,7 @@ def build_train_dataset(cfg: TrainConfig) -> TrainData:
                    else ray.data.ActorPoolStrategy(min_size=pool.min_size, max_size=pool.max_size))
         device = pool.device if pool.device != "auto" else ("cuda" if pool.num_gpus > 0 else "cpu")
         images = online[0] if len(online) == 1 else online[0].union(*online[1:])
+        images = _shuffled_blocks(images, cfg)
         parts.append(images.map_batches(
             OnlineLabeler, batch_size=pool.batch_size, compute=compute, num_cpus=pool.num_cpus,
             num_gpus=pool.num_gpus or None,
@@ -641,6 +666,8 @@ def build_train_dataset(cfg: TrainConfig) -> TrainData:
                                    "teacher_size": t.teacher_size, "device": device,
                                    "precision": pool.precision, "threads": pool.threads()}))
     dataset = parts[0] if len(parts) == 1 else parts[0].union(*parts[1:])
+    if not online:   # with an online teacher its input was shuffled above; the labels stream behind it
+        dataset = _shuffled_blocks(dataset, cfg)
     rows = sum(counts.values())
     if rows == 0:
         raise ValueError("training data: every source is empty after decoding")

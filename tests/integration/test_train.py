@@ -263,6 +263,26 @@ def test_distill_data_joins_offline_labels_by_id_and_labels_online(ray_cluster, 
     assert out.rows == 13 and out.steps_per_epoch == 2 and np.isfinite(out.metrics[S.TRAIN_LOSS])
 
 
+def test_cached_rows_come_in_a_new_block_order_every_epoch(ray_cluster, data, tmp_path):
+    """Sources in their stored order (one folder after another) would give each stretch of an epoch one source
+    only; the cached blocks are drawn in a fresh order per execution, the way Ray Train iterates epochs."""
+    duts_ids = {S.stable_id(f"images/{p.name}") for p in (data["duts"] / "images").iterdir()}
+
+    def epochs(**over) -> list[list[str]]:
+        cfg = load_train_config(_config(data, tmp_path, "order", **{
+            "data.paired": [{"uri": str(data["duts"])}, {"uri": str(data["ecssd"])}],
+            "data.shuffle_block_rows": 1, "mlflow.enabled": False, **over}))
+        it = build_train_dataset(cfg).dataset.streaming_split(1)[0]
+        return [[r[S.ID] for r in it.iter_rows()] for _ in range(3)]
+
+    shuffled = epochs()
+    assert all(len(e) == 12 and sorted(e) == sorted(shuffled[0]) for e in shuffled)   # every row once per epoch
+    assert len({tuple(e) for e in shuffled}) == 3                                      # a new order each epoch
+    assert any(set(e[:8]) != duts_ids for e in shuffled)                               # the sources interleave
+    stored = epochs(**{"data.shuffle_blocks": False})
+    assert len({tuple(e) for e in stored}) == 1 and set(stored[0][:8]) == duts_ids     # off: folder after folder
+
+
 def test_two_gloo_workers_resume_on_s3(ray_cluster, data, tmp_path, s3_endpoint):
     """Two DDP workers (gloo), checkpoints in a bucket: stop after 1 epoch, resubmit with 2 -> continues."""
     over = {"scaling.num_workers": 2, "run.storage": f"s3://{BUCKET}/runs", "s3.endpoint_url": s3_endpoint,
