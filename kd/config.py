@@ -4,6 +4,8 @@ Config dataclasses live beside what they configure (``cluster/labelling.py``, ``
 the loader sits in ``kd`` (the lowest layer that needs it) so Ray workers can rebuild a config from its dict;
 this module only validates plain data (``yaml.safe_load``) into them. Unknown keys, wrong types and bad
 override paths are errors that name the dotted key, e.g. ``train.optim.lr: expected float, got 'fast'``.
+NaN and infinite numbers (YAML ``.nan``, ``.inf``, ``-.inf``) are rejected wherever they appear, whatever the
+field's type, e.g. ``optim.lr: must be a finite number, got nan``: no sodkd setting means anything by them.
 
 CLI overrides use the same paths: ``--train.lr=0.01`` or ``train.lr=0.01``; the value is parsed as YAML
 (so ``[224, 256]``, ``true``, ``null`` work).
@@ -12,6 +14,7 @@ CLI overrides use the same paths: ``--train.lr=0.01`` or ``train.lr=0.01``; the 
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from pathlib import Path
@@ -32,10 +35,12 @@ def _type_name(tp: Any) -> str:
 
 def _coerce(value: Any, tp: Any, path: str) -> Any:
     """Validate ``value`` against the annotation ``tp``; return the value as the dataclass wants it."""
+    if isinstance(value, float) and not math.isfinite(value):  # before any type test: a union or Any takes it
+        raise ConfigError(f"{path}: must be a finite number, got {value}")
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if tp is Any:
-        return value
+        return _finite_anywhere(value, path)
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
@@ -93,6 +98,20 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
         return value
     if isinstance(tp, type) and not isinstance(value, tp):
         raise ConfigError(f"{path}: expected {tp.__name__}, got {value!r}")
+    return value
+
+
+def _finite_anywhere(value: Any, path: str) -> Any:
+    """``value`` (free-form data under an ``Any`` field), with every number in it checked for NaN/inf."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{path}: must be a finite number, got {value}")
+    if isinstance(value, Mapping):
+        for k, v in value.items():
+            _finite_anywhere(k, f"{path}.<key>")
+            _finite_anywhere(v, f"{path}.{k}")
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            _finite_anywhere(v, f"{path}[{i}]")
     return value
 
 

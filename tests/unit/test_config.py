@@ -1,4 +1,6 @@
 import dataclasses
+import typing
+from pathlib import Path
 from typing import Literal
 
 import pytest
@@ -73,3 +75,62 @@ def test_yaml_file_and_flat_params(tmp_path):
     (tmp_path / "list.yaml").write_text("- 1\n")
     with pytest.raises(ConfigError, match="top level must be a mapping"):
         load_config(Job, tmp_path / "list.yaml")
+
+
+@dataclasses.dataclass(frozen=True)
+class Loose:
+    scale: float | None = None
+    weights: tuple[float, ...] = (1.0,)
+    extra: dict[str, float] = dataclasses.field(default_factory=dict)
+    free: typing.Any = None
+    steps: int = 1
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.optim.lr=.nan", "train.optim.lr: must be a finite number, got nan"),
+    ("train.optim.momentum=.inf", "train.optim.momentum: must be a finite number, got inf"),
+    ("train.optim.lr=-.inf", "train.optim.lr: must be a finite number, got -inf"),
+    ("train.epochs=.inf", "train.epochs: must be a finite number, got inf"),   # an int field: the same words
+    ("train.sizes=[224, .nan]", "train.sizes[1]: must be a finite number, got nan"),
+])
+def test_nan_and_infinity_are_rejected_with_the_dotted_key(override, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(Job, {}, [override])
+    assert str(err.value) == message
+
+
+@pytest.mark.parametrize("data, message", [
+    ({"scale": float("nan")}, "scale: must be a finite number, got nan"),        # float | None: not 'expected'
+    ({"weights": [1.0, float("inf")]}, "weights[1]: must be a finite number, got inf"),
+    ({"extra": {"a": float("-inf")}}, "extra.a: must be a finite number, got -inf"),
+    ({"free": {"deep": [0, {"x": float("nan")}]}}, "free.deep[1].x: must be a finite number, got nan"),
+])
+def test_nan_and_infinity_are_rejected_under_unions_containers_and_any(data, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(Loose, data)
+    assert str(err.value) == message
+    assert load_config(Loose, {"scale": 1e308, "free": {"deep": [0, {"x": -2.5}]}}).scale == 1e308
+
+
+def test_every_job_config_rejects_nan_and_infinity_through_the_loader():
+    """Train, label, video and foundation (fm) configs all go through kd.config.load_config."""
+    from cluster.labelling import load_label_config
+    from cluster.train import load_train_config
+    from cluster.video_train import load_video_config
+
+    configs = Path(__file__).resolve().parents[2] / "jobs" / "configs"
+    train = {"data": {"paired": [{"uri": "/d"}]}}
+    cases = [
+        (lambda o: load_train_config(train, [o]), "optim.lr=.nan", "optim.lr: must be a finite number, got nan"),
+        (lambda o: load_train_config(train, [o]), "kd.temperature=.inf", "kd.temperature: must be a finite number, got inf"),
+        (lambda o: load_train_config(configs / "train_fm.yaml", ["data.unlabeled=[{uri: /u, labels: /l}]", o]),
+         "fm.conf_threshold=.nan", "fm.conf_threshold: must be a finite number, got nan"),
+        (lambda o: load_label_config({"input": "a", "output": "b", "teachers": ["t.ts"]}, [o]),
+         "pool.num_gpus=.inf", "pool.num_gpus: must be a finite number, got inf"),
+        (lambda o: load_video_config(configs / "distill-video.yaml", ["data.labels=/l", "data.images=/i", o]),
+         "loss.relation_tau=-.inf", "loss.relation_tau: must be a finite number, got -inf"),
+    ]
+    for load, override, message in cases:
+        with pytest.raises(ConfigError) as err:
+            load(override)
+        assert str(err.value) == message, override
