@@ -27,6 +27,16 @@ entropy: the same gradient, 0 at the optimum. Per-pixel weights that depend only
 ``|2t - 1|``) leave each pixel's optimum at ``p = t``; they only decide which pixels the student spends its
 capacity on. The dice stays beside it for structure: it is normalised per image, so small objects count
 as much as large ones.
+
+Why sharpen the target (``KDLoss.sharpen``). The benchmark's MAE compares a map with a *binary* mask. If the
+teacher is calibrated, a pixel is salient with probability ``t`` and a prediction ``p`` has expected absolute
+error ``t (1 - p) + (1 - t) p``: linear in ``p``, so it is minimised by ``p = 1`` where ``t > 1/2`` and ``p = 0``
+elsewhere -- the teacher's *thresholded* map, not ``t`` (the median, not the mean, of a 0/1 variable). A
+calibrated term teaches ``t`` itself and so leaves MAE on the table wherever the teacher is unsure. Sharpening
+the target to ``t_s = sigmoid(logit(t) / s)`` with ``0 < s < 1`` moves it towards that threshold map while
+keeping the order of the teacher's beliefs (``s -> 0``: the hard map ``t > 1/2``, ``s = 0`` in the config);
+every term then learns ``t_s`` (its own optimum argument unchanged), and the confidence weights still come
+from the teacher's own ``t``. The choice of ``s`` is made on validation data (``benchmarks/RESULTS.md``).
 """
 
 from __future__ import annotations
@@ -42,7 +52,7 @@ from torch import Tensor
 from kd.losses import SIDE_WEIGHTS, boundary_dice, deep_supervision, iou_loss, soft_dice
 
 __all__ = ["KDLoss", "MaskLoss", "soft_loss", "mask_loss", "batch_loss", "pixel_term", "confidence_weights",
-           "make_panel"]
+           "sharpen_target", "make_panel"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,6 +68,9 @@ class KDLoss:
         confidence: ``none`` or ``teacher``: per-pixel weights ``floor + (1 - floor) |2t - 1|`` on the
             per-pixel term (normalised to mean 1 over the batch's pixels).
         confidence_floor: the weight of a pixel the teacher is least sure of (t = 0.5).
+        sharpen: ``s``: every term learns ``sigmoid(logit(t) / s)`` instead of ``t`` (module docstring: the MAE
+            optimum of a calibrated teacher is its thresholded map); 1 = the teacher's own probability,
+            0 = the hard map ``t > 0.5``.
     """
 
     structure: Literal["dice", "iou", "none"] = "dice"
@@ -66,6 +79,7 @@ class KDLoss:
     temperature: float = 1.0
     confidence: Literal["none", "teacher"] = "none"
     confidence_floor: float = 0.25
+    sharpen: float = 1.0
 
     def __post_init__(self) -> None:
         from kd.config import ConfigError
@@ -77,6 +91,9 @@ class KDLoss:
             raise ConfigError(f"kd.temperature: must be > 0, got {self.temperature}")
         if not 0 <= self.confidence_floor <= 1:
             raise ConfigError(f"kd.confidence_floor: must lie in [0, 1], got {self.confidence_floor}")
+        if not 0 <= self.sharpen <= 1:
+            raise ConfigError(f"kd.sharpen: must lie in [0, 1] (1 = the teacher's probability, 0 = its hard "
+                              f"map), got {self.sharpen}")
 
     def describe(self) -> str:
         parts = [] if self.structure == "none" else [self.structure]
@@ -84,7 +101,8 @@ class KDLoss:
             term = self.pixel + (f"/T={self.temperature:g}" if self.temperature != 1 else "")
             term += " x conf" if self.confidence != "none" else ""
             parts.append(term if self.pixel_weight == 1 else f"{self.pixel_weight:g} {term}")
-        return " + ".join(parts)
+        text = " + ".join(parts)
+        return text if self.sharpen == 1 else f"{text}, target sharpened s={self.sharpen:g}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,8 +129,21 @@ def confidence_weights(t: Tensor, floor: float) -> Tensor:
     return floor + (1.0 - floor) * (2.0 * t - 1.0).abs()
 
 
-def pixel_term(logits: Tensor, t: Tensor, cfg: KDLoss) -> Tensor:
-    """The per-pixel term ``P(z, t)`` of one side output: mean (or confidence-weighted mean) over pixels."""
+def sharpen_target(t: Tensor, s: float) -> Tensor:
+    """``sigmoid(logit(t) / s)`` (``0 < s <= 1``), or the hard map ``t > 0.5`` for ``s = 0`` (module docstring)."""
+    t = t.detach().clamp(0.0, 1.0)
+    if s == 1.0:
+        return t
+    if s == 0.0:
+        return (t > 0.5).to(t.dtype)
+    return torch.sigmoid(torch.logit(t.clamp(_EPS, 1 - _EPS)) / float(s))
+
+
+def pixel_term(logits: Tensor, t: Tensor, cfg: KDLoss, weights_from: Tensor | None = None) -> Tensor:
+    """The per-pixel term ``P(z, t)`` of one side output: mean (or confidence-weighted mean) over pixels.
+
+    ``weights_from``: the map the confidence weights come from (the teacher's own, unsharpened ``t``); default ``t``.
+    """
     q = t.detach().clamp(0.0, 1.0)
     temp = float(cfg.temperature)
     z = logits
@@ -124,14 +155,18 @@ def pixel_term(logits: Tensor, t: Tensor, cfg: KDLoss) -> Tensor:
         qc = q.clamp(_EPS, 1 - _EPS)
         per = per + qc * torch.log(qc) + (1 - qc) * torch.log(1 - qc)   # minus the teacher's entropy
     if cfg.confidence == "teacher":
-        w = confidence_weights(t.detach(), cfg.confidence_floor)
+        w = confidence_weights((t if weights_from is None else weights_from).detach(), cfg.confidence_floor)
         per = per * (w / w.mean().clamp_min(1e-6))
     return per.mean() * (temp * temp)
 
 
 def soft_loss(logits_list: Sequence[Tensor], target: Tensor, cfg: KDLoss = KDLoss(),
               weights: Sequence[float] = SIDE_WEIGHTS) -> Tensor:
-    """``sum_i w_i [S(p_i, t) + lambda P(z_i, t)]`` over the side outputs (module docstring)."""
+    """``sum_i w_i [S(p_i, t_s) + lambda P(z_i, t_s)]`` over the side outputs, ``t_s`` the sharpened target
+    (:func:`sharpen_target`; ``t_s = t`` at ``sharpen = 1``), confidence weights from ``t`` (module docstring)."""
+    teacher = target.detach()
+    sharp = sharpen_target(teacher, float(cfg.sharpen))
+
     def per_output(z: Tensor, t: Tensor) -> Tensor:
         term = z.new_zeros(())
         if cfg.structure == "dice":
@@ -139,10 +174,10 @@ def soft_loss(logits_list: Sequence[Tensor], target: Tensor, cfg: KDLoss = KDLos
         elif cfg.structure == "iou":
             term = term + iou_loss(torch.sigmoid(z), t)
         if cfg.pixel != "none" and cfg.pixel_weight:
-            term = term + float(cfg.pixel_weight) * pixel_term(z, t, cfg)
+            term = term + float(cfg.pixel_weight) * pixel_term(z, t, cfg, weights_from=teacher)
         return term
 
-    return deep_supervision(per_output, logits_list, target.detach(), weights)
+    return deep_supervision(per_output, logits_list, sharp, weights)
 
 
 def mask_loss(logits_list: Sequence[Tensor], mask: Tensor, band: int, cfg: MaskLoss = MaskLoss(),

@@ -17,7 +17,8 @@ from jobs import cli
 from kd.config import ConfigError
 from kd.losses import kd_dice_loss, teacher_loss
 from kd.schedule import WarmupCosine, set_lr, with_lr_mult
-from kd.step import KDLoss, MaskLoss, batch_loss, confidence_weights, make_panel, pixel_term, soft_loss
+from kd.step import (KDLoss, MaskLoss, batch_loss, confidence_weights, make_panel, pixel_term, sharpen_target,
+                     soft_loss)
 from models import create_model
 
 PEAK, START, FINAL = 0.064, 6.4e-4, 6.4e-4
@@ -127,6 +128,32 @@ def test_soft_dice_optimum_is_a_thresholded_map_and_bce_is_calibrated():
     assert (p > 0.5).float().mean() > (t > 0.5).float().mean()     # ... and larger than the teacher's map
     torch.testing.assert_close(results["bce"], t, atol=2e-3, rtol=0)   # calibrated: p = t
     torch.testing.assert_close(results["conf"], t, atol=2e-3, rtol=0)  # weights depending on t keep p = t
+
+
+def test_sharpened_target_is_the_optimum_and_moves_towards_the_mae_optimal_hard_map():
+    """kd.sharpen: BCE then learns sigmoid(logit(t)/s); s=0 learns t > 0.5, the map of least expected MAE."""
+    t = torch.linspace(0.05, 0.95, 64).view(1, 1, 8, 8)
+    learned = {}
+    for s_ in (1.0, 0.5, 0.0):
+        z = torch.zeros_like(t, requires_grad=True)
+        opt = torch.optim.Adam([z], lr=0.1)
+        cfg = KDLoss(structure="none", pixel="bce", confidence="teacher", sharpen=s_)
+        for _ in range(1500):
+            opt.zero_grad()
+            soft_loss([z], t, cfg, weights=(1.0,)).backward()
+            opt.step()
+        learned[s_] = torch.sigmoid(z).detach()
+    torch.testing.assert_close(learned[1.0], t, atol=2e-3, rtol=0)
+    torch.testing.assert_close(learned[0.5], sharpen_target(t, 0.5), atol=2e-3, rtol=0)
+    torch.testing.assert_close(sharpen_target(t, 0.5), torch.sigmoid(2 * torch.logit(t)))
+    assert ((learned[0.0] > 0.98) == (t > 0.5)).all() and ((learned[0.0] < 0.02) == (t <= 0.5)).all()
+
+    def expected_mae(p):   # a calibrated teacher: the pixel is salient with probability t
+        return float((t * (1 - p) + (1 - t) * p).mean())
+    assert expected_mae(learned[0.0]) < expected_mae(learned[0.5]) < expected_mae(learned[1.0])
+    with pytest.raises(ConfigError, match="kd.sharpen"):
+        KDLoss(sharpen=1.5)
+    assert "sharpened s=0.5" in KDLoss(pixel="bce", sharpen=0.5).describe()
 
 
 def test_kl_is_bce_minus_entropy_and_temperature_keeps_the_optimum():
