@@ -62,6 +62,8 @@ RUNS = {
     "kd-dice-bce": ("distill", {"kd": {"structure": "dice", "pixel": "bce"}}, "teacher labels; dice + BCE"),
     "kd-dice-bce-conf": ("distill", {"kd": {"structure": "dice", "pixel": "bce", "confidence": "teacher"}},
                          "teacher labels; dice + BCE x teacher confidence"),
+    "kd-sharp": ("distill", {"kd": {"structure": "dice", "pixel": "bce", "confidence": "teacher", "sharpen": 0.5}},
+                 "teacher labels sharpened (s = 0.5); dice + BCE x teacher confidence"),
 }
 
 # the KD-loss ablation at a shorter budget (all four rows at the same steps): abl-dice, abl-bce, ...
