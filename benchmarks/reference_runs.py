@@ -151,8 +151,9 @@ def _ecssd():
     return paired_folder(str(DATA / "ecssd"))
 
 
-def score_teacher(spec, cat, size: int | None, tta: str = "none", threads: int = 2) -> dict:
-    """A teacher / student spec on a paired catalog: kd.metrics + salient share + images/s."""
+def score_teacher(spec, cat, size: int | None, tta: str = "none", threads: int = 2,
+                  keep_samples: bool = False) -> dict:
+    """A teacher / student spec on a paired catalog: kd.metrics + salient share + images/s (+ the maps)."""
     import numpy as np
 
     from cluster.evaluate import evaluate
@@ -162,8 +163,9 @@ def score_teacher(spec, cat, size: int | None, tta: str = "none", threads: int =
     keys = [it.key for it in cat.items]
     r = evaluate(t, cat, name=str(spec), batch_size=16, progress_every=0, sample_keys=keys)
     fg = float(np.mean([np.mean(r.samples[k] > 127) for k in keys]))
-    return {"metrics": r.metrics, "images_per_s": r.images_per_s, "count": r.count, "fg_frac": fg,
-            "size": t.input_size}
+    out = {"metrics": r.metrics, "images_per_s": r.images_per_s, "count": r.count, "fg_frac": fg,
+           "size": t.input_size}
+    return {**out, "samples": r.samples} if keep_samples else out
 
 
 def evaluate_all(section: str, results: Path, threads: int, only: str | None = None) -> None:
