@@ -197,11 +197,13 @@ def evaluate_all(section: str, results: Path, threads: int, only: str | None = N
     cache_path.write_text(json.dumps(cache, indent=1))
 
     fs = next((ev for st, ev in rows if st["name"] == "fs"), None)
-    lines = [f"## Reference runs, third pass: {TEACHER_NAME} as teacher, students at {SIZE} px", "",
+    title = {"reference-runs-3": "third pass", "reference-runs-4": "fourth pass (block-shuffled epochs)"}
+    lines = [f"## Reference runs, {title.get(section, section)}: {TEACHER_NAME} as teacher, students at {SIZE} px", "",
              f"Machine: {os.cpu_count()} shared CPU cores, no GPU. Every student is `scfnet_m3` (0.80 M params) from "
              "random weights, trained by `sodkd`'s Ray Train core (1 worker, 1 torch thread; runs side by side) with "
              f"the recipe in `benchmarks/reference_runs.py`: {SIZE}x{SIZE}, batch {BATCH}, SGD Nesterov, lr {LR} "
-             "warm-up + cosine, same steps for every row. FS learns from 4,966 DUTS-TR masks; KD rows learn from "
+             "warm-up + cosine, every epoch in a new random order of 32-row blocks (`data.shuffle_blocks`) under a "
+             "1,024-row local shuffle, same steps for every row. FS learns from 4,966 DUTS-TR masks; KD rows learn from "
              "8,475 images (the same 4,966 DUTS-TR images without masks + 3,509 unlabeled images) through the "
              f"teacher's soft labels only. Best checkpoint by MAE on a 311-pair DUTS-TR hold-out; the table is "
              "full ECSSD (1,000 pairs) at each model's own size, PySODMetrics conventions.", "",
