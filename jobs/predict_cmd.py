@@ -38,15 +38,12 @@ from pathlib import Path
 
 import numpy as np
 
+from cluster.render import FORMATS, MODES, TINT, TINT_OPACITY, Render  # noqa: F401 - shared with sodkd serve
 from kd.schema import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS
 
 log = logging.getLogger(__name__)
 
-MODES = ("mask", "cutout", "overlay", "alpha")
-FORMATS = {"png": ".png", "jpg": ".jpg", "webp": ".webp"}
 _FORMAT_OF_SUFFIX = {".png": "png", ".jpg": "jpg", ".jpeg": "jpg", ".webp": "webp"}
-TINT = np.array([255.0, 0.0, 0.0])      # overlay colour (RGB) ...
-TINT_OPACITY = 0.5                      # ... and its opacity where the mask is 255
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -77,61 +74,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="codec of the output video (ffv1 = lossless, use .mkv)")
     parser.add_argument("--max-frames", type=int, default=None, help="stop a video after this many frames")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-
-
-@dataclass(frozen=True)
-class Render:
-    """How a probability map becomes the output image: ``--mode``, ``--threshold``, ``--format``."""
-
-    mode: str = "mask"
-    threshold: float | None = None
-    format: str = "png"
-
-    def __post_init__(self) -> None:
-        if self.mode not in MODES:
-            raise ValueError(f"--mode: expected one of {', '.join(MODES)}, got {self.mode!r}")
-        if self.threshold is not None and not 0.0 <= self.threshold <= 1.0:
-            raise ValueError(f"--threshold: a probability in [0, 1], got {self.threshold}")
-        if self.format not in FORMATS:
-            raise ValueError(f"--format: expected one of {', '.join(FORMATS)}, got {self.format!r}")
-        if self.mode == "cutout" and self.format == "jpg":
-            raise ValueError("--mode cutout: JPEG has no alpha channel; write png or webp")
-
-    @property
-    def suffix(self) -> str:
-        return FORMATS[self.format]
-
-    def mask(self, prob: np.ndarray) -> np.ndarray:
-        """(H, W) probabilities -> uint8 mask: ``round(255 p)``, or 0 / 255 at ``threshold``."""
-        from cluster.predictor import to_uint8
-        if self.threshold is None:
-            return to_uint8(prob)
-        return np.where(prob >= self.threshold, 255, 0).astype(np.uint8)
-
-    def __call__(self, rgb: np.ndarray, prob: np.ndarray) -> np.ndarray:
-        """The image of ``--mode`` for one input (uint8 H x W, H x W x 3 or H x W x 4)."""
-        from cluster.predictor import to_uint8
-        if self.mode == "alpha":
-            return to_uint8(prob)
-        m = self.mask(prob)
-        if self.mode == "mask":
-            return m
-        if self.mode == "cutout":
-            return np.dstack([rgb, m])
-        a = (TINT_OPACITY / 255.0) * m[..., None].astype(np.float32)
-        return (rgb.astype(np.float32) * (1.0 - a) + TINT * a).round().clip(0, 255).astype(np.uint8)
-
-    def write(self, path: Path, image: np.ndarray) -> None:
-        from PIL import Image
-
-        path.parent.mkdir(parents=True, exist_ok=True)
-        img = Image.fromarray(image)
-        if self.format == "jpg":
-            img.save(path, "JPEG", quality=95)
-        elif self.format == "webp":
-            img.save(path, "WEBP", lossless=True)
-        else:
-            img.save(path, "PNG")
 
 
 @dataclass
