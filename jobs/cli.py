@@ -33,7 +33,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sodkd", description=__doc__.splitlines()[0])
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging (and tracebacks)")
+    parser.add_argument("--debug", action="store_true", help="a failure prints its traceback, not one line")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (_, help_text) in COMMANDS.items():
         sub.add_parser(name, help=help_text, add_help=False)
@@ -65,12 +66,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except Exception as e:  # a clear one-line error for users; -v shows the traceback
-        from kd.config import ConfigError
-        if top.verbose or not isinstance(e, (ConfigError, FileNotFoundError, ValueError)):
+    except Exception as e:  # one line for a known failure, traceback in a log (jobs/errors.py); -v/--debug: raise
+        from jobs.errors import report
+        code = report(e, top.command, debug=top.verbose or top.debug)
+        if code is None:
             raise
-        print(f"sodkd {top.command}: error: {e}", file=sys.stderr)
-        return 2
+        return code
 
 
 if __name__ == "__main__":
