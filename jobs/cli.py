@@ -28,6 +28,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train-fm": ("jobs.train_fm_cmd", "train a student (DEDecoder) on foundation-model pseudo labels"),
     "predict": ("jobs.predict_cmd", "saliency maps for an image, a folder of images or a video file"),
     "eval-video": ("jobs.eval_video_cmd", "score models on video sequences: per sequence, overall, flicker"),
+    "serve": ("jobs.serve_cmd", "serve a model over HTTP on Ray Serve (POST /predict, GET /healthz)"),
 }
 
 
