@@ -61,12 +61,6 @@ OUTPUTS = ("mask", "cutout", "overlay", "alpha", "json")
 
 # --- configuration ---------------------------------------------------------------------------------------
 
-def _finite(section: str, **values: float | None) -> None:
-    for name, v in values.items():
-        if v is not None and not math.isfinite(v):
-            raise ConfigError(f"{section}.{name}: must be a finite number, got {v}")
-
-
 @dataclasses.dataclass(frozen=True)
 class BatchingConfig:
     """Dynamic batching (``@serve.batch``): at most ``max_batch_size`` requests per forward pass, waiting at most
@@ -77,7 +71,6 @@ class BatchingConfig:
     batch_wait_timeout_s: float = 0.01
 
     def __post_init__(self) -> None:
-        _finite("batching", batch_wait_timeout_s=self.batch_wait_timeout_s)
         if self.max_batch_size < 1:
             raise ConfigError(f"batching.max_batch_size: must be >= 1, got {self.max_batch_size}")
         if self.batch_wait_timeout_s < 0:
@@ -96,8 +89,6 @@ class AutoscalingConfig:
     downscale_delay_s: float = 300.0
 
     def __post_init__(self) -> None:
-        _finite("autoscaling", target_ongoing_requests=self.target_ongoing_requests,
-                upscale_delay_s=self.upscale_delay_s, downscale_delay_s=self.downscale_delay_s)
         if not 0 <= self.min_replicas <= self.max_replicas or self.max_replicas < 1:
             raise ConfigError(f"autoscaling: need 0 <= min_replicas <= max_replicas and max_replicas >= 1, got "
                               f"{self.min_replicas}, {self.max_replicas}")
