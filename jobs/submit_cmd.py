@@ -10,8 +10,9 @@ from cluster import submit
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--address", help="Ray dashboard address (default: $RAY_ADDRESS)")
     p.add_argument("--env", action="append", default=[], metavar="NAME",
-                   help="pass this environment variable by name (repeatable); common AWS/MLflow names are "
-                        "passed when set. Values are never printed.")
+                   help="pass this environment variable by name (repeatable); the MLflow URI, AWS endpoint, "
+                        "region and profile name are passed when set. Credentials (AWS keys, *SECRET*, *TOKEN*, "
+                        "*PASSWORD*, API keys) are refused: jobs get them from the cluster (README, 'Credentials')")
     p.add_argument("--pip", action="append", default=[], metavar="REQ",
                    help="extra pip requirement for the job's runtime env (repeatable)")
     p.add_argument("--id", dest="submission_id", help="submission id (default: generated)")
@@ -38,6 +39,9 @@ def run(args: argparse.Namespace) -> int:
     runtime_env = submit.build_runtime_env(args.env, args.pip)
     print(f"submitting `sodkd {' '.join(job_args)}` to {submit.resolve_address(args.address)}")
     print(f"runtime env: {submit.describe_runtime_env(runtime_env)}")
+    kept = submit.secrets_not_forwarded()
+    if kept:
+        print(f"not forwarded: {', '.join(kept)} (set here; {submit.CREDENTIALS_HELP})")
     job_id = submit.submit(job_args, args.address, args.env, args.pip, args.submission_id)
     print(f"submitted {job_id}")
     if args.no_wait:
