@@ -6,8 +6,9 @@
 
 Settings come from the YAML (default ``jobs/configs/label.yaml``), then ``--input/--output/--teacher``,
 then ``dotted.key=value`` overrides (validated like the YAML; see ``cluster.labelling.LabelConfig``).
-Rerunning the same command labels only what is not done yet. S3 credentials come from the AWS
-environment; the endpoint from ``s3.endpoint_url=...`` or ``AWS_ENDPOINT_URL``.
+Before Ray starts, the driver checks that the output is writable, S3 credentials work and every teacher loads
+(``cluster.preflight``). Rerunning the same command labels only what is not done yet. S3 credentials come
+from the AWS environment; the endpoint from ``s3.endpoint_url=...`` or ``AWS_ENDPOINT_URL``.
 """
 
 from __future__ import annotations
@@ -68,9 +69,13 @@ def with_cards(teachers: list[str], cards: list[str]) -> list[str]:
 
 def run(args: argparse.Namespace) -> int:
     from cluster.labelling import run_labelling
+    from cluster.preflight import check_label
+    from jobs.errors import naming
 
     cfg = build_config(args)
-    summary = run_labelling(cfg, samples=args.samples)
+    with naming(input=cfg.input, output=cfg.output):
+        check_label(cfg)   # output writable, S3 credentials, teachers loadable: before Ray starts
+        summary = run_labelling(cfg, samples=args.samples)
     if summary.run_id:
         print(f"mlflow run {summary.run_id}")
     return 0

@@ -9,9 +9,11 @@
     sodkd train-fm --images data/unlabeled --labels out/fm-labels [--teacher-labels out/r50-labels] ...
 
 Settings come from the YAML (default ``jobs/configs/{teacher,supervised,distill,train_fm}.yaml``), then the flags,
-then ``dotted.key=value`` overrides, validated into ``cluster.train.TrainConfig``. Resubmitting the same
-``--name`` with the same storage resumes from the run's latest checkpoint. On success the final weights
-(best by val/mae) are written with ``models.save_weights`` (fp32 and fp16) and their paths printed.
+then ``dotted.key=value`` overrides, validated into ``cluster.train.TrainConfig``. Before Ray starts, the driver
+checks that the run storage is writable, S3 credentials work and every weights file named loads
+(``cluster.preflight``). Resubmitting the same ``--name`` with the same storage resumes from the run's latest
+checkpoint. On success the final weights (best by val/mae) are written with ``models.save_weights`` (fp32 and
+fp16) and their paths printed.
 """
 
 from __future__ import annotations
@@ -116,9 +118,15 @@ def run(args: argparse.Namespace) -> int:
     if args.print_config:
         print(json.dumps(to_dict(cfg), indent=1))
         return 0
+    from cluster.preflight import check_train
     from cluster.train import run_training
+    from jobs.errors import naming
 
-    out = run_training(cfg)
+    d = cfg.data
+    inputs = [p.uri for p in d.paired] + [v for u in d.unlabeled for v in (u.uri, u.labels, u.teacher_labels) if v]
+    with naming(input=inputs + ([cfg.val.uri] if cfg.val.uri else []), output=cfg.run.storage):
+        check_train(cfg)   # storage writable, S3 credentials, weights files loadable: before Ray starts
+        out = run_training(cfg)
     figures = ", ".join(f"{k} {v:.4f}" for k, v in out.metrics.items() if k.startswith("val/"))
     print(f"sodkd {args.command}: run {out.run_name}: {out.rows} rows, {out.steps_per_epoch} steps/epoch, "
           f"{out.wall_s:.1f} s{'; ' + figures if figures else ''}")

@@ -122,7 +122,8 @@ def test_every_job_config_rejects_nan_and_infinity_through_the_loader():
     train = {"data": {"paired": [{"uri": "/d"}]}}
     cases = [
         (lambda o: load_train_config(train, [o]), "optim.lr=.nan", "optim.lr: must be a finite number, got nan"),
-        (lambda o: load_train_config(train, [o]), "kd.temperature=.inf", "kd.temperature: must be a finite number, got inf"),
+        (lambda o: load_train_config(train, [o]), "kd.temperature=.inf",
+         "kd.temperature: must be a finite number, got inf"),
         (lambda o: load_train_config(configs / "train_fm.yaml", ["data.unlabeled=[{uri: /u, labels: /l}]", o]),
          "fm.conf_threshold=.nan", "fm.conf_threshold: must be a finite number, got nan"),
         (lambda o: load_label_config({"input": "a", "output": "b", "teachers": ["t.ts"]}, [o]),
