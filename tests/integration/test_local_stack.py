@@ -11,7 +11,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import boto3
 import mlflow
 import pytest
 import torch
@@ -40,10 +39,9 @@ def _sodkd(args, env, timeout=900):
 
 
 def test_label_and_distill_jobs_through_submit(stack, shared_data, tmp_path):
-    env = {**os.environ, **stack.env()}
-    s3 = boto3.client("s3", endpoint_url=stack.s3_endpoint, region_name="us-east-1",
-                      aws_access_key_id=local.LOCAL_CREDENTIALS["AWS_ACCESS_KEY_ID"],
-                      aws_secret_access_key=local.LOCAL_CREDENTIALS["AWS_SECRET_ACCESS_KEY"])
+    env = stack.client_env()
+    s3 = stack.s3_client()
+    secret = local.read_credentials(Path(stack.dir))["aws_secret_access_key"]
     images = sorted((shared_data / "unlabeled" / "imagenet-1k").glob("*.jpg"))[:6]
     for p in images:
         s3.upload_file(str(p), local.LOCAL_BUCKET, f"unlabeled/{p.name}")
@@ -56,7 +54,7 @@ def test_label_and_distill_jobs_through_submit(stack, shared_data, tmp_path):
                   "--teacher", "scfnet_m3:s3://sodkd/weights/teacher.pt", "teacher_size=96", "label_size=96",
                   "pool.num_cpus=0.5", "progress=false", "tracking.run_name=submitted-label"], env)
     assert "SUCCEEDED" in out and "labelled 6" in out, out[-3000:]
-    assert local.LOCAL_CREDENTIALS["AWS_SECRET_ACCESS_KEY"] not in out  # credentials travel, never printed
+    assert secret not in out  # credentials travel, never printed
     keys = [o["Key"] for o in s3.list_objects_v2(Bucket="sodkd", Prefix="soft/labels/")["Contents"]]
     assert keys and all(k.endswith(".parquet") for k in keys)
 
@@ -76,4 +74,4 @@ def test_label_and_distill_jobs_through_submit(stack, shared_data, tmp_path):
     kd_metrics = runs["submitted-kd"].data.metrics
     assert kd_metrics["epoch"] == 1 and any(k.startswith("train/") for k in kd_metrics), kd_metrics
     params = {k: v for r in runs.values() for k, v in r.data.params.items()}
-    assert not any(local.LOCAL_CREDENTIALS["AWS_SECRET_ACCESS_KEY"] in str(v) for v in params.values())
+    assert not any(secret in str(v) for v in params.values())
