@@ -22,6 +22,18 @@ every config (unknown key or wrong type -> :class:`kd.config.ConfigError` naming
       channel: 0                       # which channel of an N x C x H x W output
       kind: logits                     # logits (saliency = sigmoid) or probabilities
       resize: bilinear                 # how maps go back to the image's size: bilinear or nearest
+    quantization:                      # only for a quantised file (sodkd export --int8); else null
+      precision: int8
+      format: qdq                      # ONNX Runtime layout: qdq or qoperator
+      per_channel: true
+      calibration: sample-data/ecssd/images   # where the calibration images came from ...
+      calibration_count: 64                    # ... and how many
+      eval_set: sample-data/ecssd      # the labelled set the MAE change was measured on
+      eval_count: 50
+      mae_reference: 0.0781            # fp32 eager on it
+      mae: 0.0785                      # this file on it
+      mae_change: 0.0004               # mae - mae_reference
+      forced: false                    # kept although |mae_change| > 0.005 (--force)
 
 The card only describes; :mod:`cluster.teachers` runs the file with it and checks the first batch
 (:func:`check_first_batch`), so a card with a wrong output or value scale fails on the first images with a
@@ -39,7 +51,7 @@ import yaml
 
 from kd.config import ConfigError, load_config, to_dict
 
-__all__ = ["CardInput", "CardOutput", "TeacherCard", "load_card", "card_beside", "check_first_batch", "select_maps",
+__all__ = ["CardInput", "CardOutput", "CardQuantization", "TeacherCard", "load_card", "card_beside", "check_first_batch", "select_maps",
            "CardCheckError", "CARD_SUFFIX"]
 
 CARD_SUFFIX = ".card.yaml"
@@ -106,6 +118,29 @@ class CardOutput:
 
 
 @dataclasses.dataclass(frozen=True)
+class CardQuantization:
+    """How a quantised file was made and what it costs in accuracy (``sodkd export --int8``)."""
+
+    precision: Literal["int8"] = "int8"
+    format: Literal["qdq", "qoperator"] = "qdq"
+    per_channel: bool = True
+    activations: Literal["uint8", "int8"] = "uint8"
+    weights: Literal["int8", "uint8"] = "int8"
+    calibration: str = ""
+    calibration_count: int = 0
+    eval_set: str | None = None
+    eval_count: int = 0
+    mae_reference: float | None = None
+    mae: float | None = None
+    mae_change: float | None = None
+    forced: bool = False
+
+    def __post_init__(self) -> None:
+        if self.calibration_count < 1:
+            raise ConfigError(f"quantization.calibration_count: must be >= 1, got {self.calibration_count}")
+
+
+@dataclasses.dataclass(frozen=True)
 class TeacherCard:
     """A teacher card (module docstring)."""
 
@@ -116,6 +151,7 @@ class TeacherCard:
     check: bool = True            # check the first batch (check_first_batch); false for a model known to saturate
     input: CardInput = dataclasses.field(default_factory=CardInput)
     output: CardOutput = dataclasses.field(default_factory=CardOutput)
+    quantization: CardQuantization | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return to_dict(self)
