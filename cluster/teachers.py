@@ -302,6 +302,9 @@ class ExportTeacher(_SingleTeacher):
         self.meta = meta
         self.module = module.to(device)
 
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "precision": self.meta.get("precision", "fp32")}
+
     def _run(self, xn: torch.Tensor) -> torch.Tensor:
         return self.module(xn)
 
@@ -319,6 +322,9 @@ class OnnxTeacher(_SingleTeacher):
         self.session = session
         self.input_name = session.get_inputs()[0].name
         self.providers = session.get_providers()
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "precision": self.meta.get("precision", "fp32"), "providers": self.providers}
 
     def _run(self, xn: torch.Tensor) -> torch.Tensor:
         out = self.session.run(None, {self.input_name: np.ascontiguousarray(xn.numpy(), dtype=np.float32)})[0]
@@ -763,16 +769,22 @@ def _export_onnx(head: nn.Module, example: torch.Tensor, tmp: str, meta: dict[st
     onnx.save(proto, tmp)
 
 
-def export_card(meta: dict[str, Any], fmt: str, parity: dict[str, Any] | None = None):
+def export_card(meta: dict[str, Any], fmt: str, parity: dict[str, Any] | None = None, quantization=None):
     """The teacher card (:mod:`kd.card`) that describes a file :func:`export_teacher` wrote.
 
     It says what the embedded metadata says, in the format third-party model files use, so any tool that
     reads cards runs the file right: input ``image`` (NCHW, RGB, 0-255 scale, the model's mean/std), free H and
     W in multiples of 32 when the export is dynamic, output 0 = probabilities. ``parity`` (the export's check
-    against eager: max |p - p_eager|, on what, and optionally the MAE change) goes into ``notes``."""
-    from kd.card import CardInput, CardOutput, TeacherCard
+    against eager: max |p - p_eager|, on what, and optionally the MAE change) goes into ``notes``;
+    ``quantization`` (a :class:`kd.card.CardQuantization`) is the card section of an INT8 file."""
+    from kd.card import CardInput, CardOutput, CardQuantization, TeacherCard
+    if isinstance(quantization, dict):
+        quantization = CardQuantization(**quantization)
     size, dynamic = int(meta["input_size"]), bool(meta.get("dynamic_hw"))
     notes = [f"sodkd export to {fmt} of {meta['model']} (torch {meta.get('torch_version')}, BatchNorm folded)"]
+    if quantization is not None:
+        notes.append(f"{quantization.precision} {quantization.format} quantised by ONNX Runtime "
+                     f"({quantization.calibration_count} calibration images)")
     if parity:
         notes.append("parity: " + ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}"
                                             for k, v in parity.items()))
@@ -781,7 +793,7 @@ def export_card(meta: dict[str, Any], fmt: str, parity: dict[str, Any] | None = 
         input=CardInput(name="image" if fmt == "onnx" else None, size=size, free=dynamic,
                         multiple=SIZE_MULTIPLE if dynamic else 1, layout="NCHW", channels="RGB", scale="0-255",
                         mean=tuple(meta["mean"]), std=tuple(meta["std"])),
-        output=CardOutput(index=0, channel=0, kind="probabilities", resize="bilinear"))
+        output=CardOutput(index=0, channel=0, kind="probabilities", resize="bilinear"), quantization=quantization)
 
 
 def read_export_metadata(path: str, s3: S3Config | None = None) -> dict[str, Any]:
