@@ -687,7 +687,7 @@ def _dynamic_shapes(size: int) -> dict[str, Any]:
     return {"x": dims}
 
 
-def export_teacher(model: nn.Module, path: str | os.PathLike, fmt: Literal["onnx", "pt2", "torchscript"],
+def export_teacher(model: nn.Module, path: str | os.PathLike, fmt: Literal["onnx", "pt2"],
                    input_size: int | None = None, extra_meta: dict[str, Any] | None = None,
                    onnx_exporter: Literal["dynamo", "torchscript"] = "dynamo") -> dict[str, Any]:
     """Write ``model`` (a ``SODModel``) as a self-describing ONNX or torch.export (``.pt2``) file.
@@ -701,18 +701,17 @@ def export_teacher(model: nn.Module, path: str | os.PathLike, fmt: Literal["onnx
     (temporary name + rename). Returns the metadata.
 
     ``onnx_exporter``: ``dynamo`` (``torch.export``, the supported path) or ``torchscript`` (the older,
-    faster tracer-based ONNX exporter; it writes ONNX, not TorchScript). ``fmt="torchscript"`` still writes a
-    legacy TorchScript file, with a DeprecationWarning: sodkd no longer writes them (``sodkd export`` does not
-    offer it); it is kept only so that tests can make the ``.ts`` files older releases wrote.
+    faster tracer-based ONNX exporter; it writes ONNX, not TorchScript). sodkd no longer writes TorchScript
+    (deprecated in torch); the ``.ts`` files older releases wrote still load, with a deprecation message.
     """
-    if fmt not in EXPORT_FORMATS + ("torchscript",):
+    if fmt not in EXPORT_FORMATS:
         raise ValueError(f"export format: expected one of {', '.join(EXPORT_FORMATS)}, got {fmt!r}")
     for attr in ("mean", "std", "input_size"):
         if not hasattr(model, attr):
             raise TypeError(f"export_teacher: model lacks {attr!r} (expected a models.SODModel)")
     from models.fuse import fold_batchnorm
     size = int(input_size or model.input_size)
-    dynamic = fmt != "torchscript" and size % SIZE_MULTIPLE == 0
+    dynamic = size % SIZE_MULTIPLE == 0
     meta: dict[str, Any] = {
         "format": EXPORT_FORMAT, "format_version": EXPORT_FORMAT_VERSION,
         "model": getattr(model, "name", type(model).__name__),
@@ -732,12 +731,7 @@ def export_teacher(model: nn.Module, path: str | os.PathLike, fmt: Literal["onnx
     os.close(fd)
     try:
         with torch.no_grad():
-            if fmt == "torchscript":
-                warnings.warn("export_teacher: TorchScript is deprecated in torch and sodkd no longer writes it; "
-                              "this legacy path only makes .ts files for tests", DeprecationWarning, stacklevel=2)
-                traced = torch.jit.trace(head, example, check_trace=False)
-                torch.jit.save(traced, tmp, _extra_files={f"{METADATA_KEY}.json": json.dumps(meta)})
-            elif fmt == "pt2":
+            if fmt == "pt2":
                 program = torch.export.export(head, (example,), dynamic_shapes=_dynamic_shapes(size))
                 torch.export.save(program, tmp, extra_files={f"{METADATA_KEY}.json": json.dumps(meta)})
             else:

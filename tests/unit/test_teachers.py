@@ -7,7 +7,10 @@ parity test at 1/255 would pass for almost any pair of networks. Exports run at 
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
+
 import pytest
 import torch
 
@@ -33,12 +36,28 @@ def model():
     return m
 
 
+def write_legacy_torchscript(model, path, size):
+    """A ``.ts`` file as earlier sodkd releases wrote them (traced, BN folded, metadata as an extra file):
+    sodkd itself no longer writes TorchScript, but must keep reading these."""
+    import json
+    from models.fuse import fold_batchnorm
+    meta = {"format": T.EXPORT_FORMAT, "format_version": 1, "model": model.name,
+            "config": json.loads(json.dumps(getattr(model, "config", {}))), "mean": [float(v) for v in model.mean],
+            "std": [float(v) for v in model.std], "input_size": size, "dynamic_hw": False, "size_multiple": size,
+            "bn_folded": True}
+    head = T._ProbsHead(fold_batchnorm(model).float()).eval()
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(head, torch.zeros(2, 3, size, size), check_trace=False)
+        torch.jit.save(traced, str(path), _extra_files={f"{T.METADATA_KEY}.json": json.dumps(meta)})
+
+
 @pytest.fixture(scope="module")
 def files(tmp_path_factory, model):
     d = tmp_path_factory.mktemp("teachers")
     save_weights(model, d / "m3.pt")
     torch.save(model.state_dict(), d / "bare.pt")
-    T.export_teacher(model, d / "m3.ts", "torchscript", input_size=SIZE)
+    write_legacy_torchscript(model, d / "m3.ts", SIZE)
     T.export_teacher(model, d / "m3.onnx", "onnx", input_size=SIZE, extra_meta={"note": "unit test"})
     T.export_teacher(model, d / "m3_legacy.onnx", "onnx", input_size=SIZE, onnx_exporter="torchscript")
     return d
