@@ -516,11 +516,14 @@ def patient_ray_start(timeout_s: float = 300.0):
     30 s to register and its agents 30 s to report their ports, which a machine busy with other work -- or a
     process at low priority -- can miss; the start then fails and leaves its agents behind. Only the waits
     change (``RAY_agent_register_timeout_ms``, read by the raylet, and the driver's registration poll): the node
-    is a real one."""
-    from ray._private import services
+    is a real one. The dashboard (which :func:`cluster.raylocal.start_private_ray` starts) gets the same time:
+    Ray reads ``RAY_DASHBOARD_STARTUP_TIMEOUT_S`` (60 s) when it is imported, so the constant itself is raised."""
+    from ray._private import ray_constants, services
 
     os.environ.setdefault("RAY_agent_register_timeout_ms", str(int(timeout_s * 1000)))
     original = services.get_node
+    dashboard_timeout = ray_constants.RAY_DASHBOARD_STARTUP_TIMEOUT_S
+    ray_constants.RAY_DASHBOARD_STARTUP_TIMEOUT_S = max(dashboard_timeout, int(timeout_s))
 
     def get_node(gcs_address, node_id):
         deadline = time.monotonic() + timeout_s
@@ -537,6 +540,7 @@ def patient_ray_start(timeout_s: float = 300.0):
         yield
     finally:
         services.get_node = original
+        ray_constants.RAY_DASHBOARD_STARTUP_TIMEOUT_S = dashboard_timeout
 
 
 def connect(address: str | None = None, local: bool = False, num_cpus: float | None = None) -> dict[str, Any]:
