@@ -234,6 +234,21 @@ def up(d: Path | None = None, num_cpus: int | None = None, log=print) -> LocalSt
     try:
         # the state first: a failure below leaves enough of it for down() to stop and remove what did start
         _write_state(d, state)
+        # MLflow and moto first: MLflow creates its tables for a minute or more on a busy machine,
+        # and that overlaps `ray start`
+        log(f"starting MLflow server on 127.0.0.1:{ports['mlflow']} (sqlite {d / 'mlflow.db'})")
+        mlflow = subprocess.Popen(
+            [_bin("mlflow"), "server", "--host", "127.0.0.1", "--port", str(ports["mlflow"]),
+             "--backend-store-uri", f"sqlite:///{d / 'mlflow.db'}", "--artifacts-destination", str(d / "artifacts"),
+             "--workers", "1"],
+            stdout=_private_open(d / "mlflow.log"), start_new_session=True, **private)
+        state.mlflow_pid = mlflow.pid
+        _write_state(d, state)
+        log(f"starting S3 endpoint on 127.0.0.1:{ports['s3']}")
+        s3 = subprocess.Popen([_bin("moto_server"), "-H", "127.0.0.1", "-p", str(ports["s3"])],
+                              stdout=_private_open(d / "s3.log"), start_new_session=True, **private)
+        state.s3_pid = s3.pid
+        _write_state(d, state)
         log(f"starting Ray head on 127.0.0.1:{ports['ray']} (dashboard {ports['dash']}, {ncpu} CPUs)")
         start = [_bin("ray"), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={ports['ray']}",
                  "--dashboard-host=127.0.0.1", f"--dashboard-port={ports['dash']}", f"--num-cpus={ncpu}",
@@ -253,21 +268,8 @@ def up(d: Path | None = None, num_cpus: int | None = None, log=print) -> LocalSt
             if attempt == RAY_START_ATTEMPTS:
                 raise subprocess.CalledProcessError(done.returncode, start)
             log(f"`ray start` failed (attempt {attempt} of {RAY_START_ATTEMPTS}); trying again")
-        log(f"starting MLflow server on 127.0.0.1:{ports['mlflow']} (sqlite {d / 'mlflow.db'})")
-        mlflow = subprocess.Popen(
-            [_bin("mlflow"), "server", "--host", "127.0.0.1", "--port", str(ports["mlflow"]),
-             "--backend-store-uri", f"sqlite:///{d / 'mlflow.db'}", "--artifacts-destination", str(d / "artifacts"),
-             "--workers", "1"],
-            stdout=_private_open(d / "mlflow.log"), start_new_session=True, **private)
-        state.mlflow_pid = mlflow.pid
-        _write_state(d, state)
-        log(f"starting S3 endpoint on 127.0.0.1:{ports['s3']}")
-        s3 = subprocess.Popen([_bin("moto_server"), "-H", "127.0.0.1", "-p", str(ports["s3"])],
-                              stdout=_private_open(d / "s3.log"), start_new_session=True, **private)
-        state.s3_pid = s3.pid
-        _write_state(d, state)
         _wait_http(state.s3_endpoint, "S3 endpoint")
-        _wait_http(state.mlflow_uri + "/health", "MLflow server", timeout=120)
+        _wait_http(state.mlflow_uri + "/health", "MLflow server", timeout=300)
         _wait_http(state.ray_address + "/api/version", "Ray dashboard", timeout=120)
         state.s3_client().create_bucket(Bucket=LOCAL_BUCKET)
     except BaseException as e:
