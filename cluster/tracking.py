@@ -17,7 +17,7 @@ from typing import Any, Iterator, Mapping
 
 from kd.config import to_flat_dict
 
-__all__ = ["TrackingConfig", "start_run", "find_run", "log_params", "log_metrics", "log_figure",
+__all__ = ["TrackingConfig", "start_run", "find_run", "end_stale_runs", "log_params", "log_metrics", "log_figure",
            "sanitize_params", "MAX_PARAM_CHARS"]
 
 MAX_PARAM_CHARS = 6000  # MLflow's limit on one param value
@@ -105,6 +105,28 @@ def find_run(cfg: TrackingConfig, tags: Mapping[str, str], status: str | None = 
     runs = client.search_runs([exp.experiment_id], filter_string=" and ".join(clauses),
                               order_by=["attributes.start_time DESC"], max_results=1)
     return runs[0].info.run_id if runs else None
+
+
+def end_stale_runs(cfg: TrackingConfig, tags: Mapping[str, str], status: str = "KILLED") -> list[str]:
+    """Mark the RUNNING runs of ``cfg.experiment`` carrying all ``tags`` as ``status``; returns their ids.
+
+    A job killed hard (SIGKILL, a lost node) cannot end its own run, which then shows RUNNING for ever. A job
+    calls this before it opens its new run, with the tags that name the same job (for labelling: the output
+    location), so the dead run ends KILLED, tagged ``sodkd.ended_by=rerun``, the moment the job is rerun.
+    """
+    import mlflow
+    client = mlflow.MlflowClient(tracking_uri=cfg.uri) if cfg.uri else mlflow.MlflowClient()
+    exp = client.get_experiment_by_name(cfg.experiment)
+    if exp is None:
+        return []
+    clauses = [f"tags.`{k}` = '{str(v).replace(chr(39), '')}'" for k, v in tags.items()]
+    clauses.append("attributes.status = 'RUNNING'")
+    ended = []
+    for run in client.search_runs([exp.experiment_id], filter_string=" and ".join(clauses), max_results=1000):
+        client.set_tag(run.info.run_id, "sodkd.ended_by", "rerun")
+        client.set_terminated(run.info.run_id, status=status)
+        ended.append(run.info.run_id)
+    return ended
 
 
 def log_params(params: Any, prefix: str = "") -> dict[str, str]:

@@ -275,14 +275,18 @@ def test_limit_labels_part_then_the_rest_exactly_once(ray_address, teacher, shar
 
 
 def _shards(out: Path) -> list[str]:
+    """Finished label shards (not the hidden temporaries a shard is written to before its rename)."""
     d = out / S.LABELS_DIR
-    return sorted(os.listdir(d)) if d.is_dir() else []
+    return sorted(n for n in os.listdir(d) if not n.startswith(".")) if d.is_dir() else []
 
 
 def test_killed_run_then_rerun_labels_every_input_exactly_once(ray_address, teacher, shared_data, tmp_path):
     """A real kill: the job runs as `sodkd label` in its own process group (a driver attached to this module's
-    Ray cluster) and gets SIGKILL as soon as its first shards appear; the rerun finishes the rest."""
+    Ray cluster) and gets SIGKILL as soon as its first shards appear; the rerun finishes the rest, and marks the
+    killed job's MLflow run (left RUNNING by the kill) KILLED."""
     spec, _ = teacher
+    db = tmp_path / "mlflow.db"
+    tracking = TrackingConfig(uri=f"sqlite:///{db}", experiment="kill-test", run_name="label")
     n = 40
     src = _images(shared_data, n, start=100)
     inp = _copy(src, tmp_path / "in")
@@ -290,15 +294,16 @@ def test_killed_run_then_rerun_labels_every_input_exactly_once(ray_address, teac
     cmd = [sys.executable, "-m", "jobs.cli", "label", "--input", str(inp), "--output", str(out), "--teacher", spec,
            f"teacher_size={TEACHER_SIZE}", f"label_size={LABEL_SIZE}", "pool.num_cpus=0.5", "pool.batch_size=2",
            "pool.torch_threads=2", "decode.batch_size=2", "decode.num_cpus=0.25", "write.shard_rows=2",
-           "progress=false", "tracking.enabled=false"]
+           "progress=false", f"tracking.uri={tracking.uri}", f"tracking.experiment={tracking.experiment}"]
     env = {**os.environ, "RAY_ADDRESS": ray_address, "PYTHONUNBUFFERED": "1"}
     log = open(tmp_path / "job.log", "wb")
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        deadline = time.monotonic() + 240
+        deadline = time.monotonic() + 600    # MLflow creates its sqlite tables first: a minute on a busy machine
         while not _shards(out) and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.05)
         assert proc.poll() is None, f"the job ended before it could be killed:\n{(tmp_path / 'job.log').read_text()}"
+        assert _shards(out), f"no shard within 600 s:\n{(tmp_path / 'job.log').read_text()[-3000:]}"
         os.killpg(proc.pid, signal.SIGKILL)
     finally:
         if proc.poll() is None:
@@ -315,11 +320,21 @@ def test_killed_run_then_rerun_labels_every_input_exactly_once(ray_address, teac
     done_before = len(_raw_rows(fs, str(out)))
     assert 0 < done_before < n, f"kill landed after {done_before} of {n} images"
 
-    summary = run_labelling(_cfg(inp, out, spec), samples=0)
+    client = mlflow.MlflowClient(tracking_uri=tracking.uri)
+    exp = client.get_experiment_by_name(tracking.experiment)
+    killed = client.search_runs([exp.experiment_id])
+    assert [r.info.status for r in killed] == ["RUNNING"]     # what a SIGKILL leaves behind
+
+    summary = run_labelling(_cfg(inp, out, spec, tracking=tracking), samples=0)
     assert summary.skipped_done == done_before
     assert summary.labelled == n - done_before
     _assert_exactly_once(fs, str(out), [p.name for p in src])
     assert L.read_labels(str(out)).num_rows == n
+    runs = {r.info.run_id: r for r in client.search_runs([exp.experiment_id])}
+    dead = runs[killed[0].info.run_id]
+    assert dead.info.status == "KILLED" and dead.data.tags["sodkd.ended_by"] == "rerun"
+    assert runs[summary.run_id].info.status == "FINISHED"
+    assert dead.data.tags["sodkd.output"] == runs[summary.run_id].data.tags["sodkd.output"] == str(out)
 
 
 def _broken_inputs(real: bytes, d: Path) -> dict[str, str | None]:
