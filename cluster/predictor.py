@@ -10,7 +10,10 @@ backends:
 - ``onnx``: ONNX Runtime (CPU; the CUDA provider where it is installed and a CUDA device is asked for) with
   ``threads`` intra-op threads, 1 by default: for a network this small one thread is faster than two
   (issue 12: 96 vs 72 img/s for scfnet_m3 at 352 px), so throughput comes from one thread per process;
+  an INT8 file from ``sodkd export --int8`` (:mod:`cluster.quantize`) runs here like the fp32 one;
 - ``pt2``: a torch.export program (``torch.export.load``).
+
+``models:/NAME/VERSION`` (MLflow registry) is downloaded and run as the exported file it holds.
 
 A weights file runs through ``onnx`` or ``pt2`` by being exported first (:func:`cluster.teachers.export_teacher`,
 into a temporary folder, once per predictor); an exported file runs in its own backend. ``auto`` picks the
@@ -32,8 +35,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from cluster.teachers import (EagerTeacher, Teacher, TeacherSpecError, export_teacher, load_teacher,
-                              parse_teacher_spec)
+from cluster.teachers import (EagerTeacher, Teacher, TeacherSpecError, export_teacher, is_registry_spec,
+                              load_teacher, parse_teacher_spec, resolve_registry_spec)
 
 __all__ = ["Predictor", "BACKENDS", "PRECISIONS", "to_uint8"]
 
@@ -72,6 +75,7 @@ class Predictor:
 
     def __init__(self, teacher: Teacher, backend: str, name: str, model: torch.nn.Module | None = None):
         self.teacher, self.backend, self.name, self.model = teacher, backend, name, model
+        self.source: str | None = None        # the registry URI it came from (models:/...), if any
         self.size = int(teacher.input_size)
         self.stream = model.streamer() if model is not None and hasattr(model, "streamer") else None
 
@@ -99,6 +103,12 @@ class Predictor:
             raise ValueError(f"backend: expected one of {', '.join(BACKENDS)}, got {backend!r}")
         if precision not in PRECISIONS:
             raise ValueError(f"precision: expected one of {', '.join(PRECISIONS)}, got {precision!r}")
+        if is_registry_spec(str(spec)):       # models:/NAME/VERSION: the exported file it holds, run as such
+            with tempfile.TemporaryDirectory(prefix="sodkd-registry-") as tmp:   # files are read into memory
+                pred = cls.load(resolve_registry_spec(str(spec), tmp), backend, size, device, precision, threads,
+                                channels_last, fold_bn, onnx_exporter)
+            pred.source = str(spec)
+            return pred
         text = _as_spec(spec)
         parsed = parse_teacher_spec(text)
         gpu = str(device).startswith("cuda") or (device == "auto" and torch.cuda.is_available())
@@ -131,7 +141,12 @@ class Predictor:
         return cls(teacher, backend, model.name, None)
 
     def describe(self) -> dict[str, Any]:
-        return {"backend": self.backend, "name": self.name, "size": self.size, **self.teacher.describe()}
+        d = {"backend": self.backend, "name": self.name, "size": self.size, **self.teacher.describe()}
+        meta = getattr(self.teacher, "meta", None) or {}
+        d["precision"] = meta.get("precision", "fp32")
+        if self.source:
+            d["source"] = self.source
+        return d
 
     def predict(self, images: Sequence[np.ndarray]) -> list[np.ndarray]:
         """uint8 (H_i, W_i, 3) RGB images -> float32 (H_i, W_i) probabilities in [0, 1], one batch."""

@@ -11,7 +11,11 @@ A *teacher spec* is one string, the form the CLI and configs use:
 - ``FILE.ts`` / ``FILE.torchscript`` -- a TorchScript module that older sodkd releases wrote (still read, with a
   DeprecationWarning; sodkd no longer writes TorchScript);
 - any of these file kinds written by someone else, run as its teacher card says (``FILE.card.yaml``, kd/card.py).
-  ``sodkd export`` writes such a card beside every file it exports.
+  ``sodkd export`` writes such a card beside every file it exports;
+- ``models:/NAME/VERSION`` (or ``models:/NAME/latest``, ``models:/NAME@ALIAS``) -- a model of the MLflow
+  registry that training logged (the ONNX flavour: an exported file and its card, no pickle): downloaded
+  through MLflow's artifact download (:mod:`cluster.registry`; tracking URI: ``MLFLOW_TRACKING_URI`` or
+  the process's ``mlflow.set_tracking_uri``) and loaded as that file.
 
 Every teacher declares its preprocessing: RGB mean and std in 0..255 units and the square input size. A
 registered model carries them as attributes; an exported file carries them as JSON metadata (ONNX
@@ -60,6 +64,7 @@ __all__ = [
     "TeacherSpec", "TeacherSpecError", "parse_teacher_spec", "Teacher", "EagerTeacher", "TorchScriptTeacher",
     "ExportTeacher", "OnnxTeacher", "CardTeacher", "Ensemble", "HFlipTTA", "load_teacher", "build_teacher",
     "export_teacher", "export_card", "read_export_metadata", "EXPORT_FORMATS", "weights_hash", "METADATA_KEY",
+    "REGISTRY_PREFIX", "is_registry_spec", "resolve_registry_spec",
 ]
 
 METADATA_KEY = "sodkd_teacher"          # TorchScript extra file "<key>.json", ONNX metadata_props key
@@ -71,8 +76,9 @@ EXPORT_SUFFIXES = (".pt2",)
 CARD_QUERY = "?card="
 _NAME_RE = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*):(.+)$")
 _URI_SCHEMES = ("s3", "file")
+REGISTRY_PREFIX = "models:/"
 
-Kind = Literal["registered", "torchscript", "onnx", "export"]
+Kind = Literal["registered", "torchscript", "onnx", "export", "mlflow"]
 
 
 class TeacherSpecError(ValueError):
@@ -108,6 +114,11 @@ def parse_teacher_spec(spec: str) -> TeacherSpec:
             raise TeacherSpecError(f"teacher spec {spec!r}: empty card path after {CARD_QUERY!r}")
         if not text.lower().endswith(TORCHSCRIPT_SUFFIXES + ONNX_SUFFIXES + EXPORT_SUFFIXES):
             raise TeacherSpecError(f"teacher spec {spec!r}: a card describes a model file (*.onnx, *.ts, *.pt2)")
+    if is_registry_spec(text):
+        if len(text) <= len(REGISTRY_PREFIX) or text[len(REGISTRY_PREFIX):].startswith("/"):
+            raise TeacherSpecError(f"teacher spec {spec!r}: expected models:/NAME/VERSION, models:/NAME/latest "
+                                   "or models:/NAME@ALIAS")
+        return TeacherSpec("mlflow", text, None, spec.strip(), card)
     lower = text.lower()
     m = _NAME_RE.match(text)
     named = m is not None and m.group(1).lower() not in _URI_SCHEMES
@@ -131,6 +142,17 @@ def parse_teacher_spec(spec: str) -> TeacherSpec:
     raise TeacherSpecError(
         f"teacher spec {text!r}: expected MODEL:WEIGHTS (e.g. scfnet_r50:weights.pt), a TorchScript file "
         f"(*{', *'.join(TORCHSCRIPT_SUFFIXES)}), an ONNX file (*.onnx) or a torch.export program (*.pt2)")
+
+
+def is_registry_spec(spec: str) -> bool:
+    """``models:/...``: a model of the MLflow registry."""
+    return isinstance(spec, str) and spec.strip().startswith(REGISTRY_PREFIX)
+
+
+def resolve_registry_spec(spec: str, dst: str | os.PathLike, tracking_uri: str | None = None) -> str:
+    """``models:/...`` -> the spec of the local model file it holds (:func:`cluster.registry.resolve`)."""
+    from cluster.registry import resolve
+    return resolve(spec, dst, tracking_uri)
 
 
 def weights_hash(data: bytes) -> str:
@@ -630,6 +652,12 @@ def load_teacher(spec: str | TeacherSpec, s3: S3Config | None = None, device: st
         threads: onnxruntime intra-op threads (torch threads are per process: the caller sets them).
     """
     spec = parse_teacher_spec(spec) if isinstance(spec, str) else spec
+    if spec.kind == "mlflow":
+        with tempfile.TemporaryDirectory(prefix="sodkd-registry-") as tmp:   # files are read into memory
+            local = resolve_registry_spec(spec.text, tmp)
+            teacher = load_teacher(local, s3, device, precision, input_size, threads)
+        teacher.source = spec.text
+        return teacher
     data = _read_file(spec.path, s3, str(spec))
     card, card_uri = _find_card(spec, s3) if spec.kind != "registered" else (None, None)
     if spec.kind == "onnx":
@@ -775,7 +803,9 @@ def export_card(meta: dict[str, Any], fmt: str, parity: dict[str, Any] | None = 
     if isinstance(quantization, dict):
         quantization = CardQuantization(**quantization)
     size, dynamic = int(meta["input_size"]), bool(meta.get("dynamic_hw"))
-    notes = [f"sodkd export to {fmt} of {meta['model']} (torch {meta.get('torch_version')}, BatchNorm folded)"]
+    precision = meta.get("precision", "fp32")
+    notes = [f"sodkd export to {fmt} ({precision}) of {meta['model']} (torch {meta.get('torch_version')}, "
+             "BatchNorm folded)"]
     if quantization is not None:
         notes.append(f"{quantization.precision} {quantization.format} quantised by ONNX Runtime "
                      f"({quantization.calibration_count} calibration images)")
@@ -793,6 +823,9 @@ def export_card(meta: dict[str, Any], fmt: str, parity: dict[str, Any] | None = 
 def read_export_metadata(path: str, s3: S3Config | None = None) -> dict[str, Any]:
     """The ``sodkd_teacher`` metadata of an exported ONNX, ``.pt2`` or (legacy) TorchScript file."""
     spec = parse_teacher_spec(path)
+    if spec.kind == "mlflow":
+        with tempfile.TemporaryDirectory(prefix="sodkd-registry-") as tmp:
+            return read_export_metadata(resolve_registry_spec(spec.text, tmp), s3)
     if spec.kind == "registered":
         raise TeacherSpecError(f"{path}: not an exported teacher file (*.onnx, *.pt2, *.ts)")
     data = _read_file(spec.path, s3, path)

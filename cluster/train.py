@@ -28,8 +28,9 @@ A resubmitted run (same ``run.name`` and ``run.storage``) resumes from its lates
 
 Tracking: the driver finds (by the tag ``sodkd.run_name``) or creates the MLflow run and logs the flattened
 config; rank 0 alone logs ``train/loss`` and ``train/lr`` per step, ``val/*`` and a picture panel per epoch;
-the driver finally logs the best model (``mlflow.pytorch.log_model`` with ``registered_model_name``) and its
-ONNX export. One run per job, found again on resume.
+the driver finally logs the best model as its BatchNorm-folded ONNX export in MLflow's ONNX flavour, with its
+card (``registered_model_name``; nothing pickled: ``models:/NAME/VERSION`` loads as an exported file). One run
+per job, found again on resume.
 
 In-process mode (``scaling.num_workers: 0``): Ray's local mode does not persist checkpoints, so the loop
 writes them itself to ``<storage>/<name>/checkpoint_epoch=NNNN`` and resumes from the newest on the next
@@ -1251,25 +1252,28 @@ def export_final(cfg: TrainConfig, best_path: str, run_id: str | None, metrics: 
 
 
 def _log_model(cfg: TrainConfig, model, run_id: str, tmp: str, metrics: Mapping[str, Any]) -> str | None:
+    """Log (and register) the model in the MLflow ONNX flavour: the BatchNorm-folded ONNX export with its card
+    as an extra file -- a format MLflow and sodkd load without unpickling anything (``models:/NAME/VERSION``
+    runs through :class:`cluster.predictor.Predictor`). ``mlflow.onnx`` also logs the export under ``onnx/``."""
     import mlflow
-    import torch
+    import onnx
+    import onnxruntime
 
+    from cluster.registry import log_onnx_model
     from cluster.teachers import export_teacher
     if cfg.mlflow.uri:
         mlflow.set_tracking_uri(cfg.mlflow.uri)
     version = None
     with mlflow.start_run(run_id=run_id):
-        model.eval()
-        info = mlflow.pytorch.log_model(
-            model, name="model", registered_model_name=cfg.mlflow.registered_model, serialization_format="pickle",
-            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "numpy"],
-            await_registration_for=60)
+        onnx_path = os.path.join(tmp, f"{cfg.run.name}.onnx")
+        meta = export_teacher(model.eval(), onnx_path, "onnx", input_size=cfg.val.size,
+                              extra_meta={"run_name": cfg.run.name}, onnx_exporter=cfg.mlflow.onnx_exporter)
+        info = log_onnx_model(model, onnx_path, meta, registered_model_name=cfg.mlflow.registered_model,
+                              pip_requirements=[f"onnx=={onnx.__version__}",
+                                                f"onnxruntime=={onnxruntime.__version__}", "numpy"])
         if cfg.mlflow.registered_model:
             version = str(getattr(info, "registered_model_version", "") or "") or None
         if cfg.mlflow.onnx:
-            onnx_path = os.path.join(tmp, f"{cfg.run.name}.onnx")
-            export_teacher(model, onnx_path, "onnx", input_size=cfg.val.size,
-                           extra_meta={"run_name": cfg.run.name}, onnx_exporter=cfg.mlflow.onnx_exporter)
             mlflow.log_artifact(onnx_path, artifact_path="onnx")
         final = {f"final/{k.split('/')[-1]}": float(v) for k, v in metrics.items()
                  if k.startswith("val/") and isinstance(v, (int, float)) and math.isfinite(float(v))}

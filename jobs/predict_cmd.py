@@ -3,7 +3,8 @@ or a video file.
 
 ``SPEC`` is what ``sodkd label --teacher`` takes: ``MODEL:WEIGHTS`` (a ``save_weights`` file), an ONNX file
 (``.onnx``) or torch.export program (``.pt2``) written by ``sodkd export``, a model file with a teacher card, or a
-legacy TorchScript file (``.ts``); ``--weights W`` is short for a weights file whose header names the model. It
+legacy TorchScript file (``.ts``), or ``models:/NAME/VERSION`` / ``models:/NAME/latest`` (the MLflow registry,
+:mod:`cluster.registry`); ``--weights W`` is short for a weights file whose header names the model. It
 runs through :class:`cluster.predictor.Predictor`: ``--backend eager`` (PyTorch; ``--precision fp16|bf16`` and
 ``--channels-last`` on a GPU), ``onnx`` (ONNX Runtime, ``--threads`` intra-op threads, 1 by default: the faster
 setting for this small network) or ``pt2`` (torch.export); weights are exported for the two latter on the fly,
@@ -50,7 +51,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from cluster.predictor import BACKENDS, PRECISIONS
 
     which = parser.add_mutually_exclusive_group(required=True)
-    which.add_argument("--model", help="MODEL:WEIGHTS, or an exported .onnx / .pt2 (or legacy .ts) file")
+    which.add_argument("--model", help="MODEL:WEIGHTS, an exported .onnx / .pt2 (or legacy .ts) file, or "
+                                       "models:/NAME/VERSION|latest (MLflow registry)")
     which.add_argument("--weights", type=Path, help="weights file written by save_weights")
     parser.add_argument("--input", required=True, type=Path, help="an image, a folder of images, or a video file")
     parser.add_argument("--output", required=True, type=Path,

@@ -178,10 +178,17 @@ def test_in_process_run_records_mlflow_and_resumes(ray_cluster, data, tmp_path):
     assert (art / "onnx" / "fs-inproc.onnx").stat().st_size > 100_000
     versions = client.search_model_versions("name='tiny-fs'")
     assert [(str(v.version), v.run_id) for v in versions] == [("1", run.info.run_id)] and out.model_version == "1"
-    logged = mlflow.pytorch.load_model(f"models:/tiny-fs/1")
-    final = load_weights(out.weights[0])
+    # registered in the ONNX flavour (BN-folded export + card, nothing pickled); models:/ runs as a model spec
+    import onnxruntime as ort
+
+    from cluster.predictor import Predictor
+    logged = mlflow.onnx.load_model("models:/tiny-fs/1")
+    final = load_weights(out.weights[0]).eval()
     x = torch.randn(1, 3, 64, 64)
-    torch.testing.assert_close(logged.eval()(x)[0], final(x)[0])
+    sess = ort.InferenceSession(logged.SerializeToString(), providers=["CPUExecutionProvider"])
+    with torch.no_grad():
+        np.testing.assert_allclose(sess.run(None, {"image": x.numpy()})[0], final.predict(x).numpy(), atol=1e-4)
+    assert Predictor.load("models:/tiny-fs/latest").backend == "onnx"
     meta = read_metadata(out.weights[0])
     assert meta["best_epoch"] in (1, 2) and meta["mlflow_run_id"] == run.info.run_id
     assert read_metadata(out.weights[1])["dtype"] == "float16"
