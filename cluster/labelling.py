@@ -58,7 +58,6 @@ from __future__ import annotations
 import collections
 import dataclasses
 import io
-import itertools
 import json
 import logging
 import math
@@ -66,11 +65,10 @@ import os
 import posixpath
 import sys
 import time
-from typing import Any, Iterable, Literal, Mapping, Sequence
+from typing import Any, Literal, Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from cluster import catalog, storage
 from cluster import labels as L
@@ -298,16 +296,10 @@ class Manifest:
     ignored: dict[str, int] = dataclasses.field(default_factory=dict)
 
 
-def _looks_like_video(keys: Iterable[str]) -> bool:
-    """Every key is ``<seq>/images/<file>`` or ``<seq>/masks/<file>``, at least one under ``images`` (one pass
-    that stops at the first other key: no split copy of the listing)."""
-    images = False
-    for k in keys:
-        p = k.split("/")
-        if len(p) != 3 or p[1] not in ("images", "masks"):
-            return False
-        images = images or p[1] == "images"
-    return images
+def _looks_like_video(keys: Sequence[str]) -> bool:
+    parts = [k.split("/") for k in keys]
+    return bool(parts) and all(len(p) == 3 and p[1] in ("images", "masks") for p in parts) and any(
+        p[1] == "images" for p in parts)
 
 
 def build_manifest(cfg: LabelConfig) -> Manifest:
@@ -315,7 +307,7 @@ def build_manifest(cfg: LabelConfig) -> Manifest:
     layout = cfg.layout
     if layout != "video":
         cat = catalog.image_folder(cfg.input, cfg.s3, retry=cfg.retry)
-        if layout == "images" or not _looks_like_video(i.key for i in cat.items):
+        if layout == "images" or not _looks_like_video([i.key for i in cat.items]):
             return Manifest(cat.items, cat.rejected, "images", cat.ignored)
         layout = "video"
     cat = catalog.video_folders(cfg.input, cfg.s3)
@@ -754,57 +746,12 @@ class DeferredInputs(OSError):
         self.summary = summary
 
 
-_ID_CHUNK = 65536   # listed ids made as Python strings this many at a time, then held as Arrow
-
-
-def _item_ids(items: Iterable[catalog.Item]) -> pa.ChunkedArray:
-    """The ``id`` of every item, in order, as Arrow ``large_string`` (~24 bytes an id, not a ~65-byte str);
-    Python strings exist for one chunk at a time."""
-    chunks: list[pa.Array] = []
-    items = iter(items)
-    while True:
-        batch = [it.id for it in itertools.islice(items, _ID_CHUNK)]
-        if not batch:
-            return pa.chunked_array(chunks, pa.large_string())
-        chunks.append(pa.array(batch, pa.large_string()))
-
-
-def _check_ids(cfg: LabelConfig, items: Iterable[catalog.Item], ids: pa.ChunkedArray | None = None) -> None:
-    """Raise when two different keys hash to the same id. With ``ids`` (:func:`_item_ids` of ``items``) a
-    listing whose ids are all distinct passes on an Arrow count alone; otherwise the items are walked (a dict
-    of every id) to name the pair."""
-    if ids is not None and pc.count_distinct(ids).as_py() == len(ids):
-        return
+def _check_ids(cfg: LabelConfig, items: Sequence[catalog.Item]) -> None:
     seen: dict[str, str] = {}
     for it in items:
         other = seen.setdefault(it.id, it.key)
         if other != it.key:
             raise ValueError(f"{cfg.input}: the keys {other!r} and {it.key!r} hash to the same id {it.id}")
-
-
-def _plan(cfg: LabelConfig, manifest: Manifest, out_fs, out_root: str
-          ) -> tuple[list[catalog.Item], list[tuple[catalog.Item, str, str]]]:
-    """What this run labels: ``(todo, rejected_now)``, the manifest's items and listed rejects whose id is in no
-    label or reject shard under the output -- after checking that no two listed keys share an id and removing
-    the temporaries an interrupted run left.
-
-    Compact at scale: the listed ids are made once into Arrow strings (:func:`_item_ids`), the done-set is an
-    Arrow array (:func:`cluster.labels.done_id_array`) matched with one ``is_in``; no Python str or set entry
-    per id, and neither outlives this call.
-    """
-    def listed() -> Iterable[catalog.Item]:
-        return itertools.chain(manifest.items, (it for it, _, _ in manifest.rejected))
-
-    ids = _item_ids(listed())
-    _check_ids(cfg, listed(), ids)
-    stale = L.remove_stale_temporaries(out_fs, out_root)
-    if stale:
-        log.info("removed %d temporary files left by an interrupted run", stale)
-    done = L.done_id_array(out_fs, out_root)
-    keep = np.logical_not(pc.is_in(ids, value_set=done).to_numpy(zero_copy_only=False))
-    del ids, done
-    n = len(manifest.items)
-    return list(itertools.compress(manifest.items, keep[:n])), list(itertools.compress(manifest.rejected, keep[n:]))
 
 
 def _label(cfg: LabelConfig, summary: LabelSummary) -> Review | None:
@@ -813,8 +760,15 @@ def _label(cfg: LabelConfig, summary: LabelSummary) -> Review | None:
     manifest = build_manifest(cfg)
     summary.layout = manifest.layout
     summary.ignored = dict(manifest.ignored)
-    summary.total = len(manifest.items) + len(manifest.rejected)
-    todo, rejected_now = _plan(cfg, manifest, out_fs, out_root)
+    listed_rejects = [it for it, _, _ in manifest.rejected]
+    summary.total = len(manifest.items) + len(listed_rejects)
+    _check_ids(cfg, manifest.items + listed_rejects)
+    stale = L.remove_stale_temporaries(out_fs, out_root)
+    if stale:
+        log.info("removed %d temporary files left by an interrupted run", stale)
+    done = L.done_ids(out_fs, out_root)
+    todo = [i for i in manifest.items if i.id not in done]
+    rejected_now = [r for r in manifest.rejected if r[0].id not in done]
     summary.skipped_done = summary.total - len(todo) - len(rejected_now)
     if cfg.limit is not None and len(todo) > cfg.limit:
         summary.deferred = len(todo) - cfg.limit
