@@ -58,6 +58,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import io
+import itertools
 import json
 import logging
 import math
@@ -65,10 +66,11 @@ import os
 import posixpath
 import sys
 import time
-from typing import Any, Literal, Mapping, Sequence
+from typing import Any, Iterable, Literal, Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from cluster import catalog, storage
 from cluster import labels as L
@@ -296,10 +298,16 @@ class Manifest:
     ignored: dict[str, int] = dataclasses.field(default_factory=dict)
 
 
-def _looks_like_video(keys: Sequence[str]) -> bool:
-    parts = [k.split("/") for k in keys]
-    return bool(parts) and all(len(p) == 3 and p[1] in ("images", "masks") for p in parts) and any(
-        p[1] == "images" for p in parts)
+def _looks_like_video(keys: Iterable[str]) -> bool:
+    """Every key is ``<seq>/images/<file>`` or ``<seq>/masks/<file>``, at least one under ``images`` (one pass
+    that stops at the first other key: no split copy of the listing)."""
+    images = False
+    for k in keys:
+        p = k.split("/")
+        if len(p) != 3 or p[1] not in ("images", "masks"):
+            return False
+        images = images or p[1] == "images"
+    return images
 
 
 def build_manifest(cfg: LabelConfig) -> Manifest:
@@ -307,7 +315,7 @@ def build_manifest(cfg: LabelConfig) -> Manifest:
     layout = cfg.layout
     if layout != "video":
         cat = catalog.image_folder(cfg.input, cfg.s3, retry=cfg.retry)
-        if layout == "images" or not _looks_like_video([i.key for i in cat.items]):
+        if layout == "images" or not _looks_like_video(i.key for i in cat.items):
             return Manifest(cat.items, cat.rejected, "images", cat.ignored)
         layout = "video"
     cat = catalog.video_folders(cfg.input, cfg.s3)
@@ -746,12 +754,92 @@ class DeferredInputs(OSError):
         self.summary = summary
 
 
-def _check_ids(cfg: LabelConfig, items: Sequence[catalog.Item]) -> None:
+_ID_CHUNK = 65536   # listed ids made as Python strings this many at a time, then packed
+
+
+def _item_ids(items: Iterable[catalog.Item]) -> np.ndarray | pa.ChunkedArray:
+    """The ``id`` of every item, in order, Python strings existing for one chunk at a time: packed to one
+    ``uint64`` each (:func:`cluster.labels.pack_ids`, 8 bytes an id instead of a ~65-byte str) when every id has
+    the form :func:`kd.schema.stable_id` gives, else as Arrow ``large_string`` (an ``Item`` overriding ``id``)."""
+    packed: list[np.ndarray] = []
+    strings: list[pa.Array] = []
+    items = iter(items)
+    while True:
+        batch = [it.id for it in itertools.islice(items, _ID_CHUNK)]
+        if not batch:
+            break
+        chunk = pa.array(batch, pa.large_string())
+        p = None if strings else L.pack_ids(chunk)
+        if p is not None:
+            packed.append(p)
+            continue
+        if packed:   # back to the strings (exact: only 16 lowercase hex characters were packed)
+            strings += [pa.array([f"{v:016x}" for v in q.tolist()], pa.large_string()) for q in packed]
+            packed = []
+        strings.append(chunk)
+    if strings:
+        return pa.chunked_array(strings, pa.large_string())
+    return np.concatenate(packed) if packed else np.empty(0, np.uint64)
+
+
+def _check_ids(cfg: LabelConfig, items: Iterable[catalog.Item]) -> None:
     seen: dict[str, str] = {}
     for it in items:
         other = seen.setdefault(it.id, it.key)
         if other != it.key:
             raise ValueError(f"{cfg.input}: the keys {other!r} and {it.key!r} hash to the same id {it.id}")
+
+
+def _sorted_isin(sorted_values: np.ndarray, x: np.ndarray, chunk: int = 1 << 20) -> np.ndarray:
+    """``x[i] in sorted_values`` for every ``i`` (binary search, ``chunk`` at a time)."""
+    hit = np.zeros(len(x), bool)
+    if len(sorted_values):
+        for i in range(0, len(x), chunk):
+            part = x[i:i + chunk]
+            pos = np.searchsorted(sorted_values, part)
+            np.minimum(pos, len(sorted_values) - 1, out=pos)
+            hit[i:i + chunk] = sorted_values[pos] == part
+    return hit
+
+
+def _plan(cfg: LabelConfig, manifest: Manifest, out_fs, out_root: str
+          ) -> tuple[list[catalog.Item], list[tuple[catalog.Item, str, str]]]:
+    """What this run labels: ``(todo, rejected_now)``, the manifest's items and listed rejects whose id is in no
+    label or reject shard under the output -- after checking that no two listed keys share an id
+    (:func:`_check_ids`) and removing the temporaries an interrupted run left.
+
+    Compact at scale: the listed ids are made once and packed to ``uint64`` (:func:`_item_ids`); the id check
+    sorts them, and the done-set (:func:`cluster.labels.done_id_array`, packed the same way) is sorted and
+    searched with numpy. Ids of another form take Arrow instead (``count_distinct``, ``is_in`` on the strings).
+    No Python str, set or dict entry per id (but for naming a collision), and none of it outlives this call.
+    """
+    def listed() -> Iterable[catalog.Item]:
+        return itertools.chain(manifest.items, (it for it, _, _ in manifest.rejected))
+
+    ids = _item_ids(listed())
+    packed = isinstance(ids, np.ndarray)
+    if packed:
+        s = np.sort(ids)
+        distinct = not np.any(s[1:] == s[:-1])
+        del s
+    else:
+        distinct = pc.count_distinct(ids).as_py() == len(ids)
+    if not distinct:
+        _check_ids(cfg, listed())   # names the two keys (or passes: one key listed twice)
+    stale = L.remove_stale_temporaries(out_fs, out_root)
+    if stale:
+        log.info("removed %d temporary files left by an interrupted run", stale)
+    done = L.done_id_array(out_fs, out_root)
+    if packed:
+        done = L.pack_ids(done, drop_other=True)   # an id of another form equals no packed id
+        done.sort()
+        hit = _sorted_isin(done, ids)
+    else:
+        hit = pc.is_in(ids, value_set=done).to_numpy(zero_copy_only=False)
+    del ids, done
+    keep = np.logical_not(hit)
+    n = len(manifest.items)
+    return list(itertools.compress(manifest.items, keep[:n])), list(itertools.compress(manifest.rejected, keep[n:]))
 
 
 def _label(cfg: LabelConfig, summary: LabelSummary) -> Review | None:
@@ -760,15 +848,8 @@ def _label(cfg: LabelConfig, summary: LabelSummary) -> Review | None:
     manifest = build_manifest(cfg)
     summary.layout = manifest.layout
     summary.ignored = dict(manifest.ignored)
-    listed_rejects = [it for it, _, _ in manifest.rejected]
-    summary.total = len(manifest.items) + len(listed_rejects)
-    _check_ids(cfg, manifest.items + listed_rejects)
-    stale = L.remove_stale_temporaries(out_fs, out_root)
-    if stale:
-        log.info("removed %d temporary files left by an interrupted run", stale)
-    done = L.done_ids(out_fs, out_root)
-    todo = [i for i in manifest.items if i.id not in done]
-    rejected_now = [r for r in manifest.rejected if r[0].id not in done]
+    summary.total = len(manifest.items) + len(manifest.rejected)
+    todo, rejected_now = _plan(cfg, manifest, out_fs, out_root)
     summary.skipped_done = summary.total - len(todo) - len(rejected_now)
     if cfg.limit is not None and len(todo) > cfg.limit:
         summary.deferred = len(todo) - cfg.limit

@@ -24,6 +24,7 @@ from __future__ import annotations
 import io
 import logging
 import posixpath
+import re
 import time
 import uuid
 from typing import Any, Callable, Iterable, Mapping
@@ -40,9 +41,9 @@ from kd import schema as S
 
 log = logging.getLogger(__name__)
 
-__all__ = ["LABEL_SCHEMA", "REJECT_SCHEMA", "FILLED_COLUMNS", "shard_paths", "read_ids", "done_ids", "write_shard",
-           "write_file_atomic", "read_labels", "read_label_table", "read_label_rows", "read_rejects", "decode_label",
-           "labels_dir", "remove_stale_temporaries", "resolve_root"]
+__all__ = ["LABEL_SCHEMA", "REJECT_SCHEMA", "FILLED_COLUMNS", "shard_paths", "read_ids", "done_ids", "done_id_array",
+           "pack_ids", "write_shard", "write_file_atomic", "read_labels", "read_label_table", "read_label_rows",
+           "read_rejects", "decode_label", "labels_dir", "remove_stale_temporaries", "resolve_root"]
 
 LABEL_SCHEMA = pa.schema([
     (S.ID, pa.string()), (S.KEY, pa.string()), (S.SEQUENCE, pa.string()), (S.FRAME, pa.int32()),
@@ -143,6 +144,59 @@ def read_ids(fs: pafs.FileSystem, root: str, kind: str = S.LABELS_DIR) -> set[st
 def done_ids(fs: pafs.FileSystem, root: str) -> set[str]:
     """Ids a job with output ``root`` has finished: labelled or rejected. A rerun skips these."""
     return read_ids(fs, root, S.LABELS_DIR) | read_ids(fs, root, S.REJECTS_DIR)
+
+
+def done_id_array(fs: pafs.FileSystem, root: str) -> pa.ChunkedArray:
+    """:func:`done_ids` as Arrow ``large_string`` (an id may occur more than once): ~24 bytes an id and no
+    Python object per id, what a rerun of a large job matches its listing against (packed by :func:`pack_ids`
+    for numpy, or with ``pyarrow.compute.is_in``)."""
+    chunks: list[pa.Array] = []
+    for kind, schema in ((S.LABELS_DIR, LABEL_SCHEMA), (S.REJECTS_DIR, REJECT_SCHEMA)):
+        col = _read_shards(fs, shard_paths(fs, root, kind), [S.ID], schema).column(S.ID)
+        chunks += [c.cast(pa.large_string()) for c in col.chunks]
+        del col
+    return pa.chunked_array(chunks, pa.large_string())
+
+
+_HEX16 = re.compile(r"[0-9a-f]{16}")
+_NIBBLE = np.full(256, 16, np.uint8)   # ASCII byte -> its hex digit's value; 16: not a lowercase hex digit
+_NIBBLE[np.frombuffer(b"0123456789abcdef", np.uint8)] = np.arange(16, dtype=np.uint8)
+
+
+def _pack_chunk(c: pa.Array) -> np.ndarray | None:
+    n = len(c)
+    if n == 0:
+        return np.empty(0, np.uint64)
+    if c.null_count or not (pa.types.is_string(c.type) or pa.types.is_large_string(c.type)):
+        return None
+    _, off_buf, data_buf = c.buffers()
+    width = np.int64 if pa.types.is_large_string(c.type) else np.int32
+    off = np.frombuffer(off_buf, width)[c.offset:c.offset + n + 1]
+    if np.any(np.diff(off) != 16):
+        return None
+    nib = _NIBBLE[np.frombuffer(data_buf, np.uint8)[int(off[0]):int(off[-1])]].reshape(n, 16)
+    if np.any(nib > 15):
+        return None
+    pairs = (nib[:, 0::2] << 4) | nib[:, 1::2]   # (n, 8): the value's bytes, most significant first
+    return pairs.view(">u8").ravel().astype(np.uint64)
+
+
+def pack_ids(ids: pa.Array | pa.ChunkedArray, drop_other: bool = False) -> np.ndarray | None:
+    """Ids of 16 lowercase hex characters (the form :func:`kd.schema.stable_id` gives) as one ``uint64`` each,
+    in order: 8 bytes an id, to sort and search with numpy; ``int(id, 16)`` of each. An id of another form (or a
+    null) makes the answer None -- or, with ``drop_other``, is left out (it equals no packed id)."""
+    chunks = ids.chunks if isinstance(ids, pa.ChunkedArray) else [ids]
+    out = np.empty(len(ids), np.uint64)
+    k = 0
+    for c in chunks:
+        p = _pack_chunk(c)
+        if p is None:
+            if not drop_other:
+                return None
+            p = np.array([int(v, 16) for v in c.to_pylist() if v is not None and _HEX16.fullmatch(v)], np.uint64)
+        out[k:k + len(p)] = p
+        k += len(p)
+    return out if k == len(out) else out[:k].copy()
 
 
 def remove_stale_temporaries(fs: pafs.FileSystem, root: str) -> int:

@@ -326,7 +326,7 @@ FILE, BROKEN_LINK, SPECIAL, LINKED_DIR, UNREADABLE_DIR, DIR_MARKER = (
     "file", "broken_link", "special_file", "linked_dir", "unreadable_dir", "dir_marker")
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, slots=True)   # slots: one per object listed
 class Listed:
     """One entry under a listed root: its full ``path`` in the filesystem and what it is (``kind``:
     :data:`FILE` or one of the kinds a job cannot read as a file), with a human ``detail`` for the others."""
@@ -438,7 +438,8 @@ def walk(fs: pafs.FileSystem, root: str, s3: S3Config | None = None,
         out = [Listed(root)] if stat.S_ISREG(st.st_mode) else list(_walk_local(root))
     else:
         out = [Listed(p) for p in list_files(fs, root)]
-    return sorted(out, key=lambda e: e.path)
+    out.sort(key=lambda e: e.path)   # in place: no second list of every entry
+    return out
 
 
 def boto3_client(s3: S3Config | None = None):
