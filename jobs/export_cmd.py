@@ -84,13 +84,10 @@ def format_of(output: Path, fmt: str | None) -> str:
     return fmt
 
 
-def export_with_parity(model_spec: str, output: Path, fmt: str, size: int | None = None, atol: float = 1e-4,
-                       images: Path | None = None, onnx_exporter: str = "dynamo") -> dict:
-    """Export, check parity against eager, write and read back the card; returns the report (a dict)."""
-    from kd.card import card_beside
+def image_model(model_spec: str):
+    """The image model of ``MODEL:WEIGHTS`` (what ``sodkd export`` exports); a clear error for an exported
+    file, weights of another model, or a video model."""
     from models import load_weights
-
-    fmt = format_of(output, fmt)
     spec = parse_teacher_spec(model_spec)
     if spec.kind != "registered":
         raise ValueError(f"--model {model_spec}: give MODEL:WEIGHTS (an exported file is already exported)")
@@ -100,6 +97,16 @@ def export_with_parity(model_spec: str, output: Path, fmt: str, size: int | None
     if hasattr(model, "streamer"):
         raise ValueError(f"--model {model_spec}: {model.name} is a video model (it streams state between frames); "
                          "export an image model")
+    return model
+
+
+def export_with_parity(model_spec: str, output: Path, fmt: str, size: int | None = None, atol: float = 1e-4,
+                       images: Path | None = None, onnx_exporter: str = "dynamo") -> dict:
+    """Export, check parity against eager, write and read back the card; returns the report (a dict)."""
+    from kd.card import card_beside
+
+    fmt = format_of(output, fmt)
+    model = image_model(model_spec)
     meta = export_teacher(model.eval(), output, fmt, input_size=size, onnx_exporter=onnx_exporter)
     s = meta["input_size"]
     eager = build_teacher(model_spec, device="cpu", input_size=s)
@@ -137,21 +144,13 @@ def export_int8(model_spec: str, output: Path, calibration: str, count: int = 64
 
     from cluster.quantize import MAX_MAE_CHANGE, QuantizationRejected, calibration_inputs, mae_change, quantize_onnx
     from kd.card import card_beside
-    from models import load_weights
 
     if format_of(output, None) != "onnx":
         raise ValueError(f"--int8: the output must be an .onnx file (ONNX Runtime quantisation), got {output}")
     if not calibration:
         raise ValueError("--int8 needs --calibration DIR_OR_URI (images like the ones the model will see)")
     max_change = MAX_MAE_CHANGE if max_change is None else float(max_change)
-    spec = parse_teacher_spec(model_spec)
-    if spec.kind != "registered":
-        raise ValueError(f"--model {model_spec}: give MODEL:WEIGHTS (an exported file is already exported)")
-    model = load_weights(spec.path)
-    if getattr(model, "name", spec.model) != spec.model:
-        raise ValueError(f"--model {model_spec}: the weights file holds {model.name}, not {spec.model}")
-    if hasattr(model, "streamer"):
-        raise ValueError(f"--model {model_spec}: {model.name} is a video model; export an image model")
+    model = image_model(model_spec)
     output.parent.mkdir(parents=True, exist_ok=True)
     card_path = Path(card_beside(str(output)))
     with tempfile.TemporaryDirectory(prefix="sodkd-export-", dir=output.parent) as tmp:
