@@ -42,3 +42,19 @@ def _grad_mode_is_left_as_found():
     torch.set_grad_enabled(True)
     assert not leaked_by_fixture, "torch grad mode was off when this test started (a fixture turned it off)"
     assert not leaked_by_test, "this test left torch grad mode off"
+
+
+def spread_student(size: int):
+    """A seeded scfnet_m3 at ``size`` whose maps are not flat: BN statistics from one training-mode pass (not
+    the init's 0 / 1) and a steep head, so probabilities spread over (0, 1). In eval mode."""
+    import torch
+
+    from models import create_model
+    torch.manual_seed(0)
+    m = create_model("scfnet_m3")
+    m.train()
+    with torch.no_grad():
+        m(torch.randn(8, 3, size, size))
+        m.heads[0].weight.mul_(40.0)
+    m.input_size = size
+    return m.eval()

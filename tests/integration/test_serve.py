@@ -31,7 +31,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[2]
@@ -56,17 +55,11 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory) -> Path:
-    from models import create_model, save_weights
+    from models import save_weights
+    from tests.conftest import spread_student
 
-    torch.manual_seed(0)
-    m = create_model("scfnet_m3")
-    m.train()
-    with torch.no_grad():                      # BN statistics that are not the init's 0 / 1
-        m(torch.randn(8, 3, SIZE, SIZE))
-        m.heads[0].weight.mul_(40.0)
-    m.input_size = SIZE
     path = tmp_path_factory.mktemp("serve") / "m3.pt"
-    save_weights(m.eval(), path)
+    save_weights(spread_student(SIZE), path)
     return path
 
 

@@ -17,7 +17,7 @@ from jobs.cli import main
 from jobs.export_cmd import export_with_parity
 from kd.card import load_card
 from kd.imageio import decode_image
-from models import create_model, save_weights
+from models import save_weights
 from models.fuse import count_batchnorm, fold_batchnorm
 
 SIZE = 64
@@ -25,14 +25,8 @@ SIZE = 64
 
 @pytest.fixture(scope="module")
 def model():
-    torch.manual_seed(0)
-    m = create_model("scfnet_m3")
-    m.train()
-    with torch.no_grad():                      # BN statistics that are not the init's 0 / 1
-        m(torch.randn(8, 3, SIZE, SIZE))
-        m.heads[0].weight.mul_(40.0)
-    m.input_size = SIZE
-    return m.eval()
+    from tests.conftest import spread_student
+    return spread_student(SIZE)
 
 
 @pytest.fixture(scope="module")
