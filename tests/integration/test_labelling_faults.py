@@ -18,6 +18,7 @@ from __future__ import annotations
 import collections
 import io
 import os
+import re
 import shutil
 import socket
 import threading
@@ -54,10 +55,41 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+class _Answer:
+    """Follows one awaited HTTP answer through the proxy: :meth:`passed` is true once its status line, headers
+    and whole body (``Content-Length``) have been sent on, and the status was 200."""
+
+    def __init__(self):
+        self._buf: bytes | None = None
+
+    def expect(self) -> None:
+        self._buf = b""
+
+    def passed(self, chunk: bytes) -> bool:
+        if self._buf is None:
+            return False
+        self._buf += chunk
+        head, sep, body = self._buf.partition(b"\r\n\r\n")
+        while sep and head.startswith(b"HTTP/1.1 100"):   # "100 Continue" precedes the real answer
+            self._buf = body
+            head, sep, body = self._buf.partition(b"\r\n\r\n")
+        if not sep:
+            return False
+        length = re.search(rb"(?im)^content-length:\s*(\d+)", head)
+        if length and len(body) < int(length.group(1)):
+            return False
+        self._buf = None
+        return head.startswith(b"HTTP/1.1 200")
+
+
 class FlakyProxy:
     """A TCP proxy on 127.0.0.1 in front of ``target_port``. Modes: ``up`` forwards; ``refuse`` closes the
     listening socket and cuts every live connection (clients get connection refused / reset: an endpoint
-    that is down); ``503`` answers every request with ``503 SlowDown`` (throttling)."""
+    that is down); ``503`` answers every request with ``503 SlowDown`` (throttling).
+
+    ``label_puts_answered`` counts label-shard writes (the upload that completes the object) whose ``200`` answer the proxy has passed back to the
+    client: an outage started after that cannot take the answer of that write away (an object seen on the
+    server is not yet a write the job knows has landed)."""
 
     _SLOW_DOWN = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>SlowDown</Code>'
                   b'<Message>Please reduce your request rate.</Message></Error>')
@@ -67,6 +99,7 @@ class FlakyProxy:
         self.port = _free_port()
         self.mode = "up"
         self.requests_refused = 0
+        self.label_puts_answered = 0
         self._lock = threading.Lock()
         self._live: set[socket.socket] = set()
         self._sock: socket.socket | None = None
@@ -97,6 +130,16 @@ class FlakyProxy:
             for c in list(self._live):   # connections opened before the switch do not outlive it
                 self._cut(c)
             self._live.clear()
+
+    @staticmethod
+    def _finishes_label_write(request_line: bytes) -> bool:
+        """The request that makes a label shard appear: a single-part PUT, or the POST completing a multipart
+        upload (pyarrow's S3 writer uploads parts, then completes)."""
+        if b"/labels/" not in request_line:
+            return False
+        if request_line.startswith(b"PUT "):
+            return b"partNumber=" not in request_line
+        return request_line.startswith(b"POST ") and b"uploadId=" in request_line
 
     @staticmethod
     def _cut(c: socket.socket) -> None:
@@ -146,16 +189,22 @@ class FlakyProxy:
             return
         with self._lock:
             self._live.update((conn, up))
-        for a, b in ((conn, up), (up, conn)):
-            threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+        answer = _Answer()   # the answer to a label-shard write on this connection (HTTP/1.1: one at a time)
+        for a, b, upward in ((conn, up, True), (up, conn, False)):
+            threading.Thread(target=self._pump, args=(a, b, upward, answer), daemon=True).start()
 
-    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
+    def _pump(self, src: socket.socket, dst: socket.socket, upward: bool, answer: "_Answer") -> None:
         try:
             while True:
                 chunk = src.recv(65536)
                 if not chunk:
                     break
+                if upward and self._finishes_label_write(chunk.split(b"\r\n", 1)[0]):
+                    answer.expect()
                 dst.sendall(chunk)
+                if not upward and answer.passed(chunk):
+                    with self._lock:
+                        self.label_puts_answered += 1
         except OSError:
             pass
         for s in (src, dst):
@@ -396,6 +445,21 @@ def _when_first_shard(client, prefix: str, then, timeout: float = 240) -> thread
     return t
 
 
+def _when_answered(proxy: FlakyProxy, then, timeout: float = 240) -> threading.Thread:
+    """Start a thread that calls ``then()`` as soon as the proxy has passed back the answer to a label-shard
+    upload: the job then knows at least one write landed, whatever the outage does next."""
+    def watch():
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if proxy.label_puts_answered:
+                then()
+                return
+            time.sleep(0.005)
+    t = threading.Thread(target=watch, daemon=True)
+    t.start()
+    return t
+
+
 def test_outage_longer_than_the_retries_defers_and_the_rerun_labels_exactly_the_rest(
         ray_started, teacher, shared_data, direct, proxy):
     client = boto3_client(direct)
@@ -404,7 +468,7 @@ def test_outage_longer_than_the_retries_defers_and_the_rerun_labels_exactly_the_
     via_proxy = S3Config(endpoint_url=proxy.url, request_attempts=1)
     short = RetryConfig(attempts=2, delay_s=0.05, max_delay_s=0.1)
     inp, out = f"s3://{BUCKET}/outage/in", f"s3://{BUCKET}/outage/out"
-    watcher = _when_first_shard(client, "outage/out", lambda: proxy.set_mode("refuse"))
+    watcher = _when_answered(proxy, lambda: proxy.set_mode("refuse"))
     try:
         with pytest.raises(DeferredInputs) as err:   # the endpoint stays down until the run gives up
             run_labelling(_cfg(inp, out, teacher, s3=via_proxy, retry=short), samples=0)
