@@ -44,15 +44,16 @@ import json
 import logging
 import math
 import os
-import posixpath
 import shutil
 import tempfile
 import time
-from typing import Any, Literal, Mapping, Sequence
+from typing import Any, Callable, Literal, Mapping, Protocol, Sequence
 
 import numpy as np
 
 from cluster import catalog, storage
+from cluster.checkpoint import (BEST_FILE, DS_DIR, LOCAL_CKPT_PREFIX, META_FILE, persist_local_checkpoint,
+                                restore_checkpoint, save_checkpoint_dir)
 from cluster.labelling import PoolConfig
 from cluster.storage import S3Config
 from cluster.tracking import TrackingConfig
@@ -68,18 +69,12 @@ __all__ = ["ModelConfig", "PairedSource", "UnlabeledSource", "OnlineTeacherConfi
            "ValConfig", "OptimConfig", "ScalingSection", "RunSection", "TrainTracking", "OutputConfig",
            "DebugConfig", "TrainConfig", "load_train_config", "build_train_dataset", "train_loop",
            "run_training", "TrainOutcome", "RUN_NAME_TAG",
-           # the run plumbing other trainers on this core share (cluster.video_train)
-           "unwrap", "save_checkpoint_dir", "latest_local_checkpoint", "persist_local_checkpoint", "RankTracker",
-           "ensure_ray", "resolve_tracking_uri", "mlflow_client", "open_mlflow_run", "export_final",
-           "BEST_FILE", "MODEL_FILE", "META_FILE"]
+           # the run plumbing other trainers on this core share (cluster.video_train); checkpoints: cluster.checkpoint
+           "RunConfig", "unwrap", "worker_device", "inject_failure", "RankTracker", "ensure_ray",
+           "resolve_tracking_uri", "pin_tracking_uri", "mlflow_client", "open_mlflow_run", "launch",
+           "checkpoint_uri", "export_final"]
 
 RUN_NAME_TAG = "sodkd.run_name"
-STATE_FILE = "state.pt"        # optimizer etc. (DDP / in-process); DeepSpeed keeps its own under ds/
-META_FILE = "meta.json"        # epoch, step, best, MLflow run id: small, read first
-MODEL_FILE = "model.pt"        # models.save_weights of the current weights
-BEST_FILE = "best.pt"          # models.save_weights of the best weights so far (by val/mae)
-DS_DIR = "ds"
-LOCAL_CKPT_PREFIX = "checkpoint_epoch="
 Mode = Literal["teacher", "supervised", "distill", "foundation"]
 
 
@@ -329,6 +324,27 @@ class DebugConfig:
     fail_rank: int = 0
     fail_after_s: float = 0.0
 
+    def check(self, num_workers: int) -> None:
+        """Errors for a fault that could not be injected safely (called by the job configs)."""
+        if self.fail_at_step is None:
+            return
+        if num_workers == 0:
+            raise ConfigError("debug.fail_at_step: needs num_workers >= 1 (it would kill this process)")
+        if not self.fail_marker:
+            raise ConfigError("debug.fail_marker: required with fail_at_step (so it fails only once)")
+
+
+def inject_failure(debug: DebugConfig, step: int, rank: int, before_exit: Callable[[], None]) -> None:
+    """Exit this worker's process at ``debug.fail_at_step`` on ``debug.fail_rank``, once (see DebugConfig)."""
+    if (debug.fail_at_step is None or step != debug.fail_at_step or rank != debug.fail_rank
+            or os.path.exists(debug.fail_marker)):
+        return
+    with open(debug.fail_marker, "w") as f:
+        f.write(f"worker rank {rank} exited at step {step}\n")
+    before_exit()
+    time.sleep(max(0.0, debug.fail_after_s))
+    os._exit(1)
+
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
@@ -383,11 +399,7 @@ class TrainConfig:
                 if u.labels is None and not d.teacher.teachers:
                     raise ConfigError(f"data.unlabeled[{i}].labels: no offline labels and no data.teacher for "
                                       "online labels")
-        if self.debug.fail_at_step is not None:
-            if self.scaling.num_workers == 0:
-                raise ConfigError("debug.fail_at_step: needs num_workers >= 1 (it would kill this process)")
-            if not self.debug.fail_marker:
-                raise ConfigError("debug.fail_marker: required with fail_at_step (so it fails only once)")
+        self.debug.check(self.scaling.num_workers)
         workers = max(1, self.scaling.num_workers)
         if self.optim.batch_size % workers:
             raise ConfigError(f"optim.batch_size: {self.optim.batch_size} does not split evenly over "
@@ -396,6 +408,27 @@ class TrainConfig:
     @property
     def per_worker_batch(self) -> int:
         return self.optim.batch_size // max(1, self.scaling.num_workers)
+
+
+class RunConfig(Protocol):
+    """What the run plumbing (:func:`open_mlflow_run`, :func:`launch`, :func:`export_final`) reads of a job's
+    config: :class:`TrainConfig` and ``cluster.video_train.VideoTrainConfig`` both are one (a frozen dataclass,
+    flattened into the MLflow params)."""
+
+    @property
+    def mode(self) -> str: ...
+    @property
+    def model(self) -> ModelConfig: ...
+    @property
+    def scaling(self) -> ScalingSection: ...
+    @property
+    def run(self) -> RunSection: ...
+    @property
+    def mlflow(self) -> TrainTracking: ...
+    @property
+    def output(self) -> OutputConfig: ...
+    @property
+    def s3(self) -> S3Config: ...
 
 
 def load_train_config(source: Any = None, overrides: Any = None) -> TrainConfig:
@@ -779,83 +812,33 @@ def unwrap(model):
     return getattr(model, "module", model)
 
 
-def save_checkpoint_dir(path: str, *, meta: dict, module, best_state: dict | None, optimizer=None,
-                         engine=None, write_model: bool = True) -> None:
-    """Write one checkpoint directory (see the module constants for its files)."""
+def worker_device(scaling: ScalingSection):
+    """This worker's device: under Ray Train its own GPU (``ray.train.torch.get_device()``: CUDA_VISIBLE_DEVICES
+    + local rank), ``cuda:0`` in process, the CPU without ``scaling.use_gpu`` or without CUDA."""
     import torch
-
-    from models import save_weights
-    os.makedirs(path, exist_ok=True)
-    if engine is not None:  # every rank writes its ZeRO partition; rank 0 also the module states
-        engine.save_checkpoint(os.path.join(path, DS_DIR), tag="state", save_latest=False)
-    if not write_model:
-        return
-    extra = {"epoch": meta["epoch"], "step": meta["step"]}
-    save_weights(module, os.path.join(path, MODEL_FILE), extra_meta=extra)
-    if best_state is not None:
-        current = {k: v.detach().clone() for k, v in module.state_dict().items()}
-        module.load_state_dict(best_state)
-        try:
-            save_weights(module, os.path.join(path, BEST_FILE),
-                         extra_meta={"epoch": meta["best_epoch"], "val/mae": meta["best_mae"]})
-        finally:
-            module.load_state_dict(current)
+    if not (scaling.use_gpu and torch.cuda.is_available()):
+        return torch.device("cpu")
+    if scaling.num_workers:
+        import ray.train.torch
+        device = ray.train.torch.get_device()
     else:
-        shutil.copyfile(os.path.join(path, MODEL_FILE), os.path.join(path, BEST_FILE))
-    if optimizer is not None:
-        torch.save({"optimizer": optimizer.state_dict()}, os.path.join(path, STATE_FILE))
-    with open(os.path.join(path, META_FILE), "w") as f:
-        json.dump(meta, f, indent=1)
-
-
-def local_checkpoint_root(cfg: TrainConfig) -> tuple[Any, str]:
-    fs, root = storage.get_filesystem(cfg.run.storage, cfg.s3)
-    return fs, storage.join(root, cfg.run.name)
-
-
-def latest_local_checkpoint(cfg: TrainConfig) -> str | None:
-    """In-process mode: the newest ``checkpoint_epoch=NNNN`` under the run folder, copied to a local dir."""
-    import pyarrow.fs as pafs
-    fs, root = local_checkpoint_root(cfg)
-    if not storage.is_dir(fs, root):
-        return None
-    dirs = sorted(i.path for i in fs.get_file_info(pafs.FileSelector(root)) if i.type == pafs.FileType.Directory
-                  and posixpath.basename(i.path).startswith(LOCAL_CKPT_PREFIX)
-                  and storage.exists(fs, storage.join(i.path, META_FILE)))
-    if not dirs:
-        return None
-    local = tempfile.mkdtemp(prefix="sodkd-resume-")
-    pafs.copy_files(dirs[-1], local, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
-    return local
-
-
-def persist_local_checkpoint(cfg: TrainConfig, local_dir: str, epoch: int) -> str:
-    """In-process mode: copy the checkpoint to ``<storage>/<name>/checkpoint_epoch=NNNN``, drop older ones."""
-    import pyarrow.fs as pafs
-    fs, root = local_checkpoint_root(cfg)
-    dest = storage.join(root, f"{LOCAL_CKPT_PREFIX}{epoch:04d}")
-    fs.create_dir(dest, recursive=True)
-    pafs.copy_files(local_dir, dest, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
-    for info in fs.get_file_info(pafs.FileSelector(root)):
-        name = posixpath.basename(info.path)
-        if info.type == pafs.FileType.Directory and name.startswith(LOCAL_CKPT_PREFIX) and info.path != dest:
-            fs.delete_dir(info.path)
-    return storage.to_uri(fs, dest)
+        device = torch.device("cuda", 0)
+    torch.cuda.set_device(device)
+    return device
 
 
 class RankTracker:
     """Rank 0's MLflow logging through ``MlflowClient`` (no active-run state; the driver owns the status)."""
 
-    def __init__(self, cfg: TrainConfig, run_id: str | None, rank: int):
+    def __init__(self, tracking: TrainTracking, run_id: str | None, rank: int):
         self.client = None
         self.run_id = run_id
-        self.every = max(1, cfg.mlflow.log_every)
+        self.every = max(1, tracking.log_every)
         self._pending: list = []
         self._flushed = time.monotonic()
-        if rank != 0 or not run_id or not cfg.mlflow.enabled:
+        if rank != 0 or not run_id or not tracking.enabled:
             return
-        import mlflow
-        self.client = mlflow.MlflowClient(tracking_uri=cfg.mlflow.uri) if cfg.mlflow.uri else mlflow.MlflowClient()
+        self.client = mlflow_client(tracking)
 
     @property
     def active(self) -> bool:
@@ -938,7 +921,7 @@ def train_loop(config: dict) -> dict:
     from kd.schedule import WarmupCosine, set_lr, with_lr_mult
     from kd.pseudo_labels import fm_model_loss
     from kd.step import batch_loss
-    from models import create_model, load_state
+    from models import create_model
 
     runtime = dict(config.get("_runtime", {}))
     cfg = load_train_config({k: v for k, v in config.items() if k != "_runtime"})
@@ -947,11 +930,8 @@ def train_loop(config: dict) -> dict:
     in_process = cfg.scaling.num_workers == 0
     torch.set_num_threads(cfg.scaling.threads())
     torch.manual_seed(cfg.run.seed)
-    use_gpu = cfg.scaling.use_gpu and torch.cuda.is_available()
-    device = torch.device("cpu")
-    if use_gpu:   # Ray Train gives each worker its own GPU (CUDA_VISIBLE_DEVICES + local rank)
-        device = ray.train.torch.get_device() if not in_process else torch.device("cuda", 0)
-        torch.cuda.set_device(device)
+    device = worker_device(cfg.scaling)
+    use_gpu = device.type == "cuda"
 
     steps = int(runtime["steps_per_epoch"])
     total = steps * cfg.optim.epochs
@@ -968,28 +948,9 @@ def train_loop(config: dict) -> dict:
     # -- resume ---------------------------------------------------------------------------------------------
     meta: dict[str, Any] = {"epoch": 0, "step": 0, "best_mae": None, "best_epoch": None,
                             "mlflow_run_id": runtime.get("mlflow_run_id"), "resumed_from": []}
-    best_state = None
-    ckpt_dir = None
-    if in_process:
-        ckpt_dir = latest_local_checkpoint(cfg)
-    else:
-        checkpoint = ray.train.get_checkpoint()
-        if checkpoint is not None:
-            # A private copy per worker: Ray's shared as_directory() temp dir can be deleted by one worker
-            # while another on the same node is still reading it.
-            ckpt_dir = checkpoint.to_directory(tempfile.mkdtemp(prefix=f"sodkd-resume-r{rank}-"))
-    if ckpt_dir is not None:
-        with open(os.path.join(ckpt_dir, META_FILE)) as f:
-            saved = json.load(f)
-        meta.update({k: saved[k] for k in ("epoch", "step", "best_mae", "best_epoch", "resumed_from")})
-        meta["mlflow_run_id"] = saved.get("mlflow_run_id") or meta["mlflow_run_id"]
-        meta["resumed_from"] = list(meta["resumed_from"]) + [meta["epoch"]]
-        load_state(model, os.path.join(ckpt_dir, MODEL_FILE))
-        if meta["best_mae"] is not None:
-            best_model = create_model(cfg.model.name, **cfg.model.kwargs)
-            load_state(best_model, os.path.join(ckpt_dir, BEST_FILE))
-            best_state = {k: v.detach().clone() for k, v in best_model.state_dict().items()}
-        log.info("rank %d resumes after epoch %d (step %d)", rank, meta["epoch"], meta["step"])
+    restored = restore_checkpoint(meta, model, lambda: create_model(cfg.model.name, **cfg.model.kwargs),
+                                  run=cfg.run, s3=cfg.s3, in_process=in_process, rank=rank)
+    best_state = restored.best_state if restored else None
 
     # -- wrap for the strategy ------------------------------------------------------------------------------
     engine = None
@@ -1009,8 +970,8 @@ def train_loop(config: dict) -> dict:
         }
         model.to(device)
         engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
-        if ckpt_dir is not None:
-            engine.load_checkpoint(os.path.join(ckpt_dir, DS_DIR), tag="state", load_module_strict=True,
+        if restored:
+            engine.load_checkpoint(restored.path(DS_DIR), tag="state", load_module_strict=True,
                                    load_optimizer_states=True, load_lr_scheduler_states=False)
         net, module = engine, engine.module
         dtype = torch.bfloat16 if cfg.scaling.bf16 else torch.float32
@@ -1020,16 +981,15 @@ def train_loop(config: dict) -> dict:
         else:
             net = model.to(device)
         module, dtype = unwrap(net), torch.float32
-    if ckpt_dir is not None and engine is None:  # after the move to the device: state follows the params
-        state = torch.load(os.path.join(ckpt_dir, STATE_FILE), map_location=device, weights_only=True)
-        optimizer.load_state_dict(state["optimizer"])
-    if ckpt_dir is not None:
-        shutil.rmtree(ckpt_dir, ignore_errors=True)
+    if restored:
+        if engine is None:   # after the move to the device: state follows the params
+            optimizer.load_state_dict(restored.state(device)["optimizer"])
+        restored.close()
 
     # -- data, validation, tracking --------------------------------------------------------------------------
     shard = ray.train.get_dataset_shard("train")
     val = load_val_set(cfg) if rank == 0 else None
-    tracker = RankTracker(cfg, meta["mlflow_run_id"], rank)
+    tracker = RankTracker(cfg.mlflow, meta["mlflow_run_id"], rank)
     panel_teacher = None
     if rank == 0 and val is not None and cfg.val.panel and cfg.data.teacher.teachers and tracker.active:
         from cluster.teachers import build_teacher
@@ -1085,14 +1045,7 @@ def train_loop(config: dict) -> dict:
             if step % tracker.every == 0:
                 tracker.metrics({S.TRAIN_LOSS: loss_value, S.TRAIN_LR: lr,
                                  **{f"train/{k}": v for k, v in parts.items()}}, step)
-            dbg = cfg.debug
-            if (dbg.fail_at_step is not None and step == dbg.fail_at_step and rank == dbg.fail_rank
-                    and not os.path.exists(dbg.fail_marker)):
-                with open(dbg.fail_marker, "w") as f:
-                    f.write(f"worker rank {rank} exited at step {step}\n")
-                tracker.flush()
-                time.sleep(max(0.0, dbg.fail_after_s))
-                os._exit(1)
+            inject_failure(cfg.debug, step, rank, tracker.flush)
 
         epoch_wall.append(time.perf_counter() - t_epoch)
         epoch_cpu.append(time.process_time() - c_epoch)   # every thread of this process (data prefetch too)
@@ -1124,7 +1077,7 @@ def train_loop(config: dict) -> dict:
                              optimizer=optimizer if engine is None else None, engine=engine,
                              write_model=rank == 0)
         if in_process:
-            persist_local_checkpoint(cfg, tmp, epoch + 1)
+            persist_local_checkpoint(cfg.run, cfg.s3, tmp, epoch + 1)
         report_ckpt = ray.train.Checkpoint.from_directory(tmp) if (rank == 0 or engine is not None) else None
         ray.train.report(metrics, checkpoint=report_ckpt)
         if in_process:   # the newest stays for the driver (result.checkpoint); the one before can go
@@ -1176,22 +1129,32 @@ def resolve_tracking_uri(uri: str | None) -> str | None:
     return uri
 
 
-def _artifact_location(cfg: TrainConfig) -> str | None:
-    if cfg.mlflow.artifact_location:
-        return cfg.mlflow.artifact_location
-    uri = cfg.mlflow.uri or ""
+def pin_tracking_uri(tracking: TrainTracking) -> TrainTracking:
+    """``tracking`` with the URI the workers must use: MLflow's default of this process when none is set (a
+    worker runs in another directory, maybe another environment), a relative sqlite path made absolute."""
+    uri = tracking.uri
+    if tracking.enabled and not uri:
+        import mlflow
+        uri = mlflow.get_tracking_uri()
+    return dataclasses.replace(tracking, uri=resolve_tracking_uri(uri))
+
+
+def _artifact_location(tracking: TrainTracking) -> str | None:
+    if tracking.artifact_location:
+        return tracking.artifact_location
+    uri = tracking.uri or ""
     if uri.startswith("sqlite:////"):
         return os.path.join(os.path.dirname(uri[len("sqlite:///"):]), "mlartifacts")
     return None
 
 
-def mlflow_client(cfg: TrainConfig):
+def mlflow_client(tracking: TrackingConfig):
     """An ``MlflowClient`` for the run's tracking URI (the environment's when the config has none)."""
     import mlflow
-    return mlflow.MlflowClient(tracking_uri=cfg.mlflow.uri) if cfg.mlflow.uri else mlflow.MlflowClient()
+    return mlflow.MlflowClient(tracking_uri=tracking.uri) if tracking.uri else mlflow.MlflowClient()
 
 
-def open_mlflow_run(cfg: TrainConfig) -> str | None:
+def open_mlflow_run(cfg: RunConfig) -> str | None:
     """Find this job's run by its ``sodkd.run_name`` tag, or create it; log the flattened config.
 
     On resume the params already recorded stay (MLflow params are immutable); a value that changed (say
@@ -1202,10 +1165,10 @@ def open_mlflow_run(cfg: TrainConfig) -> str | None:
     from mlflow.entities import Param, RunTag
 
     from cluster.tracking import sanitize_params
-    client = mlflow_client(cfg)
+    client = mlflow_client(cfg.mlflow)
     exp = client.get_experiment_by_name(cfg.mlflow.experiment)
     exp_id = exp.experiment_id if exp else client.create_experiment(cfg.mlflow.experiment,
-                                                                     artifact_location=_artifact_location(cfg))
+                                                                     artifact_location=_artifact_location(cfg.mlflow))
     runs = client.search_runs([exp_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{cfg.run.name}'",
                               order_by=["attributes.start_time DESC"], max_results=1)
     if runs:
@@ -1226,9 +1189,51 @@ def open_mlflow_run(cfg: TrainConfig) -> str | None:
     return run_id
 
 
-def export_final(cfg: TrainConfig, best_path: str, run_id: str | None, metrics: Mapping[str, Any]
-                  ) -> tuple[list[str], str | None]:
-    """Write the final weights (fp32 + fp16) and log/register the model and its ONNX export in MLflow."""
+def launch(train_fn: Callable[[dict], dict], loop_config: dict, cfg: RunConfig, run_id: str | None, *,
+           scored: bool, **trainer_kw: Any):
+    """Run ``train_fn`` under ``TorchTrainer`` (in process with ``scaling.num_workers: 0``); the ``Result``.
+
+    Checkpoints go to ``<run.storage>/<run.name>``; Ray keeps ``run.keep_checkpoints`` of them, the best by
+    ``val/mae`` when ``scored``, and restarts the worker group up to ``run.max_failures`` times. A run that
+    fails is marked FAILED in MLflow; ``trainer_kw`` (``datasets``, ``dataset_config``) go to the trainer."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    fs, root = storage.get_filesystem(cfg.run.storage, cfg.s3)
+    fs.create_dir(root, recursive=True)
+    sc = cfg.scaling
+    scaling = ray.train.ScalingConfig(num_workers=sc.num_workers, use_gpu=sc.use_gpu,
+                                      resources_per_worker={"CPU": sc.cpus_per_worker} if sc.num_workers else None)
+    run_config = ray.train.RunConfig(
+        name=cfg.run.name, storage_path=root, storage_filesystem=fs,
+        failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
+        checkpoint_config=ray.train.CheckpointConfig(
+            num_to_keep=cfg.run.keep_checkpoints, checkpoint_score_attribute=S.VAL_MAE if scored else None,
+            checkpoint_score_order="min"))
+    trainer = TorchTrainer(train_fn, train_loop_config=loop_config, scaling_config=scaling,
+                           run_config=run_config, **trainer_kw)
+    try:
+        result = trainer.fit()
+    except BaseException:
+        if run_id:
+            mlflow_client(cfg.mlflow).set_terminated(run_id, status="FAILED")
+        raise
+    if result.checkpoint is None:
+        raise RuntimeError(f"run {cfg.run.name}: training reported no checkpoint")
+    return result
+
+
+def checkpoint_uri(cfg: RunConfig, result, epoch: int) -> str:
+    """Where the run's latest checkpoint lives: Ray's, or the in-process copy under ``run.storage``."""
+    if cfg.scaling.num_workers:
+        return storage.to_uri(result.checkpoint.filesystem, result.checkpoint.path)
+    return storage.join(cfg.run.storage.rstrip("/"), cfg.run.name, f"{LOCAL_CKPT_PREFIX}{epoch:04d}")
+
+
+def export_final(cfg: RunConfig, best_path: str, run_id: str | None, metrics: Mapping[str, Any], *,
+                 input_size: int) -> tuple[list[str], str | None]:
+    """Write the final weights (fp32 + fp16) and log/register the model and its ONNX export in MLflow
+    (exported at ``input_size``)."""
     from models import load_weights, save_weights
     model = load_weights(best_path)
     meta = {k: v for k, v in json.load(open(os.path.join(os.path.dirname(best_path), META_FILE))).items()
@@ -1247,11 +1252,12 @@ def export_final(cfg: TrainConfig, best_path: str, run_id: str | None, metrics: 
             written.append(storage.to_uri(fs, storage.join(out_root, name)))
         version = None
         if run_id is not None:
-            version = _log_model(cfg, model, run_id, tmp, metrics)
+            version = _log_model(cfg.run, cfg.mlflow, model, run_id, tmp, metrics, input_size)
     return written, version
 
 
-def _log_model(cfg: TrainConfig, model, run_id: str, tmp: str, metrics: Mapping[str, Any]) -> str | None:
+def _log_model(run: RunSection, tracking: TrainTracking, model, run_id: str, tmp: str, metrics: Mapping[str, Any],
+               input_size: int) -> str | None:
     """Log (and register) the model in the MLflow ONNX flavour: the BatchNorm-folded ONNX export with its card
     as an extra file -- a format MLflow and sodkd load without unpickling anything (``models:/NAME/VERSION``
     runs through :class:`cluster.predictor.Predictor`). ``mlflow.onnx`` also logs the export under ``onnx/``."""
@@ -1261,19 +1267,19 @@ def _log_model(cfg: TrainConfig, model, run_id: str, tmp: str, metrics: Mapping[
 
     from cluster.registry import log_onnx_model
     from cluster.teachers import export_teacher
-    if cfg.mlflow.uri:
-        mlflow.set_tracking_uri(cfg.mlflow.uri)
+    if tracking.uri:
+        mlflow.set_tracking_uri(tracking.uri)
     version = None
     with mlflow.start_run(run_id=run_id):
-        onnx_path = os.path.join(tmp, f"{cfg.run.name}.onnx")
-        meta = export_teacher(model.eval(), onnx_path, "onnx", input_size=cfg.val.size,
-                              extra_meta={"run_name": cfg.run.name}, onnx_exporter=cfg.mlflow.onnx_exporter)
-        info = log_onnx_model(model, onnx_path, meta, registered_model_name=cfg.mlflow.registered_model,
+        onnx_path = os.path.join(tmp, f"{run.name}.onnx")
+        meta = export_teacher(model.eval(), onnx_path, "onnx", input_size=input_size,
+                              extra_meta={"run_name": run.name}, onnx_exporter=tracking.onnx_exporter)
+        info = log_onnx_model(model, onnx_path, meta, registered_model_name=tracking.registered_model,
                               pip_requirements=[f"onnx=={onnx.__version__}",
                                                 f"onnxruntime=={onnxruntime.__version__}", "numpy"])
-        if cfg.mlflow.registered_model:
+        if tracking.registered_model:
             version = str(getattr(info, "registered_model_version", "") or "") or None
-        if cfg.mlflow.onnx:
+        if tracking.onnx:
             mlflow.log_artifact(onnx_path, artifact_path="onnx")
         final = {f"final/{k.split('/')[-1]}": float(v) for k, v in metrics.items()
                  if k.startswith("val/") and isinstance(v, (int, float)) and math.isfinite(float(v))}
@@ -1285,14 +1291,9 @@ def _log_model(cfg: TrainConfig, model, run_id: str, tmp: str, metrics: Mapping[
 def run_training(cfg: TrainConfig) -> TrainOutcome:
     """Build the data, run ``train_loop`` under ``TorchTrainer`` (or in-process), then export and register."""
     import ray.train
-    from ray.train.torch import TorchTrainer
 
     t0 = time.perf_counter()
-    uri = cfg.mlflow.uri
-    if cfg.mlflow.enabled and not uri:   # pin MLflow's default here: Ray workers run in other directories
-        import mlflow
-        uri = mlflow.get_tracking_uri()
-    cfg = dataclasses.replace(cfg, mlflow=dataclasses.replace(cfg.mlflow, uri=resolve_tracking_uri(uri)))
+    cfg = dataclasses.replace(cfg, mlflow=pin_tracking_uri(cfg.mlflow))
     if cfg.model.init_weights or cfg.model.backbone_weights:   # a wrong file fails here, in seconds
         from models import create_model
         apply_start_weights(create_model(cfg.model.name, **cfg.model.kwargs), cfg)
@@ -1303,42 +1304,18 @@ def run_training(cfg: TrainConfig) -> TrainOutcome:
     run_id = open_mlflow_run(cfg)
     loop_config = to_dict(cfg)
     loop_config["_runtime"] = {"steps_per_epoch": spe, "rows": data.rows, "mlflow_run_id": run_id}
-
-    fs, root = storage.get_filesystem(cfg.run.storage, cfg.s3)
-    fs.create_dir(root, recursive=True)
-    sc = cfg.scaling
-    scaling = ray.train.ScalingConfig(num_workers=sc.num_workers, use_gpu=sc.use_gpu,
-                                      resources_per_worker={"CPU": sc.cpus_per_worker} if sc.num_workers else None)
-    run_config = ray.train.RunConfig(
-        name=cfg.run.name, storage_path=root, storage_filesystem=fs,
-        failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
-        checkpoint_config=ray.train.CheckpointConfig(
-            num_to_keep=cfg.run.keep_checkpoints, checkpoint_score_attribute=S.VAL_MAE if cfg.val.uri else None,
-            checkpoint_score_order="min"))
-    trainer = TorchTrainer(train_loop, train_loop_config=loop_config, scaling_config=scaling,
-                           run_config=run_config, datasets={"train": data.dataset},
-                           dataset_config=ray.train.DataConfig(datasets_to_split=["train"]))
-    try:
-        result = trainer.fit()
-    except BaseException:
-        if run_id:
-            mlflow_client(cfg).set_terminated(run_id, status="FAILED")
-        raise
-    if result.checkpoint is None:
-        raise RuntimeError(f"run {cfg.run.name}: training reported no checkpoint")
+    result = launch(train_loop, loop_config, cfg, run_id, scored=bool(cfg.val.uri), datasets={"train": data.dataset},
+                    dataset_config=ray.train.DataConfig(datasets_to_split=["train"]))
     with result.checkpoint.as_directory() as d:
         with open(os.path.join(d, META_FILE)) as f:
             meta = json.load(f)
         run_id = meta.get("mlflow_run_id") or run_id
         metrics = dict(result.metrics or {})
-        weights, version = export_final(cfg, os.path.join(d, BEST_FILE), run_id, metrics)
+        weights, version = export_final(cfg, os.path.join(d, BEST_FILE), run_id, metrics, input_size=cfg.val.size)
     if run_id:
-        mlflow_client(cfg).set_terminated(run_id, status="FINISHED")
-    if not sc.num_workers and result.checkpoint.path.startswith(tempfile.gettempdir()):
+        mlflow_client(cfg.mlflow).set_terminated(run_id, status="FINISHED")
+    if not cfg.scaling.num_workers and result.checkpoint.path.startswith(tempfile.gettempdir()):
         shutil.rmtree(result.checkpoint.path, ignore_errors=True)   # persisted copy lives in the run storage
-    ckpt_uri = (storage.to_uri(result.checkpoint.filesystem, result.checkpoint.path)
-                if sc.num_workers else storage.join(cfg.run.storage.rstrip("/"), cfg.run.name,
-                                                    f"{LOCAL_CKPT_PREFIX}{meta['epoch']:04d}"))
-    return TrainOutcome(cfg.run.name, ckpt_uri, weights, metrics, meta.get("best_mae"), run_id, data.rows, spe,
-                        time.perf_counter() - t0, list(meta.get("resumed_from", [])), version,
-                        dict(getattr(result, "return_value", None) or {}))
+    return TrainOutcome(cfg.run.name, checkpoint_uri(cfg, result, meta["epoch"]), weights, metrics,
+                        meta.get("best_mae"), run_id, data.rows, spe, time.perf_counter() - t0,
+                        list(meta.get("resumed_from", [])), version, dict(getattr(result, "return_value", None) or {}))

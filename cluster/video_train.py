@@ -13,9 +13,10 @@
       -> the final weights (fp32 + fp16) and the MLflow model, as the image trainer writes them.
 
 What is shared with the image trainer (:mod:`cluster.train`), not re-implemented here: the config sections
-(``ModelConfig``, ``OptimConfig``, ``ScalingSection``, ``RunSection``, ``TrainTracking``, ``OutputConfig``), the
-MLflow run found or created by its ``sodkd.run_name`` tag, the checkpoint directory layout and its in-process
-persistence, rank 0's metric batching, and the final export. What differs and lives here: the data (clips
+(``ModelConfig``, ``OptimConfig``, ``ScalingSection``, ``RunSection``, ``TrainTracking``, ``OutputConfig``,
+``DebugConfig``), the worker's device, the MLflow run found or created by its ``sodkd.run_name`` tag (its URI
+pinned for the workers), the checkpoints and their restore (:mod:`cluster.checkpoint`), rank 0's metric
+batching, the launch under ``TorchTrainer`` and the final export. What differs and lives here: the data (clips
 assembled on the worker from label shards instead of a Ray Data row stream -- clips cross rows), the loss
 (needs the clip axis and the student's features) and the validation (per sequence, streaming, with flicker).
 
@@ -40,8 +41,11 @@ import numpy as np
 
 from cluster import storage
 from cluster import train as imgtrain
+from cluster.checkpoint import (BEST_FILE, META_FILE, STATE_FILE, persist_local_checkpoint, restore_checkpoint,
+                                save_checkpoint_dir)
 from cluster.storage import S3Config
-from cluster.train import ModelConfig, OptimConfig, OutputConfig, RunSection, ScalingSection, TrainTracking
+from cluster.train import (DebugConfig, ModelConfig, OptimConfig, OutputConfig, RunSection, ScalingSection,
+                           TrainTracking)
 from kd import schema as S
 from kd.augment import AugmentConfig
 from kd.clips import ClipConfig
@@ -118,6 +122,7 @@ class VideoTrainConfig:
         teacher: the teacher's weights (``models.save_weights`` file), needed only for the feature terms
             (``loss.hint`` > 0 or ``loss.relation_target: teacher_features``); soft labels come from the shards.
         optim: as the image trainer's; ``batch_size`` counts clips (global, split over workers).
+        debug: fault injection for tests, as the image trainer's (``cluster.train.DebugConfig``).
     """
 
     data: VideoDataSection
@@ -131,6 +136,7 @@ class VideoTrainConfig:
     run: RunSection = dataclasses.field(default_factory=lambda: _SECTION_DEFAULTS["run"]())
     mlflow: TrainTracking = dataclasses.field(default_factory=lambda: _SECTION_DEFAULTS["mlflow"]())
     output: OutputConfig = dataclasses.field(default_factory=OutputConfig)
+    debug: DebugConfig = dataclasses.field(default_factory=DebugConfig)
     s3: S3Config = dataclasses.field(default_factory=S3Config)
 
     def __post_init__(self) -> None:
@@ -142,6 +148,7 @@ class VideoTrainConfig:
                               "loss.relation_target: teacher_features), so a teacher weights file is required")
         if self.scaling.strategy != "ddp":
             raise ConfigError("scaling.strategy: the video trainer supports ddp only")
+        self.debug.check(self.scaling.num_workers)
         workers = max(1, self.scaling.num_workers)
         if self.optim.batch_size % workers:
             raise ConfigError(f"optim.batch_size: {self.optim.batch_size} clips do not split evenly over "
@@ -254,7 +261,7 @@ def video_train_loop(config: dict) -> dict:
 
     from cluster.video_data import ClipSet, load_sequences
     from kd.schedule import WarmupCosine, set_lr, with_lr_mult
-    from models import create_model, load_state, load_weights
+    from models import create_model, load_weights
 
     runtime = dict(config.get("_runtime", {}))
     cfg = load_video_config({k: v for k, v in config.items() if k != "_runtime"})
@@ -263,8 +270,7 @@ def video_train_loop(config: dict) -> dict:
     in_process = cfg.scaling.num_workers == 0
     torch.set_num_threads(cfg.scaling.threads())
     torch.manual_seed(cfg.run.seed)
-    use_gpu = cfg.scaling.use_gpu and torch.cuda.is_available()
-    device = torch.device("cuda", torch.cuda.current_device()) if use_gpu else torch.device("cpu")
+    device = imgtrain.worker_device(cfg.scaling)
 
     clips = ClipSet.from_labels(cfg.data.labels, cfg.data.images, cfg.s3, clip=cfg.data.clip,
                                 augment=cfg.data.augment, cache=cfg.data.cache, sequences=cfg.data.sequences)
@@ -293,42 +299,23 @@ def video_train_loop(config: dict) -> dict:
     # -- resume (the image trainer's checkpoint layout; in-process runs persist it themselves) ---------------
     meta: dict[str, Any] = {"epoch": 0, "step": 0, "best_mae": None, "best_epoch": None, "history": [],
                             "mlflow_run_id": runtime.get("mlflow_run_id"), "resumed_from": []}
-    best_state = None
-    ckpt_dir, ckpt_ctx = None, None
-    if in_process:
-        ckpt_dir = imgtrain.latest_local_checkpoint(cfg)
-    else:
-        checkpoint = ray.train.get_checkpoint()
-        if checkpoint is not None:
-            ckpt_ctx = checkpoint.as_directory()
-            ckpt_dir = ckpt_ctx.__enter__()
-    if ckpt_dir is not None:
-        with open(os.path.join(ckpt_dir, imgtrain.META_FILE)) as f:
-            saved = json.load(f)
-        meta.update({k: saved[k] for k in ("epoch", "step", "best_mae", "best_epoch", "resumed_from", "history")})
-        meta["mlflow_run_id"] = saved.get("mlflow_run_id") or meta["mlflow_run_id"]
-        meta["resumed_from"] = list(meta["resumed_from"]) + [meta["epoch"]]
-        load_state(model, os.path.join(ckpt_dir, imgtrain.MODEL_FILE))
-        if meta["best_mae"] is not None:
-            best = create_model(cfg.model.name, **cfg.model.kwargs)
-            load_state(best, os.path.join(ckpt_dir, imgtrain.BEST_FILE))
-            best_state = {k: v.detach().clone() for k, v in best.state_dict().items()}
-        log.info("rank %d resumes after epoch %d (step %d)", rank, meta["epoch"], meta["step"])
+    restored = restore_checkpoint(meta, model, lambda: create_model(cfg.model.name, **cfg.model.kwargs),
+                                  run=cfg.run, s3=cfg.s3, in_process=in_process, rank=rank)
+    best_state = restored.best_state if restored else None
     net = ray.train.torch.prepare_model(model) if world > 1 else model.to(device)
     module = imgtrain.unwrap(net)
     if adapter is not None:
         adapter.to(device)
-    if ckpt_dir is not None:
-        state = torch.load(os.path.join(ckpt_dir, imgtrain.STATE_FILE), map_location=device, weights_only=True)
+    if restored:   # after the move to the device: state follows the params
+        state = restored.state(device)
         optimizer.load_state_dict(state["optimizer"])
         if adapter is not None and "adapter" in state:
             adapter.load_state_dict(state["adapter"])
-    if ckpt_ctx is not None:
-        ckpt_ctx.__exit__(None, None, None)
+        restored.close()
 
     val_data = (load_sequences(cfg.val.uri, cfg.val.sequences, cfg.val.max_frames, cfg.s3)
                 if rank == 0 and cfg.val.uri else None)
-    tracker = imgtrain.RankTracker(cfg, meta["mlflow_run_id"], rank)
+    tracker = imgtrain.RankTracker(cfg.mlflow, meta["mlflow_run_id"], rank)
     step = int(meta["step"])
     last: dict[str, float] = {}
     val_results = None
@@ -365,6 +352,7 @@ def video_train_loop(config: dict) -> dict:
                 sums[k] = sums.get(k, 0.0) + v
             if step % tracker.every == 0:
                 tracker.metrics({**values, S.TRAIN_LR: lr}, step)
+            imgtrain.inject_failure(cfg.debug, step, rank, tracker.flush)
 
         # -- end of epoch: validate, checkpoint, report ---------------------------------------------------
         metrics: dict[str, float] = {"epoch": epoch + 1, "step": step,
@@ -387,16 +375,16 @@ def video_train_loop(config: dict) -> dict:
         if cfg.val.uri and S.VAL_MAE not in metrics:
             metrics[S.VAL_MAE] = float("inf")   # not validated this epoch: never the best checkpoint
         tmp = tempfile.mkdtemp(prefix=TMP_PREFIX)
-        imgtrain.save_checkpoint_dir(tmp, meta=dict(meta), module=module, best_state=best_state,
-                                  optimizer=optimizer, write_model=rank == 0)
+        save_checkpoint_dir(tmp, meta=dict(meta), module=module, best_state=best_state, optimizer=optimizer,
+                            write_model=rank == 0)
         if rank == 0 and adapter is not None:
-            state = torch.load(os.path.join(tmp, imgtrain.STATE_FILE), weights_only=True)
-            torch.save({**state, "adapter": adapter.state_dict()}, os.path.join(tmp, imgtrain.STATE_FILE))
+            state = torch.load(os.path.join(tmp, STATE_FILE), weights_only=True)
+            torch.save({**state, "adapter": adapter.state_dict()}, os.path.join(tmp, STATE_FILE))
         if rank == 0 and val_results is not None:
             with open(os.path.join(tmp, "val.json"), "w") as f:
                 json.dump(val_results, f, indent=1, default=float)
         if in_process:
-            imgtrain.persist_local_checkpoint(cfg, tmp, epoch + 1)
+            persist_local_checkpoint(cfg.run, cfg.s3, tmp, epoch + 1)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp) if rank == 0 else None)
         if not in_process:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -435,12 +423,8 @@ class VideoTrainOutcome:
 def run_video_distill(cfg: VideoTrainConfig) -> VideoTrainOutcome:
     """Count clips, open the MLflow run, run ``video_train_loop`` under ``TorchTrainer`` (or in-process), then
     write the final weights and log the model exactly as the image trainer does."""
-    import ray.train
-    from ray.train.torch import TorchTrainer
-
     t0 = time.perf_counter()
-    cfg = dataclasses.replace(cfg, mlflow=dataclasses.replace(cfg.mlflow,
-                                                              uri=imgtrain.resolve_tracking_uri(cfg.mlflow.uri)))
+    cfg = dataclasses.replace(cfg, mlflow=imgtrain.pin_tracking_uri(cfg.mlflow))
     imgtrain.ensure_ray()
     n_clips, n_frames = count_clips(cfg)
     spe = imgtrain.steps_per_epoch(n_clips, cfg.optim.batch_size, cfg.scaling.num_workers)
@@ -448,34 +432,12 @@ def run_video_distill(cfg: VideoTrainConfig) -> VideoTrainOutcome:
              n_frames, spe)
     run_id = imgtrain.open_mlflow_run(cfg)
     if run_id:
-        imgtrain.mlflow_client(cfg).log_batch(run_id, metrics=_data_metrics(n_clips, n_frames, spe))
+        imgtrain.mlflow_client(cfg.mlflow).log_batch(run_id, metrics=_data_metrics(n_clips, n_frames, spe))
     loop_config = to_dict(cfg)
     loop_config["_runtime"] = {"steps_per_epoch": spe, "mlflow_run_id": run_id}
-
-    fs, root = storage.get_filesystem(cfg.run.storage, cfg.s3)
-    fs.create_dir(root, recursive=True)
-    sc = cfg.scaling
-    trainer = TorchTrainer(
-        video_train_loop, train_loop_config=loop_config,
-        scaling_config=ray.train.ScalingConfig(num_workers=sc.num_workers, use_gpu=sc.use_gpu,
-                                               resources_per_worker={"CPU": sc.cpus_per_worker}
-                                               if sc.num_workers else None),
-        run_config=ray.train.RunConfig(
-            name=cfg.run.name, storage_path=root, storage_filesystem=fs,
-            failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(
-                num_to_keep=cfg.run.keep_checkpoints, checkpoint_score_attribute=S.VAL_MAE if cfg.val.uri else None,
-                checkpoint_score_order="min")))
-    try:
-        result = trainer.fit()
-    except BaseException:
-        if run_id:
-            imgtrain.mlflow_client(cfg).set_terminated(run_id, status="FAILED")
-        raise
-    if result.checkpoint is None:
-        raise RuntimeError(f"run {cfg.run.name}: training reported no checkpoint")
+    result = imgtrain.launch(video_train_loop, loop_config, cfg, run_id, scored=bool(cfg.val.uri))
     with result.checkpoint.as_directory() as d:
-        with open(os.path.join(d, imgtrain.META_FILE)) as f:
+        with open(os.path.join(d, META_FILE)) as f:
             meta = json.load(f)
         validation = None
         if os.path.exists(os.path.join(d, "val.json")):
@@ -488,18 +450,15 @@ def run_video_distill(cfg: VideoTrainConfig) -> VideoTrainOutcome:
             if cfg.mlflow.uri:
                 mlflow.set_tracking_uri(cfg.mlflow.uri)
             mlflow.set_experiment(cfg.mlflow.experiment)
-        weights, _ = imgtrain.export_final(cfg, os.path.join(d, imgtrain.BEST_FILE), run_id, metrics)
-    if not sc.num_workers and os.path.basename(result.checkpoint.path).startswith(TMP_PREFIX):
+        weights, _ = imgtrain.export_final(cfg, os.path.join(d, BEST_FILE), run_id, metrics, input_size=cfg.val.size)
+    if not cfg.scaling.num_workers and os.path.basename(result.checkpoint.path).startswith(TMP_PREFIX):
         shutil.rmtree(result.checkpoint.path, ignore_errors=True)   # in-process: persisted under run.storage
     if run_id:
         _log_sequences(cfg, run_id, validation)
-        imgtrain.mlflow_client(cfg).set_terminated(run_id, status="FINISHED")
-    ckpt_uri = (storage.to_uri(result.checkpoint.filesystem, result.checkpoint.path)
-                if sc.num_workers else storage.join(cfg.run.storage.rstrip("/"), cfg.run.name,
-                                                    f"{imgtrain.LOCAL_CKPT_PREFIX}{meta['epoch']:04d}"))
-    return VideoTrainOutcome(cfg.run.name, ckpt_uri, weights, metrics, meta.get("history", []), validation,
-                             meta.get("best_mae"), run_id, n_clips, n_frames, spe, time.perf_counter() - t0,
-                             list(meta.get("resumed_from", [])))
+        imgtrain.mlflow_client(cfg.mlflow).set_terminated(run_id, status="FINISHED")
+    return VideoTrainOutcome(cfg.run.name, imgtrain.checkpoint_uri(cfg, result, meta["epoch"]), weights, metrics,
+                             meta.get("history", []), validation, meta.get("best_mae"), run_id, n_clips, n_frames,
+                             spe, time.perf_counter() - t0, list(meta.get("resumed_from", [])))
 
 
 def _data_metrics(clips: int, frames: int, spe: int) -> list:
@@ -514,7 +473,7 @@ def _log_sequences(cfg: VideoTrainConfig, run_id: str, validation: Mapping[str, 
     if not validation:
         return
     from mlflow.entities import Metric
-    client = imgtrain.mlflow_client(cfg)
+    client = imgtrain.mlflow_client(cfg.mlflow)
     now = int(time.time() * 1000)
     metrics = [Metric(f"val_seq/{seq}/{k}", float(figs[k]), now, 0)
                for seq, figs in validation["sequences"].items() for k in ("sm", "fm_max", "mae", "flicker")

@@ -1,15 +1,18 @@
 """Video distillation end to end on real DAVIS frames: the labelling job labels frame folders, the video trainer
-assembles clips from its shards, distils the video student, lowers the loss, logs to MLflow and resumes.
+assembles clips from its shards, distils the video student, lowers the loss, logs to MLflow and resumes (after a
+resubmission, and after one of two workers was killed).
 
-Real Ray (local, 2 CPUs), real label shards on disk, a real MLflow sqlite store in tmp_path. The teacher is an
-``scfnet_r18`` with random weights whose BatchNorm statistics come from the frames themselves, so its maps
-follow the image content (no trained teacher is needed to check that the student learns to imitate one).
+Real Ray (one private local instance, 2 CPUs), real label shards on disk, a real MLflow sqlite store in tmp_path.
+The teacher is an ``scfnet_r18`` with random weights whose BatchNorm statistics come from the frames themselves,
+so its maps follow the image content (no trained teacher is needed to check that the student learns to imitate
+one).
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -36,10 +39,17 @@ SIZE = 64
 
 @pytest.fixture(scope="module")
 def ray_local():
+    """A private Ray (Ray Train's controller must find this cluster, not another on the machine), polling
+    the workers every 0.5 s so that a killed worker's last checkpoint is registered soon after its report."""
     import ray
-    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
-    yield
-    ray.shutdown()
+
+    from cluster.raylocal import start_private_ray
+    with pytest.MonkeyPatch.context() as env:   # both variables are as they were after the module
+        env.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+        env.delenv("RAY_API_SERVER_ADDRESS", raising=False)   # start_private_ray exports it
+        start_private_ray(2, logging_level="ERROR", log_to_driver=False)
+        yield
+        ray.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -209,6 +219,30 @@ def test_distillation_lowers_the_loss_logs_to_mlflow_and_resumes(labelled, davis
     assert again.resumed_from == [8] and again.mlflow_run_id == out.mlflow_run_id
     assert len(again.history) == 9
     assert len(client.get_metric_history(out.mlflow_run_id, S.TRAIN_LOSS)) == 27
+
+
+def test_two_workers_one_killed_resume_from_the_checkpoint_and_finish(labelled, davis, tmp_path):
+    """Two DDP workers (gloo) on 6 clips, 3 steps an epoch; rank 1 exits at step 4 (epoch 2) once, after the
+    epoch-1 checkpoint was reported; FailureConfig restarts the group, both workers restore that checkpoint
+    (each from its own copy) and the run finishes epoch 2 from step 3, in the same history."""
+    marker = tmp_path / "failed-once"
+    cfg = load_video_config({
+        "data": {"labels": str(labelled), "images": str(davis), "size": SIZE, "cache": False},
+        "optim": {"epochs": 2, "batch_size": 2},
+        "run": {"name": "kdvideo-killed", "storage": str(tmp_path / "runs"), "max_failures": 1},
+        "mlflow": {"enabled": False},
+        "scaling": {"num_workers": 2, "cpus_per_worker": 0.5, "torch_threads": 1},
+        "debug": {"fail_at_step": 4, "fail_marker": str(marker), "fail_rank": 1, "fail_after_s": 2.0},
+    })
+    out = run_video_distill(cfg)
+    assert marker.read_text().startswith("worker rank 1 exited at step 4")
+    assert out.steps_per_epoch == 3 and out.resumed_from == [1]
+    assert (out.metrics["epoch"], out.metrics["step"]) == (2, 6)
+    assert [h["epoch"] for h in out.history] == [1, 2] and all(np.isfinite(h[S.TRAIN_LOSS]) for h in out.history)
+    ckpt = json.loads((Path(out.checkpoint) / "meta.json").read_text())
+    assert ckpt["resumed_from"] == [1] and ckpt["step"] == 6
+    student = load_weights(out.weights[0])
+    assert student.name == "video_scfnet_m3" and all(torch.isfinite(p).all() for p in student.parameters())
 
 
 def test_cli_distill_video_and_eval_video(labelled, davis, tmp_path, capsys):
