@@ -15,9 +15,15 @@ backends:
 
 ``models:/NAME/VERSION`` (MLflow registry) is downloaded and run as the exported file it holds.
 
-A weights file runs through ``onnx`` or ``pt2`` by being exported first (:func:`cluster.teachers.export_teacher`,
-into a temporary folder, once per predictor); an exported file runs in its own backend. ``auto`` picks the
-file's own backend, and ``eager`` for weights. The engine is the teacher machinery of :mod:`cluster.teachers`
+A weights file runs through ``onnx`` or ``pt2`` by being exported first (:func:`cluster.teachers.export_teacher`);
+an exported file runs in its own backend. ``auto`` picks the file's own backend; for weights it picks the
+fastest backend measured for the device (``benchmarks/RESULTS.md``, section ``inference``): ``onnx`` on a CPU
+(ONNX Runtime ran scfnet_m3 at 352 px 2.3x more images per CPU-second than eager PyTorch, and faster in every
+size, batch and thread count measured), ``eager`` on a GPU, and ``eager`` for a video model (it streams its own
+state). The exports a predictor makes from weights are kept in an export cache (:func:`export_cache_dir`:
+``$SODKD_CACHE/exports``, else ``$XDG_CACHE_HOME/sodkd/exports``, ``~/.cache/sodkd/exports``), one file per
+weights hash, size, format and exporter, so only the first run of a weights file pays for the export; where
+no cache folder is writable, a temporary folder per predictor is used. The engine is the teacher machinery of :mod:`cluster.teachers`
 (same loaders, same preprocessing, same cards), with images of any size in and maps at each image's size out:
 each image is resized to the working size ``S`` (PIL bilinear, as :func:`kd.augment.preprocess`), normalised
 with the model's statistics, run as one batch, and each map resized back bilinearly.
@@ -27,6 +33,9 @@ This module never imports Ray: ``sodkd predict`` and ``sodkd eval`` run without 
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import os
 import tempfile
 from pathlib import Path
 from typing import Any, Sequence
@@ -38,7 +47,7 @@ import torch.nn.functional as F
 from cluster.teachers import (EagerTeacher, Teacher, TeacherSpecError, export_teacher, is_registry_spec,
                               load_teacher, parse_teacher_spec, resolve_registry_spec)
 
-__all__ = ["Predictor", "BACKENDS", "PRECISIONS", "to_uint8"]
+__all__ = ["Predictor", "BACKENDS", "PRECISIONS", "to_uint8", "export_cache_dir"]
 
 BACKENDS = ("auto", "eager", "onnx", "pt2")
 PRECISIONS = ("fp32", "fp16", "bf16")
@@ -79,6 +88,16 @@ class Predictor:
         self.size = int(teacher.input_size)
         self.stream = model.streamer() if model is not None and hasattr(model, "streamer") else None
 
+    @classmethod
+    def wrap(cls, teacher: Teacher) -> "Predictor":
+        """A predictor over an already loaded teacher (an ensemble, a TTA wrapper or one network): the same
+        pre- and post-processing as :meth:`load`, the teacher's own runtime."""
+        if isinstance(teacher, EagerTeacher):
+            return cls(teacher, "eager", getattr(teacher.model, "name", teacher.id), teacher.model)
+        kinds = {"OnnxTeacher": "onnx", "ExportTeacher": "pt2", "TorchScriptTeacher": "torchscript",
+                 "CardTeacher": "onnx"}
+        return cls(teacher, kinds.get(type(teacher).__name__, type(teacher).__name__.lower()), teacher.id)
+
     @property
     def is_video(self) -> bool:
         return self.stream is not None
@@ -86,18 +105,21 @@ class Predictor:
     @classmethod
     def load(cls, spec: str | Path, backend: str = "auto", size: int | None = None, device: str = "cpu",
              precision: str = "fp32", threads: int | None = 1, channels_last: bool = False, fold_bn: bool = True,
-             onnx_exporter: str = "dynamo") -> "Predictor":
+             onnx_exporter: str = "torchscript") -> "Predictor":
         """A predictor for ``spec`` (``MODEL:WEIGHTS``, a weights file, or an exported / carded model file).
 
         Args:
-            backend: one of :data:`BACKENDS`; ``onnx`` / ``pt2`` on weights export them first.
+            backend: one of :data:`BACKENDS`; ``onnx`` / ``pt2`` on weights export them first (cached);
+                ``auto``: an exported file's own, for weights ``onnx`` on a CPU and ``eager`` on a GPU or for a
+                video model (the module docstring says why).
             size: working size (default: the one the weights or the export record).
             device: ``cpu``, ``cuda[:i]`` or ``auto``.
             precision: ``fp32``; ``fp16`` / ``bf16`` for the eager backend on a GPU.
             threads: ONNX Runtime intra-op threads (torch's are per process: the caller sets them).
             channels_last, fold_bn: eager backend options.
-            onnx_exporter: how weights become ONNX for the ``onnx`` backend (``dynamo`` or the faster
-                tracer-based ``torchscript`` exporter; both write ONNX).
+            onnx_exporter: how weights become ONNX for the ``onnx`` backend: the tracer-based ``torchscript``
+                exporter (default: seconds; it writes ONNX, not TorchScript) or ``dynamo`` (``torch.export``,
+                what ``sodkd export`` uses; a minute or more on 2 cores). Both give the same maps.
         """
         if backend not in BACKENDS:
             raise ValueError(f"backend: expected one of {', '.join(BACKENDS)}, got {backend!r}")
@@ -126,18 +148,19 @@ class Predictor:
         eager = load_teacher(parsed, device=device, precision="fp32", input_size=size)
         assert isinstance(eager, EagerTeacher)
         model = eager.model
-        if backend in ("auto", "eager"):
-            if hasattr(model, "streamer"):     # a video model streams its own state: keep it as trained
+        video = hasattr(model, "streamer")
+        if backend == "auto":
+            backend = "eager" if gpu or video or precision != "fp32" else "onnx"
+        if backend == "eager":
+            if video:                          # a video model streams its own state: keep it as trained
                 fold_bn = False
             runner = _EagerBackend(eager, _DTYPES[precision], channels_last, fold_bn)
             return cls(runner, "eager", model.name, runner.model)
-        if hasattr(model, "streamer"):
+        if video:
             raise ValueError(f"backend {backend}: {model.name} is a video model (it streams); run it eager")
-        with tempfile.TemporaryDirectory(prefix="sodkd-predictor-") as tmp:
-            path = Path(tmp) / f"{model.name}.{backend}"
-            export_teacher(model, path, backend, input_size=eager.input_size, onnx_exporter=onnx_exporter)
+        with _export_of(model, eager.weights_hash, int(eager.input_size), backend, onnx_exporter) as path:
             teacher = load_teacher(str(path), device=device, precision="fp32", threads=threads)
-        teacher.weights_hash = eager.weights_hash        # the weights it runs, not the temporary export
+        teacher.weights_hash = eager.weights_hash        # the weights it runs, not the export
         return cls(teacher, backend, model.name, None)
 
     def describe(self) -> dict[str, Any]:
@@ -187,6 +210,39 @@ class Predictor:
             if p.shape[-2:] != rgb.shape[:2]:
                 p = F.interpolate(p, size=rgb.shape[:2], mode="bilinear", align_corners=False)
             return p[0, 0].clamp(0, 1).cpu().numpy()
+
+
+def export_cache_dir() -> Path:
+    """Where predictors keep the exports they make from weights: ``$SODKD_CACHE/exports``, else
+    ``$XDG_CACHE_HOME/sodkd/exports`` (``~/.cache/sodkd/exports``)."""
+    base = os.environ.get("SODKD_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "sodkd")
+    return Path(base) / "exports"
+
+
+@contextlib.contextmanager
+def _export_of(model: torch.nn.Module, weights_hash: str, size: int, fmt: str, exporter: str):
+    """The path of ``model`` exported as ``fmt``: from the export cache (written there on first use), or a
+    temporary file where the cache folder cannot be written. The cache key is everything the file depends on:
+    the weights hash, model config, size, format, exporter, export format version and torch version."""
+    from cluster.teachers import EXPORT_FORMAT_VERSION
+    key = repr((weights_hash, getattr(model, "config", {}), size, fmt, exporter if fmt == "onnx" else "",
+                EXPORT_FORMAT_VERSION, str(torch.__version__)))
+    name = f"{model.name}-{size}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.{fmt}"
+    path: Path | None = export_cache_dir() / name
+    try:
+        if not path.is_file():   # export_teacher writes atomically: a concurrent reader sees all or nothing
+            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            export_teacher(model, path, fmt, input_size=size, onnx_exporter=exporter)
+    except OSError:              # no writable cache: export for this predictor only
+        path = None
+    if path is not None:
+        yield path
+        return
+    with tempfile.TemporaryDirectory(prefix="sodkd-predictor-") as tmp:
+        path = Path(tmp) / name
+        export_teacher(model, path, fmt, input_size=size, onnx_exporter=exporter)
+        yield path
 
 
 def to_uint8(prob: np.ndarray) -> np.ndarray:

@@ -1,8 +1,8 @@
 """``sodkd eval-video --weights A [B ...] --data DIR``: score models on video sequences, per sequence and overall.
 
 ``DIR`` holds ``<sequence>/images/*.jpg`` and ``<sequence>/masks/*.png`` (``../shared/data/davis2016-dev``). Each
-model runs over every sequence in frame order -- a video model (``streamer()``) in streaming mode, an image model
-frame by frame -- at ``--size`` (default: the model's ``input_size``), and :class:`kd.video_eval.VideoEvaluator`
+model runs through :class:`cluster.predictor.Predictor` over every sequence in frame order -- a video model
+(``streamer()``) in streaming mode (eager), an image model frame by frame (ONNX Runtime on a CPU) -- at ``--size`` (default: the model's ``input_size``), and :class:`kd.video_eval.VideoEvaluator`
 gives S-measure, max F, MAE (and the other PySODMetrics figures) per sequence, pooled over all frames
 (``overall``) and averaged over sequences (``sequence_mean``), plus the temporal-stability figure ``flicker``:
 mean |p_t - p_{t-1}| over consecutive frames whose mask changes on < 1% of the pixels (lower is steadier).
@@ -37,17 +37,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", type=Path, default=None, help="also write the results to this JSON file")
 
 
+def _predictor_frames(pred, images: list[np.ndarray]) -> list[np.ndarray]:
+    """One sequence through a :class:`cluster.predictor.Predictor`: streaming for a video model (its state reset
+    first), frame by frame otherwise; uint8 maps at each frame's size."""
+    from cluster.predictor import to_uint8
+    pred.reset()
+    return [to_uint8(pred.predict_frame(im)) for im in images]
+
+
 def evaluate_model(model, data: dict[str, tuple[list[np.ndarray], list[np.ndarray]]],
                    size: int | None = None) -> dict:
-    """Run ``model`` over every sequence and score it (see :class:`kd.video_eval.VideoEvaluator`)."""
+    """Run ``model`` over every sequence and score it (see :class:`kd.video_eval.VideoEvaluator`).
+
+    ``model``: a :class:`cluster.predictor.Predictor` (what ``sodkd eval-video`` builds: ``auto`` backend, so
+    ONNX Runtime for an image model on a CPU and eager streaming for a video model; ``size`` is then the
+    predictor's) or an eager ``SODModel`` (the video trainer's final evaluation)."""
+    from cluster.predictor import Predictor
     ev = VideoEvaluator()
     t0, frames = time.perf_counter(), 0
+    engine = isinstance(model, Predictor)
     for seq, (images, masks) in data.items():
-        ev.add_sequence(seq, predict_frames(model, images, size), masks)
+        maps = _predictor_frames(model, images) if engine else predict_frames(model, images, size)
+        ev.add_sequence(seq, maps, masks)
         frames += len(images)
     res = ev.results()
     res["model"] = getattr(model, "name", type(model).__name__)
-    res["size"] = int(size or model.input_size)
+    res["size"] = int(model.size if engine else (size or model.input_size))
     res["seconds_per_frame"] = (time.perf_counter() - t0) / max(frames, 1)
     return res
 
@@ -55,11 +70,11 @@ def evaluate_model(model, data: dict[str, tuple[list[np.ndarray], list[np.ndarra
 def evaluate_models(weights: Sequence[Path], data: str, sequences: Sequence[str] | None = None,
                     max_frames: int | None = None, size: int | None = None) -> dict[str, dict]:
     """``{weights path: results}`` for each weights file, all on the same frames."""
+    from cluster.predictor import Predictor
     from cluster.video_data import load_sequences
-    from models import load_weights
 
     seqs = load_sequences(data, sequences, max_frames)
-    return {str(w): evaluate_model(load_weights(w), seqs, size) for w in weights}
+    return {str(w): evaluate_model(Predictor.load(w, size=size), seqs) for w in weights}
 
 
 def _fmt(v: float) -> str:

@@ -4,12 +4,27 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("SODKD_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+
+def pytest_configure(config):
+    """Predictors cache the exports they make from weights (``cluster.predictor.export_cache_dir``): the test
+    run keeps its own cache, not the user's ``~/.cache/sodkd``, and removes it at the end."""
+    if not os.environ.get("SODKD_CACHE"):
+        config._sodkd_cache = tempfile.mkdtemp(prefix="sodkd-test-cache-")
+        os.environ["SODKD_CACHE"] = config._sodkd_cache
+
+
+def pytest_unconfigure(config):
+    cache = getattr(config, "_sodkd_cache", None)
+    if cache:
+        shutil.rmtree(cache, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

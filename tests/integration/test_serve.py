@@ -195,7 +195,7 @@ def test_healthz_reports_the_model_and_the_batching_config(service):
     status, headers, body = service.call("GET", "/healthz")
     assert status == 200 and headers["content-type"].startswith("application/json")
     h = json.loads(body)
-    assert (h["status"], h["model"], h["backend"], h["size"]) == ("ok", "scfnet_m3", "eager", SIZE)
+    assert (h["status"], h["model"], h["backend"], h["size"]) == ("ok", "scfnet_m3", "onnx", SIZE)   # auto on a CPU: ONNX Runtime
     assert h["batching"] == {"enabled": True, "max_batch_size": MAX_BATCH, "batch_wait_timeout_s": BATCH_WAIT_S}
     assert h["pid"] == service.health["pid"] and h["replica"] == service.health["replica"]
     print(f"service up after {service.started_s:.0f} s; model loaded in {h['load_s']} s")
@@ -247,7 +247,7 @@ def test_json_output_has_map_stats_and_timings(service, images, reference):
     status, headers, body = service.predict(data, "output=json")
     assert status == 200 and headers["content-type"].startswith("application/json"), body[:300]
     r = json.loads(body)
-    assert (r["model"], r["backend"], r["size"]) == ("scfnet_m3", "eager", SIZE)
+    assert (r["model"], r["backend"], r["size"]) == ("scfnet_m3", "onnx", SIZE)
     ref = reference[name]
     m = r["map"]
     assert (m["height"], m["width"]) == (h, w) and m["threshold"] == 0.5

@@ -67,6 +67,34 @@ def test_each_backend_gives_the_eager_maps(files, images, model, backend):
     assert min(r.min() for r in ref) < 0.1 and max(r.max() for r in ref) > 0.9   # maps that span (0, 1)
 
 
+def test_auto_runs_weights_on_cpu_through_a_cached_onnx_export(files, images, monkeypatch, tmp_path):
+    from cluster.predictor import export_cache_dir
+    monkeypatch.setenv("SODKD_CACHE", str(tmp_path / "cache"))
+    pred = Predictor.load(files / "m3.pt")                      # auto, CPU: the fastest measured backend
+    assert pred.backend == "onnx" and pred.name == "scfnet_m3" and pred.size == SIZE
+    cached = sorted(export_cache_dir().iterdir())
+    assert [p.suffix for p in cached] == [".onnx"] and cached[0].name.startswith(f"scfnet_m3-{SIZE}-")
+    stamp = cached[0].stat().st_mtime_ns
+    ref = Predictor.load(files / "m3.pt", backend="eager", fold_bn=False).predict(images)
+    again = Predictor.load(files / "m3.pt")                     # the second load reuses the export
+    assert sorted(export_cache_dir().iterdir()) == cached and cached[0].stat().st_mtime_ns == stamp
+    for a, b, r in zip(pred.predict(images), again.predict(images), ref):
+        assert np.abs(a - r).max() < 1e-4 and np.array_equal(a, b)
+    assert pred.teacher.weights_hash == again.teacher.weights_hash == T.weights_hash((files / "m3.pt").read_bytes())
+    Predictor.load(files / "m3.pt", size=2 * SIZE)               # another size is another file
+    assert len(list(export_cache_dir().iterdir())) == 2
+
+
+def test_an_unwritable_export_cache_falls_back_to_a_temporary_export(files, images, monkeypatch, tmp_path):
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where the cache folder would go")
+    monkeypatch.setenv("SODKD_CACHE", str(blocker))
+    pred = Predictor.load(files / "m3.pt", backend="onnx")
+    ref = Predictor.load(files / "m3.pt", backend="eager").predict(images[:1])[0]
+    assert pred.backend == "onnx" and np.abs(pred.predict(images[:1])[0] - ref).max() < 1e-4
+    assert blocker.read_text() == "a file where the cache folder would go"
+
+
 def test_eager_predictor_equals_model_predict_at_the_working_size(files, images, model):
     from kd.augment import postprocess, preprocess
     pred = Predictor.load(f"scfnet_m3:{files / 'm3.pt'}")
