@@ -47,6 +47,7 @@ from typing import Any
 
 import numpy as np
 
+from cluster.raypool import actor_pool, torch_threads
 from kd import schema
 
 log = logging.getLogger(__name__)
@@ -96,7 +97,7 @@ class StageResources:
             raise ValueError(f"torch_threads: must be >= 0, got {self.torch_threads}")
 
     def threads(self) -> int:
-        return self.torch_threads or max(1, int(self.num_cpus))
+        return torch_threads(self.torch_threads, self.num_cpus)
 
 
 @dataclass(frozen=True)
@@ -580,17 +581,10 @@ def _object_array(items: list) -> np.ndarray:
 
 # --- composition -----------------------------------------------------------------------------------------------
 
-def _compute(res: StageResources):
-    import ray.data
-    if res.max_pool_size is not None and res.max_pool_size > res.pool_size:
-        return ray.data.ActorPoolStrategy(min_size=res.pool_size, max_size=res.max_pool_size)
-    return ray.data.ActorPoolStrategy(size=res.pool_size)
-
-
 def _map(ds, cls, res: StageResources, **kwargs):
-    return ds.map_batches(cls, fn_constructor_kwargs=kwargs, compute=_compute(res), batch_size=res.batch_size,
-                          num_cpus=res.num_cpus, num_gpus=res.num_gpus, batch_format="numpy",
-                          zero_copy_batch=False)
+    return ds.map_batches(cls, fn_constructor_kwargs=kwargs, compute=actor_pool(res.pool_size, res.max_pool_size),
+                          batch_size=res.batch_size, num_cpus=res.num_cpus, num_gpus=res.num_gpus,
+                          batch_format="numpy", zero_copy_batch=False)
 
 
 def _fixed_caption(batch: dict[str, Any], cfg: CaptionerConfig) -> dict[str, Any]:

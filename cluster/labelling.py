@@ -75,6 +75,7 @@ import pyarrow.compute as pc
 from cluster import catalog, storage
 from cluster import labels as L
 from cluster.foundation import FoundationConfig
+from cluster.raypool import actor_pool, torch_threads
 from cluster.storage import RetryConfig, S3Config
 from cluster.tracking import TrackingConfig
 from kd import schema as S
@@ -146,7 +147,15 @@ class PoolConfig:
             raise ConfigError(f"pool.torch_threads: must be >= 0, got {self.torch_threads}")
 
     def threads(self) -> int:
-        return self.torch_threads or max(1, int(self.num_cpus))
+        return torch_threads(self.torch_threads, self.num_cpus)
+
+    def compute(self):
+        """The ``ActorPoolStrategy`` of this pool: ``size`` actors, or ``min_size`` up to ``max_size``."""
+        return actor_pool(self.size) if self.size is not None else actor_pool(self.min_size, self.max_size)
+
+    def resolved_device(self) -> str:
+        """``device``, with ``auto`` resolved: CUDA when the actor has a GPU."""
+        return self.device if self.device != "auto" else ("cuda" if self.num_gpus > 0 else "cpu")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -729,11 +738,9 @@ def build_dataset(cfg: LabelConfig, items: Sequence[catalog.Item], teacher_size:
         return ds.map_batches(write_label_shards, batch_size=cfg.write.shard_rows, num_cpus=cfg.write.num_cpus,
                               fn_kwargs={"output_uri": cfg.output, "s3": cfg.s3, "retry": cfg.retry})
     pool = cfg.pool
-    compute = (ray.data.ActorPoolStrategy(size=pool.size) if pool.size is not None
-               else ray.data.ActorPoolStrategy(min_size=pool.min_size, max_size=pool.max_size))
-    device = pool.device if pool.device != "auto" else ("cuda" if pool.num_gpus > 0 else "cpu")
+    device = pool.resolved_device()
     ds = ds.map_batches(
-        TeacherLabeler, batch_size=pool.batch_size, compute=compute, num_cpus=pool.num_cpus,
+        TeacherLabeler, batch_size=pool.batch_size, compute=pool.compute(), num_cpus=pool.num_cpus,
         num_gpus=pool.num_gpus or None,
         fn_constructor_kwargs={"teachers": list(cfg.teachers), "s3": cfg.s3, "tta": cfg.tta,
                                "label_size": cfg.label_size, "teacher_size": cfg.teacher_size,

@@ -55,6 +55,7 @@ from cluster import catalog, storage
 from cluster.checkpoint import (BEST_FILE, DS_DIR, LOCAL_CKPT_PREFIX, META_FILE, persist_local_checkpoint,
                                 restore_checkpoint, save_checkpoint_dir)
 from cluster.labelling import PoolConfig
+from cluster.raypool import torch_threads
 from cluster.storage import S3Config
 from cluster.tracking import TrackingConfig
 from kd import schema as S
@@ -259,7 +260,7 @@ class ScalingSection:
             raise ConfigError("scaling.bf16: only with strategy deepspeed")
 
     def threads(self) -> int:
-        return self.torch_threads or max(1, int(self.cpus_per_worker))
+        return torch_threads(self.torch_threads, self.cpus_per_worker)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -688,13 +689,11 @@ def build_train_dataset(cfg: TrainConfig) -> TrainData:
     if online:
         t = d.teacher
         pool = t.pool
-        compute = (ray.data.ActorPoolStrategy(size=pool.size) if pool.size is not None
-                   else ray.data.ActorPoolStrategy(min_size=pool.min_size, max_size=pool.max_size))
-        device = pool.device if pool.device != "auto" else ("cuda" if pool.num_gpus > 0 else "cpu")
+        device = pool.resolved_device()
         images = online[0] if len(online) == 1 else online[0].union(*online[1:])
         images = _shuffled_blocks(images, cfg)
         parts.append(images.map_batches(
-            OnlineLabeler, batch_size=pool.batch_size, compute=compute, num_cpus=pool.num_cpus,
+            OnlineLabeler, batch_size=pool.batch_size, compute=pool.compute(), num_cpus=pool.num_cpus,
             num_gpus=pool.num_gpus or None,
             fn_constructor_kwargs={"teachers": list(t.teachers), "s3": s3, "tta": t.tta,
                                    "teacher_size": t.teacher_size, "device": device,
