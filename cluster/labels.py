@@ -6,9 +6,12 @@ shard is written atomically -- to a hidden temporary name and renamed on a local
 PUT/multipart-complete on S3 -- so a shard is either complete or absent, and readers ignore hidden names.
 A killed job therefore leaves only complete shards; its rerun skips every id they hold.
 
-Ray may retry a task after it wrote its shard, so an id can, rarely, sit in two shards; readers dedupe by
-id (first shard in name order wins). The distillation trainer joins labels to images by ``id`` (the stable
-hash of the image key, :func:`kd.schema.stable_id`), never by row order.
+A shard's name is derived from the ids it holds (:func:`shard_name`), so a task that Ray retries after it
+wrote its shard (its node died before the result reached the driver) writes the same rows to the same name
+and replaces that shard instead of adding a second copy. Should an id still sit in two shards (a foreign
+writer, names of older versions), readers dedupe by id (first shard in name order wins). The distillation
+trainer joins labels to images by ``id`` (the stable hash of the image key, :func:`kd.schema.stable_id`),
+never by row order.
 
 Storage errors that may pass (:func:`cluster.storage.is_transient`: network, timeouts, throttling, 5xx) are
 retried with backoff when a shard is written or read; a shard still unreadable for such a reason raises
@@ -21,11 +24,11 @@ shards read back as one table with the current schema.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
 import posixpath
 import re
-import time
 import uuid
 from typing import Any, Callable, Iterable, Mapping
 
@@ -42,8 +45,8 @@ from kd import schema as S
 log = logging.getLogger(__name__)
 
 __all__ = ["LABEL_SCHEMA", "REJECT_SCHEMA", "FILLED_COLUMNS", "shard_paths", "read_ids", "done_ids", "done_id_array",
-           "pack_ids", "write_shard", "write_file_atomic", "read_labels", "read_label_table", "read_label_rows",
-           "read_rejects", "decode_label", "labels_dir", "remove_stale_temporaries", "resolve_root"]
+           "pack_ids", "shard_name", "write_shard", "write_file_atomic", "read_labels", "read_label_table",
+           "read_label_rows", "read_rejects", "decode_label", "labels_dir", "remove_stale_temporaries", "resolve_root"]
 
 LABEL_SCHEMA = pa.schema([
     (S.ID, pa.string()), (S.KEY, pa.string()), (S.SEQUENCE, pa.string()), (S.FRAME, pa.int32()),
@@ -218,9 +221,18 @@ def remove_stale_temporaries(fs: pafs.FileSystem, root: str) -> int:
     return n
 
 
+def shard_name(table: pa.Table) -> str:
+    """``part-<digest>.parquet``: the digest is SHA-256 of the table's ids, sorted (a function of which rows it
+    holds, not of when or by whom it was written)."""
+    ids = sorted(table.column(S.ID).to_pylist())
+    digest = hashlib.sha256("\n".join(ids).encode("utf-8", "surrogatepass")).hexdigest()[:32]
+    return f"part-{digest}{SHARD_SUFFIX}"
+
+
 def write_shard(fs: pafs.FileSystem, root: str, kind: str, table: pa.Table, retry: RetryConfig | None = None,
                 on_retry: Callable[[BaseException], None] | None = None) -> str:
-    """Write ``table`` as a new uniquely named shard of ``kind`` under ``root``, atomically; returns its path.
+    """Write ``table`` as a shard of ``kind`` under ``root``, atomically; returns its path. The name is
+    :func:`shard_name` of the table's ids: the same rows written again (a retried task) replace the shard.
 
     Transient storage errors are retried as ``retry`` says (default :class:`cluster.storage.RetryConfig`),
     each attempt to the same name, so an attempt that landed although its answer was lost is overwritten,
@@ -231,7 +243,7 @@ def write_shard(fs: pafs.FileSystem, root: str, kind: str, table: pa.Table, retr
     directory-marker objects are created: prefixes need none).
     """
     d = _dir(root, kind)
-    name = f"part-{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:12]}{SHARD_SUFFIX}"
+    name = shard_name(table)
     final = storage.join(d, name)
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink, compression="snappy")
