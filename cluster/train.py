@@ -71,7 +71,7 @@ __all__ = ["ModelConfig", "PairedSource", "UnlabeledSource", "OnlineTeacherConfi
            "DebugConfig", "TrainConfig", "load_train_config", "build_train_dataset", "train_loop",
            "run_training", "TrainOutcome", "RUN_NAME_TAG",
            # the run plumbing other trainers on this core share (cluster.video_train); checkpoints: cluster.checkpoint
-           "RunConfig", "unwrap", "worker_device", "inject_failure", "RankTracker", "ensure_ray",
+           "RunConfig", "unwrap", "start_worker", "worker_device", "inject_failure", "RankTracker", "ensure_ray",
            "resolve_tracking_uri", "pin_tracking_uri", "mlflow_client", "open_mlflow_run", "launch",
            "checkpoint_uri", "export_final"]
 
@@ -230,6 +230,13 @@ class OptimConfig:
         if self.warmup_epochs < 0:
             raise ConfigError(f"optim.warmup_epochs: must be >= 0, got {self.warmup_epochs}")
 
+    def schedule(self, steps_per_epoch: int):
+        """The per-step learning rate over the whole run (``kd.schedule.WarmupCosine``)."""
+        from kd.schedule import WarmupCosine
+        total = steps_per_epoch * self.epochs
+        return WarmupCosine(total, min(total, round(self.warmup_epochs * steps_per_epoch)), self.lr,
+                            self.lr_start, self.lr_final)
+
 
 @dataclasses.dataclass(frozen=True)
 class ScalingSection:
@@ -261,6 +268,14 @@ class ScalingSection:
 
     def threads(self) -> int:
         return torch_threads(self.torch_threads, self.cpus_per_worker)
+
+    def per_worker(self, batch_size: int) -> int:
+        """The global ``optim.batch_size`` split over the workers (in process: all of it); an error when it
+        does not split evenly."""
+        workers = max(1, self.num_workers)
+        if batch_size % workers:
+            raise ConfigError(f"optim.batch_size: {batch_size} does not split evenly over {workers} workers")
+        return batch_size // workers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -401,14 +416,11 @@ class TrainConfig:
                     raise ConfigError(f"data.unlabeled[{i}].labels: no offline labels and no data.teacher for "
                                       "online labels")
         self.debug.check(self.scaling.num_workers)
-        workers = max(1, self.scaling.num_workers)
-        if self.optim.batch_size % workers:
-            raise ConfigError(f"optim.batch_size: {self.optim.batch_size} does not split evenly over "
-                              f"{workers} workers")
+        self.scaling.per_worker(self.optim.batch_size)
 
     @property
     def per_worker_batch(self) -> int:
-        return self.optim.batch_size // max(1, self.scaling.num_workers)
+        return self.scaling.per_worker(self.optim.batch_size)
 
 
 class RunConfig(Protocol):
@@ -811,6 +823,16 @@ def unwrap(model):
     return getattr(model, "module", model)
 
 
+def start_worker(scaling: ScalingSection, seed: int):
+    """Set up this training worker: torch's threads and seed; returns (rank, world size, device)."""
+    import ray.train
+    import torch
+    ctx = ray.train.get_context()
+    torch.set_num_threads(scaling.threads())
+    torch.manual_seed(seed)
+    return ctx.get_world_rank(), ctx.get_world_size(), worker_device(scaling)
+
+
 def worker_device(scaling: ScalingSection):
     """This worker's device: under Ray Train its own GPU (``ray.train.torch.get_device()``: CUDA_VISIBLE_DEVICES
     + local rank), ``cuda:0`` in process, the CPU without ``scaling.use_gpu`` or without CUDA."""
@@ -917,25 +939,19 @@ def train_loop(config: dict) -> dict:
 
     from kd.augment import Augmenter
     from kd.losses import boundary_band
-    from kd.schedule import WarmupCosine, set_lr, with_lr_mult
+    from kd.schedule import set_lr, with_lr_mult
     from kd.pseudo_labels import fm_model_loss
     from kd.step import batch_loss
     from models import create_model
 
     runtime = dict(config.get("_runtime", {}))
     cfg = load_train_config({k: v for k, v in config.items() if k != "_runtime"})
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    rank, world, device = start_worker(cfg.scaling, cfg.run.seed)
     in_process = cfg.scaling.num_workers == 0
-    torch.set_num_threads(cfg.scaling.threads())
-    torch.manual_seed(cfg.run.seed)
-    device = worker_device(cfg.scaling)
     use_gpu = device.type == "cuda"
 
     steps = int(runtime["steps_per_epoch"])
-    total = steps * cfg.optim.epochs
-    schedule = WarmupCosine(total, min(total, round(cfg.optim.warmup_epochs * steps)), cfg.optim.lr,
-                            cfg.optim.lr_start, cfg.optim.lr_final)
+    schedule = cfg.optim.schedule(steps)
 
     model = create_model(cfg.model.name, **cfg.model.kwargs)
     model.input_size = max(cfg.data.sizes)   # recorded in every weights file: the size to run it at

@@ -149,14 +149,12 @@ class VideoTrainConfig:
         if self.scaling.strategy != "ddp":
             raise ConfigError("scaling.strategy: the video trainer supports ddp only")
         self.debug.check(self.scaling.num_workers)
-        workers = max(1, self.scaling.num_workers)
-        if self.optim.batch_size % workers:
-            raise ConfigError(f"optim.batch_size: {self.optim.batch_size} clips do not split evenly over "
-                              f"{workers} workers")
+        self.scaling.per_worker(self.optim.batch_size)
 
     @property
     def per_worker_batch(self) -> int:
-        return self.optim.batch_size // max(1, self.scaling.num_workers)
+        """Clips per step on each worker."""
+        return self.scaling.per_worker(self.optim.batch_size)
 
 
 # The shared sections keep the image trainer's classes, with video defaults: a short CPU-sized run in-process,
@@ -260,17 +258,13 @@ def video_train_loop(config: dict) -> dict:
     import torch
 
     from cluster.video_data import ClipSet, load_sequences
-    from kd.schedule import WarmupCosine, set_lr, with_lr_mult
+    from kd.schedule import set_lr, with_lr_mult
     from models import create_model, load_weights
 
     runtime = dict(config.get("_runtime", {}))
     cfg = load_video_config({k: v for k, v in config.items() if k != "_runtime"})
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    rank, world, device = imgtrain.start_worker(cfg.scaling, cfg.run.seed)
     in_process = cfg.scaling.num_workers == 0
-    torch.set_num_threads(cfg.scaling.threads())
-    torch.manual_seed(cfg.run.seed)
-    device = imgtrain.worker_device(cfg.scaling)
 
     clips = ClipSet.from_labels(cfg.data.labels, cfg.data.images, cfg.s3, clip=cfg.data.clip,
                                 augment=cfg.data.augment, cache=cfg.data.cache, sequences=cfg.data.sequences)
@@ -279,9 +273,7 @@ def video_train_loop(config: dict) -> dict:
     if len(clips) < steps * batch * world:
         raise RuntimeError(f"{cfg.data.labels}: the worker sees {len(clips)} clips, the driver counted enough "
                            f"for {steps} steps of {batch * world}; did the label shards change?")
-    total = steps * cfg.optim.epochs
-    schedule = WarmupCosine(total, min(total, round(cfg.optim.warmup_epochs * steps)), cfg.optim.lr,
-                            cfg.optim.lr_start, cfg.optim.lr_final)
+    schedule = cfg.optim.schedule(steps)
 
     model = build_student(cfg)
     teacher = adapter = None
