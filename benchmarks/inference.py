@@ -25,7 +25,7 @@ graph optimisation (what actually runs) and the CPU's ISA flags.
 Exports are cached in ``--workdir`` (rerunning measures only). Writes the ``inference`` section of
 benchmarks/RESULTS.md (``write_section`` of benchmarks/models.py).
 
-    nice -n 10 .venv/bin/python benchmarks/inference.py [--rounds 3] [--min-s 0.3] [--no-write]
+    .venv/bin/python benchmarks/inference.py [--rounds 3] [--min-s 0.3] [--no-write]  (on a quiet machine)
 """
 
 from __future__ import annotations
@@ -239,6 +239,17 @@ def med(v):
     return statistics.median(v)
 
 
+def _load_note(machine) -> str:
+    """How busy the machine was: the 1-minute load average before the run against its core count."""
+    try:
+        before = float(str(machine["load_before"]).split()[0])
+    except (ValueError, IndexError):
+        return "load unknown"
+    cores = machine.get("cores") or 1
+    return ("on a quiet machine" if before < 0.75 * cores else
+            f"**on a loaded machine** (other jobs on the {cores} cores: absolute img/s are low and noisy)")
+
+
 def render(res, rounds_done, args, configs, maes, n_eval, kernels, machine) -> str:
     labels = list(dict.fromkeys(lab for lab, _ in res))
     students = [lab for lab in labels if lab not in PEERS]
@@ -256,15 +267,14 @@ def render(res, rounds_done, args, configs, maes, n_eval, kernels, machine) -> s
         "### Inference engines: students vs. peers on this CPU (benchmarks/inference.py)",
         "",
         f"Machine: {machine['cpu']}, {machine['cores']} cores ({machine['isa']}); torch {torch.__version__}, "
-        f"onnxruntime {machine['ort']}. Measured {machine['date']}, **loaded by three background training runs** "
-        f"(load average {machine['load_before']} before, {machine['load_after']} after; run with `nice -n 10`): "
-        "absolute img/s are low and noisy, the ratios (both sides measured within seconds in the same process, "
-        f"median over {rounds_done} interleaved rounds) are the figures to read.",
+        f"onnxruntime {machine['ort']}. Measured {machine['date']}, {_load_note(machine)} (load average "
+        f"{machine['load_before']} before, {machine['load_after']} after): the ratios (both sides measured within "
+        f"seconds in the same process, median over {rounds_done} interleaved rounds) are the figures to read.",
         "",
-        f"Command: `nice -n 10 .venv/bin/python benchmarks/inference.py --rounds {args.rounds} --min-s {args.min_s:g}`"
+        f"Command: `.venv/bin/python {machine['command']}`"
         f" ({machine['wall_s']:.0f} s). Network only (seeded normalised input, no decode/resize); img/s = images / "
         "wall s, img/CPU-s = images / CPU s of the process. scfnet_m3 = the committed KD student; dedecoder_m3 = "
-        f"random init (speed only). INT8 = ONNX Runtime static quantisation, per-channel int8 weights, uint8 "
+        f"random init (speed only). INT8 = ONNX Runtime static quantisation, per-channel int8 weights (7-bit range), uint8 "
         f"activations, MinMax calibration on {args.calibration_count} images of {args.calibration}.",
         "",
         f"#### scfnet_m3 at {head[0]} px, batch {head[1]}, {head[2]} thread (the issue's target: >= 60x U2Net-p, "
@@ -325,7 +335,8 @@ def main(argv: list[str] | None = None) -> int:
     import onnxruntime as ort
     bm = _bench_models()
     machine = {"cpu": bm.cpu_model(), "cores": os.cpu_count(), "isa": isa_flags(), "ort": ort.__version__,
-               "load_before": bm.load_average(),
+               "load_before": bm.load_average(), "command": " ".join(["benchmarks/inference.py", *(
+                   sys.argv[1:] if argv is None else argv)]),
                "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
     files, students = build_exports(args.workdir, args.calibration, args.calibration_count, args.onnx_exporter)
     if args.setup_only:
