@@ -8,7 +8,8 @@ legacy TorchScript file (``.ts``), or ``models:/NAME/VERSION`` / ``models:/NAME/
 runs through :class:`cluster.predictor.Predictor`: ``--backend eager`` (PyTorch; ``--precision fp16|bf16`` and
 ``--channels-last`` on a GPU), ``onnx`` (ONNX Runtime, ``--threads`` intra-op threads, 1 by default: the faster
 setting for this small network) or ``pt2`` (torch.export); weights are exported for the two latter on the fly,
-an exported file runs in its own backend (``auto``, the default: the file's own, eager for weights).
+an exported file runs in its own backend (``auto``, the default: the file's own; for weights ONNX Runtime on a CPU
+through a cached export, eager on a GPU or for a video model).
 
 - **image file** -> ``Y`` is an image file (or a folder, which gets ``<stem>.<format>``);
 - **folder** -> ``Y/<relative path>.<format>`` for every image below it, ``--batch N`` images per forward pass,
@@ -66,7 +67,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch", type=int, default=8, help="images per forward pass for a folder (default 8)")
     parser.add_argument("--size", type=int, default=None, help="inference resolution (default: the model's)")
     parser.add_argument("--backend", choices=BACKENDS, default="auto",
-                        help="eager, onnx, pt2 (auto: an exported file's own, eager for weights)")
+                        help="eager, onnx, pt2 (auto: an exported file's own; weights: onnx on a CPU, eager on a GPU)")
     parser.add_argument("--precision", choices=PRECISIONS, default="fp32", help="fp16 / bf16: eager on a GPU only")
     parser.add_argument("--threads", type=int, default=None,
                         help="ONNX Runtime intra-op threads (default 1); torch threads for eager / pt2")
