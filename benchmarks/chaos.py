@@ -174,16 +174,8 @@ class Bench:
 
     def when_shards(self, out: str, k: int, then: Callable[[], None], timeout: float = 600) -> threading.Thread:
         """A thread that calls ``then()`` once ``k`` label shards are under ``out`` (looked at directly)."""
-        def watch():
-            deadline = time.monotonic() + timeout
-            while time.monotonic() < deadline:
-                if self.label_shards(out) >= k:
-                    then()
-                    return
-                time.sleep(0.05)
-        t = threading.Thread(target=watch, daemon=True)
-        t.start()
-        return t
+        from tests.integration.test_labelling_faults import when
+        return when(lambda: self.label_shards(out) >= k, then, timeout, poll_s=0.05)
 
     def run_until_done(self, cfg, runs: list[str]) -> None:
         """Run ``cfg`` until a run finishes with nothing deferred; ``runs`` gets one outcome per run."""

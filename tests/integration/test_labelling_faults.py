@@ -430,34 +430,30 @@ def _upload(client, srcs, prefix: str) -> list[str]:
     return keys
 
 
-def _when_first_shard(client, prefix: str, then, timeout: float = 240) -> threading.Thread:
-    """Start a thread that calls ``then()`` as soon as a label shard appears under ``prefix`` (seen directly on
-    moto, not through the proxy)."""
+def when(condition, then, timeout: float = 240, poll_s: float = 0.02) -> threading.Thread:
+    """Start a thread that calls ``then()`` as soon as ``condition()`` is true (polled every ``poll_s``), or
+    gives up after ``timeout`` seconds. The fault tests and benchmarks/chaos.py inject their faults with it."""
     def watch():
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if client.list_objects_v2(Bucket=BUCKET, Prefix=f"{prefix}/labels/").get("KeyCount", 0):
+            if condition():
                 then()
                 return
-            time.sleep(0.02)
+            time.sleep(poll_s)
     t = threading.Thread(target=watch, daemon=True)
     t.start()
     return t
 
 
-def _when_answered(proxy: FlakyProxy, then, timeout: float = 240) -> threading.Thread:
-    """Start a thread that calls ``then()`` as soon as the proxy has passed back the answer to a label-shard
-    upload: the job then knows at least one write landed, whatever the outage does next."""
-    def watch():
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if proxy.label_puts_answered:
-                then()
-                return
-            time.sleep(0.005)
-    t = threading.Thread(target=watch, daemon=True)
-    t.start()
-    return t
+def _when_first_shard(client, prefix: str, then) -> threading.Thread:
+    """``then()`` as soon as a label shard appears under ``prefix`` (seen directly on moto, not through the proxy)."""
+    return when(lambda: client.list_objects_v2(Bucket=BUCKET, Prefix=f"{prefix}/labels/").get("KeyCount", 0), then)
+
+
+def _when_answered(proxy: FlakyProxy, then) -> threading.Thread:
+    """``then()`` as soon as the proxy has passed back the answer to a label-shard upload: the job then knows at
+    least one write landed, whatever the outage does next."""
+    return when(lambda: proxy.label_puts_answered, then, poll_s=0.005)
 
 
 def test_outage_longer_than_the_retries_defers_and_the_rerun_labels_exactly_the_rest(
