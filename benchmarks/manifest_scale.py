@@ -35,6 +35,8 @@ before a change on the same shards; a tree without ``labelling._plan`` runs the 
         [--code before=DIR --code after=.] [--rounds 1] [--trace-max 100000] [--json OUT] [--notes FILE]
         [--no-write]
     .venv/bin/python benchmarks/manifest_scale.py --from-json OUT [--notes FILE]   # render/write a saved run
+    # the streamed plan (labelling.plan_run) of the tree labelled LABEL, into section manifest-stream:
+    nice -n 10 .venv/bin/python benchmarks/manifest_scale.py --code before=DIR --code after=. --stream after
 """
 
 from __future__ import annotations
@@ -147,19 +149,29 @@ def worker(args: argparse.Namespace) -> dict:
     out_fs, out_root = pafs.LocalFileSystem(), args.out
     mem = args.worker == "mem"
     has_plan = hasattr(LB, "_plan")
+    streamed = bool(getattr(args, "worker_stream", False)) and hasattr(LB, "plan_run")
     base_pool = pa.default_memory_pool()
-    rec: dict = {"n": n, "code": "plan" if has_plan else "legacy"}
+    rec: dict = {"n": n, "code": "streamed" if streamed else "plan" if has_plan else "legacy"}
+    spilled: list[int] = []
+
+    def drop(table):   # a block handed to Ray's object store leaves the driver: counted, not kept
+        spilled.append(table.num_rows)
     # warm-up on 300 keys and a small output: the lazy imports (pyarrow's S3, pandas via Parquet) are a fixed
     # cost, not a per-key one
     warm = Path(args.out).parent / "warm"
     write_done_shards(warm, 300, 0.5)
     storage._s3_client_for = lambda fs, s3: FakeS3(300)
     wcfg = LB.LabelConfig(input=f"s3://{BUCKET}/{PREFIX}", output=str(warm), teachers=("t.ts",))
-    wm = LB.build_manifest(wcfg)
-    wt = LB._plan(wcfg, wm, out_fs, str(warm)) if has_plan else _legacy_plan(LB, L, wcfg, wm, out_fs, str(warm))
-    LB._manifest_table(wt[0])
-    (getattr(L, "done_id_array", None) or L.done_ids)(out_fs, str(warm))
+    if streamed:
+        wm = wt = LB.plan_run(wcfg, out_fs, str(warm), drop)
+        L.done_packed(out_fs, str(warm))
+    else:
+        wm = LB.build_manifest(wcfg)
+        wt = LB._plan(wcfg, wm, out_fs, str(warm)) if has_plan else _legacy_plan(LB, L, wcfg, wm, out_fs, str(warm))
+        LB._manifest_table(wt[0])
+        (getattr(L, "done_id_array", None) or L.done_ids)(out_fs, str(warm))
     del wm, wt
+    spilled.clear()
     storage._s3_client_for = lambda fs, s3: fake
     gc.collect()
     rss0 = _rss()
@@ -190,6 +202,21 @@ def worker(args: argparse.Namespace) -> dict:
         rec[name] = r
         return out
 
+    def held_after() -> None:   # what the driver keeps while the Ray job runs
+        rec["maxrss_peak"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss0
+        gc.collect()
+        rec["rss_held"] = _rss() - rss0
+        if mem:
+            rec["py_held_total"] = tracemalloc.get_traced_memory()[0]
+            tracemalloc.stop()
+
+    if streamed:   # S: the whole plan, streamed (listing, done-set, filter, the Ray input's blocks)
+        plan = stage("S", lambda: LB.plan_run(cfg, out_fs, out_root, drop))
+        held_after()
+        rec["todo"], rec["rejected_now"], rec["listed"] = plan.blocks.rows, len(plan.rejected_now), plan.total
+        rec["spilled_rows"], rec["inline_rows"] = sum(spilled), len(plan.blocks.pending)
+        rec["done_count"] = len(L.done_packed(out_fs, out_root))
+        return rec
     manifest = stage("A", lambda: LB.build_manifest(cfg))
     if has_plan:
         todo, rejected_now = stage("B", lambda: LB._plan(cfg, manifest, out_fs, out_root))
@@ -198,12 +225,7 @@ def worker(args: argparse.Namespace) -> dict:
         todo, rejected_now, done = stage("B", lambda: _legacy_plan(LB, L, cfg, manifest, out_fs, out_root))
     table = stage("C", lambda: LB._manifest_table(todo))
     held = (manifest, todo, rejected_now, done, table)
-    rec["maxrss_peak"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss0
-    gc.collect()
-    rec["rss_held"] = _rss() - rss0
-    if mem:
-        rec["py_held_total"] = tracemalloc.get_traced_memory()[0]
-        tracemalloc.stop()
+    held_after()
     # the done-set alone, after the rest (its own figures; part of B above)
     done_fn = getattr(L, "done_id_array", None) if has_plan else None
     done_fn = done_fn or L.done_ids
@@ -252,9 +274,9 @@ def write_done_shards(out: Path, n: int, done_frac: float) -> int:
     return m
 
 
-def run_worker(code: str, mode: str, n: int, out: Path) -> dict:
+def run_worker(code: str, mode: str, n: int, out: Path, stream: bool = False) -> dict:
     cmd = [sys.executable, __file__, "--worker", mode, "--worker-keys", str(n), "--out", str(out), "--worker-code",
-           code]
+           code] + (["--worker-stream"] if stream else [])
     res = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if res.returncode != 0:
         raise RuntimeError(f"worker {mode} {n} ({code}) failed:\n{res.stderr[-4000:]}")
@@ -262,7 +284,7 @@ def run_worker(code: str, mode: str, n: int, out: Path) -> dict:
 
 
 def _abc_cpu(t: dict) -> float:
-    return sum(t[s]["cpu"] for s in "ABC")
+    return sum(t[s]["cpu"] for s in ("S" if "S" in t else "ABC"))
 
 
 def _bpk(b: float, n: int) -> str:
@@ -277,68 +299,75 @@ def _heap(m: dict, stage: str) -> tuple[float, float]:
 
 def _peak(t: dict) -> float:
     """Peak RSS of A..C over the RSS before A: the largest of (RSS at a stage's start + its peak)."""
-    return max(t[s]["rss_start"] + t[s]["rss_peak"] for s in "ABC")
+    return max(t[s]["rss_start"] + t[s]["rss_peak"] for s in _stages(t))
 
 
-def render(runs: list[dict], machine: dict, notes: str | None) -> str:
+def _stages(t: dict) -> str:
+    return "S" if "S" in t else "ABC"
+
+
+def _heap_total(m: dict) -> tuple[float, float]:
+    """(peak, held) of the whole plan: the largest stage peak over what the earlier stages held; all held."""
+    held, peak = 0.0, 0.0
+    for st in _stages(m):
+        p, h = _heap(m, st)
+        peak = max(peak, held + p)
+        held += h
+    return peak, held
+
+
+STREAM_SECTION = "manifest-stream"
+
+
+def render_stream(runs: list[dict], machine: dict, notes: str | None) -> str:
+    """The streamed plan against the materialized one: the driver's whole plan, per key."""
     big = 10**8
     lines = [
-        "## The manifest at scale (issue 13 item 7): the labelling driver's time and memory per key",
-        "",
+        "## The manifest streamed (issue 13 item 7): the labelling driver's whole plan in bounded memory", "",
         f"Machine: {machine['cpu']}, 2 cores shared with other jobs (load average {machine['load_before']} before, "
-        f"{machine['load_after']} after; everything under `nice -n 10`, so wall seconds are mostly waiting for the "
-        f"neighbours: compare CPU seconds), Python {machine['python']}, pyarrow {machine['pyarrow']}. Measured "
-        f"{machine['date']}.",
-        "",
-        f"Command: `{machine['command']}`, the code before the change unpacked with `{machine['before_tree']}`. "
-        "Synthetic S3 listing (boto3-shaped ListObjectsV2 pages of 1000, ImageNet-like keys of 39 characters, no "
-        "network) through the real driver code; the output holds real label/reject shards of 256 rows "
-        f"(`cluster.labels.write_shard`) for the first {machine['done']:.0%} of the keys, 1 in 100 of those as "
-        "rejects: a rerun of a job killed half way. A = `build_manifest` (walk -> `Listed` -> `_Entry` -> `Item`, "
-        "the `auto` layout test); B = the id check + the done-set + the inputs still to label; B1 = the done-set "
-        "alone (also inside B); C = `_manifest_table(todo)`, the Ray job's input. Heap = tracemalloc (Python) + a "
-        "proxy Arrow memory pool, peak during a stage over what was held before it, and held after it (A's, B's "
-        "and C's held memory stays for the whole Ray job); one run under tracemalloc (~5x slower). RSS = "
-        "the timed run shown (the median of the rounds): peak during a stage over the RSS at its start (sampled "
-        "every 2 ms; memory an earlier stage freed and this one reuses does not show), the whole A..C peak and "
-        "what is held after C, over the RSS before A. Bytes per key divide by the listed keys.",
-        "",
-        "| code | keys | A s wall (CPU) | B s wall (CPU) | B1 CPU s | C CPU s | A heap peak / held, B/key "
-        "| B heap peak / held, B/key | C held, B/key | RSS peak in A / B / C, B/key | RSS peak A..C, MB "
-        "| RSS held, B/key | A+B+C CPU s per round |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
-    ]
+        f"{machine['load_after']} after; `nice -n 10`: compare CPU seconds), Python {machine['python']}, pyarrow "
+        f"{machine['pyarrow']}. Measured {machine['date']}. Command: `{machine['command']}`, the code before the "
+        f"change unpacked with `{machine['before_tree']}`. The same synthetic S3 "
+        "listing and output shards as section `manifest-scale` (half the keys done, 1 in 100 of those rejects). "
+        "`materialized` = `build_manifest` + `_plan` + `_manifest_table` (every `Item` of the listing, then the "
+        "todo's Arrow table, all held while the Ray job runs); `streamed` = `labelling.plan_run`, what `_label` "
+        "runs now: the listing a page at a time, chunks of 65,536 entries filtered against the packed done-set, "
+        "and the inputs to label handed to Ray's object store in blocks of 1,024 rows once more than 65,536 (the "
+        "`put` here drops them: the object store is not the driver's memory). Heap = tracemalloc + Arrow pool, "
+        "peak and held over what was held before; RSS = peak and held after the plan, over the RSS before it.", "",
+        "| code | keys | CPU s (wall) | heap peak / held, B/key | RSS peak, B/key | RSS held, B/key | RSS peak, MB "
+        "| to label: object store / driver rows | CPU s per round |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in runs:
         t, m = r["time"], r.get("mem")
         n = t["n"]
-        heap = ["-", "-", "-"]
+        wall = sum(t[x]["wall"] for x in _stages(t))
+        heap = "-"
         if m:
-            (ap, ah), (bp, bh), (_, ch) = _heap(m, "A"), _heap(m, "B"), _heap(m, "C")
-            heap = [f"{_bpk(ap, n)} / {_bpk(ah, n)}", f"{_bpk(bp, n)} / {_bpk(bh, n)}", _bpk(ch, n)]
-        lines.append(
-            f"| {r['label']} | {n:,} | {t['A']['wall']:.1f} ({t['A']['cpu']:.2f}) | {t['B']['wall']:.1f} "
-            f"({t['B']['cpu']:.2f}) | {t['B1']['cpu']:.2f} | {t['C']['cpu']:.2f} | {heap[0]} | {heap[1]} | "
-            f"{heap[2]} | {_bpk(t['A']['rss_peak'], n)} / {_bpk(t['B']['rss_peak'], n)} / "
-            f"{_bpk(t['C']['rss_peak'], n)} | {_peak(t) / 2**20:,.0f} | {_bpk(t['rss_held'], n)} | "
-            f"{', '.join(f'{c:.2f}' for c in r.get('rounds_cpu', [_abc_cpu(t)]))} |")
-    lines += ["", "Extrapolated to 10^8 keys, linearly from the per-key figures (time: CPU seconds of A+B+C at the "
-              "largest N -- the listing's and the shard reads' network time comes on top, see below; RSS: the largest "
-              "N; heap: the traced run):", "",
-              "| code | A+B+C CPU per key, us | A+B+C CPU at 10^8 | RSS peak at 10^8 | RSS held during the Ray job "
-              "at 10^8 | heap held at 10^8 | B heap peak at 10^8 |", "|---|---:|---:|---:|---:|---:|---:|"]
+            hp, hh = _heap_total(m)
+            heap = f"{_bpk(hp, n)} / {_bpk(hh, n)}"
+        where = (f"{t['spilled_rows']:,} / {t['inline_rows']:,}" if "S" in t else f"0 / {t['todo']:,}")
+        lines.append(f"| {r['label']} | {n:,} | {_abc_cpu(t):.2f} ({wall:.1f}) | {heap} | {_bpk(_peak(t), n)} | "
+                     f"{_bpk(t['rss_held'], n)} | {_peak(t) / 2**20:,.0f} | {where} | "
+                     f"{', '.join(f'{c:.2f}' for c in r.get('rounds_cpu', [_abc_cpu(t)]))} |")
+    lines += ["", "Extrapolated to 10^8 keys by a line (fixed + per key) through the two largest N (CPU, RSS) and the "
+              "two largest traced N (heap); with one N, per key alone:", "",
+              "| code | CPU per key, us | CPU at 10^8 | RSS peak at 10^8 | RSS held at 10^8 | heap peak at 10^8 |",
+              "|---|---:|---:|---:|---:|---:|"]
+
+    def at_big(points: list[tuple[int, float]]) -> float:
+        (n0, v0), (n1, v1) = (points[-2], points[-1]) if len(points) > 1 else ((0, 0.0), points[-1])
+        slope = (v1 - v0) / (n1 - n0)
+        return v1 + slope * (big - n1)
     for label in dict.fromkeys(r["label"] for r in runs):
-        mine = [x for x in runs if x["label"] == label]
-        t = max(mine, key=lambda x: x["time"]["n"])["time"]
-        traced = [x for x in mine if x.get("mem")]
-        n = t["n"]
-        cpu = sum(t[s]["cpu"] for s in "ABC") / n
-        cells = ["-", "-"]
-        if traced:
-            m = max(traced, key=lambda x: x["time"]["n"])["mem"]
-            held = sum(_heap(m, s)[1] for s in "ABC") / m["n"]
-            cells = [f"{held * big / 2**30:.1f} GiB", f"{_heap(m, 'B')[0] / m['n'] * big / 2**30:.1f} GiB"]
-        lines.append(f"| {label} | {cpu * 1e6:.1f} | {cpu * big / 60:.0f} min | {_peak(t) / n * big / 2**30:.1f} GiB "
-                     f"| {t['rss_held'] / n * big / 2**30:.1f} GiB | {cells[0]} | {cells[1]} |")
+        mine = sorted((x for x in runs if x["label"] == label), key=lambda x: x["time"]["n"])
+        ts = [x["time"] for x in mine]
+        traced = [x["mem"] for x in mine if x.get("mem")]
+        cpu = at_big([(t["n"], _abc_cpu(t)) for t in ts])
+        heap = f"{at_big([(m['n'], _heap_total(m)[0]) for m in traced]) / 2**30:.1f} GiB" if traced else "-"
+        lines.append(f"| {label} | {cpu / big * 1e6:.1f} | {cpu / 60:.0f} min | "
+                     f"{at_big([(t['n'], _peak(t)) for t in ts]) / 2**30:.1f} GiB | "
+                     f"{at_big([(t['n'], t['rss_held']) for t in ts]) / 2**30:.1f} GiB | {heap} |")
     if notes:
         lines += ["", notes.strip()]
     return "\n".join(lines)
@@ -359,6 +388,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--worker", choices=["time", "mem"], help=argparse.SUPPRESS)
     p.add_argument("--worker-keys", type=int, help=argparse.SUPPRESS)
     p.add_argument("--worker-code", help=argparse.SUPPRESS)
+    p.add_argument("--worker-stream", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--stream", metavar="LABEL", action="append", default=[],
+                   help="a --code LABEL measured through the streamed plan (labelling.plan_run): section manifest-stream")
     p.add_argument("--out", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
@@ -374,14 +406,16 @@ def main(argv: list[str] | None = None) -> int:
         runs, machine = measure(args, argv)
         if args.json:
             Path(args.json).write_text(json.dumps({"runs": runs, "machine": machine}))
-    body = render(runs, machine, Path(args.notes).read_text() if args.notes else None)
+    streamed = any("S" in r["time"] for r in runs)
+    body = (render_stream if streamed else render)(runs, machine, Path(args.notes).read_text() if args.notes else None)
+    section = STREAM_SECTION if streamed else SECTION
     print(body)
     if not args.no_write:
         spec = importlib.util.spec_from_file_location("_bench_models", REPO / "benchmarks" / "models.py")
         bench = importlib.util.module_from_spec(spec)   # imports torch: only now, after the measurements
         spec.loader.exec_module(bench)
-        bench.write_section(RESULTS, SECTION, body)
-        print(f"wrote section {SECTION!r} of {RESULTS}")
+        bench.write_section(RESULTS, section, body)
+        print(f"wrote section {section!r} of {RESULTS}")
     return 0
 
 
@@ -406,12 +440,12 @@ def measure(args: argparse.Namespace, argv: list[str] | None) -> tuple[list[dict
             times: dict[str, list[dict]] = {label: [] for label, _ in codes}
             for _ in range(args.rounds):   # interleaved: a change in the machine's load hits every code alike
                 for label, code in codes:
-                    times[label].append(run_worker(code, "time", n, out))
+                    times[label].append(run_worker(code, "time", n, out, label in args.stream))
             for label, code in codes:
                 ts = sorted(times[label], key=_abc_cpu)
                 r = {"label": label, "time": ts[len(ts) // 2], "rounds_cpu": [_abc_cpu(t) for t in times[label]]}
                 if n <= args.trace_max:
-                    r["mem"] = run_worker(code, "mem", n, out)
+                    r["mem"] = run_worker(code, "mem", n, out, label in args.stream)
                 for t in times[label] + ([r["mem"]] if "mem" in r else []):
                     if t["todo"] != n - done or t["done_count"] < done:
                         raise RuntimeError(f"{label} {n}: todo {t['todo']}, done-set {t['done_count']}: expected "

@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import itertools
 import posixpath
 from collections import defaultdict
+from typing import Iterator
 
 import pyarrow.fs as pafs
 
@@ -86,14 +88,29 @@ class _Entry:
     detail: str
 
 
-def _listing(uri: str, s3: S3Config | None, retry: RetryConfig | None) -> tuple[pafs.FileSystem, str, list[_Entry]]:
-    """Everything under ``uri`` with its key (:func:`cluster.storage.walk`); a ``uri`` that is one file gives
-    its folder as the root and the file name as the key."""
+def _entries(uri: str, s3: S3Config | None, retry: RetryConfig | None
+             ) -> tuple[pafs.FileSystem, str, Iterator[_Entry]]:
+    """Everything under ``uri`` with its key, streamed in path order (:func:`cluster.storage.iter_walk`); a
+    ``uri`` that is one file gives its folder as the root and the file name as the key. A missing root raises
+    here, before anything is returned."""
     fs, root = storage.get_filesystem(uri, s3)
-    listed = storage.walk(fs, root, s3, retry)
-    if len(listed) == 1 and listed[0].path == root:
+    listed = storage.iter_walk(fs, root, s3, retry)
+    first = next(listed, None)
+    if first is not None and first.path == root:
         root = posixpath.dirname(root)
-    return fs, root, [_Entry(_rel(root, e.path), e.path, e.kind, e.detail) for e in listed]
+
+    def entries() -> Iterator[_Entry]:
+        for e in itertools.chain([first] if first is not None else [], listed):
+            yield _Entry(_rel(root, e.path), e.path, e.kind, e.detail)
+    return fs, root, entries()
+
+
+def _listing(uri: str, s3: S3Config | None, retry: RetryConfig | None) -> tuple[pafs.FileSystem, str, list[_Entry]]:
+    """:func:`_entries` as a list, sorted by path."""
+    fs, root, entries = _entries(uri, s3, retry)
+    out = list(entries)
+    out.sort(key=lambda e: e.path)
+    return fs, root, out
 
 
 def _not_input(e: _Entry, extensions: tuple[str, ...]) -> str | None:
@@ -111,22 +128,50 @@ def _stem(path: str) -> str:
     return posixpath.splitext(posixpath.basename(path))[0]
 
 
+@dataclasses.dataclass
+class ImageStream:
+    """:func:`image_folder` a listing page at a time: iterating gives ``(item, reason, detail)`` in key order --
+    ``reason`` None for an image to read, else why the entry is a reject (as :attr:`Catalog.rejected`) -- and
+    counts the rest into ``ignored`` as it goes. Iterating to the end of a root with no input raises
+    :class:`FileNotFoundError`. Iterate once."""
+    fs: pafs.FileSystem
+    root: str
+    uri: str
+    entries: Iterator[_Entry]
+    ignored: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+
+    def __iter__(self) -> Iterator[tuple[Item, str | None, str]]:
+        found = False
+        for e in self.entries:
+            why = _not_input(e, IMAGE_EXTENSIONS)
+            if why is not None:
+                self.ignored[why] += 1
+                continue
+            found = True
+            yield Item(key=e.key, path=e.path), (None if e.kind == storage.FILE else e.kind), e.detail
+        if not found:
+            raise FileNotFoundError(f"{self.uri}: no image files ({', '.join(IMAGE_EXTENSIONS)}) found")
+
+
+def image_stream(uri: str, s3: S3Config | None = None, retry: RetryConfig | None = None) -> ImageStream:
+    """Every image file under ``uri`` (recursively), streamed in key order (:class:`ImageStream`)."""
+    fs, root, entries = _entries(uri, s3, retry)
+    return ImageStream(fs, root, uri, entries)
+
+
 def image_folder(uri: str, s3: S3Config | None = None, limit: int | None = None,
                  retry: RetryConfig | None = None) -> Catalog:
     """Every image file under ``uri`` (recursively), sorted by key; the rest is ``rejected`` or ``ignored``."""
-    fs, root, entries = _listing(uri, s3, retry)
-    items, rejected, ignored = [], [], collections.Counter()
-    for e in entries:
-        why = _not_input(e, IMAGE_EXTENSIONS)
-        if why is not None:
-            ignored[why] += 1
-        elif e.kind == storage.FILE:
-            items.append(Item(key=e.key, path=e.path))
+    stream = image_stream(uri, s3, retry)
+    items, rejected = [], []
+    for it, reason, detail in stream:
+        if reason is None:
+            items.append(it)
         else:
-            rejected.append((Item(key=e.key, path=e.path), e.kind, e.detail))
-    if not items and not rejected:
-        raise FileNotFoundError(f"{uri}: no image files ({', '.join(IMAGE_EXTENSIONS)}) found")
-    return Catalog(fs, root, items[:limit] if limit else items, rejected, dict(ignored))
+            rejected.append((it, reason, detail))
+    items.sort(key=lambda i: i.path)
+    rejected.sort(key=lambda r: r[0].path)
+    return Catalog(stream.fs, stream.root, items[:limit] if limit else items, rejected, dict(stream.ignored))
 
 
 def paired_folder(uri: str, s3: S3Config | None = None, limit: int | None = None,

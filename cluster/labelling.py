@@ -66,7 +66,7 @@ import os
 import posixpath
 import sys
 import time
-from typing import Any, Iterable, Literal, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Literal, Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -307,26 +307,79 @@ class Manifest:
     ignored: dict[str, int] = dataclasses.field(default_factory=dict)
 
 
+def _manifest_entries(m: Manifest) -> Iterator[tuple[catalog.Item, str | None, str]]:
+    return itertools.chain(((it, None, "") for it in m.items), m.rejected)
+
+
+@dataclasses.dataclass
+class Inputs:
+    """What the input holds, streamed: ``entries`` give ``(item, reason, detail)`` in key order (``reason`` None
+    for an input to label, else a listed reject, as :attr:`Manifest.rejected`); ``ignored`` is complete once
+    they are consumed. Iterate once."""
+    layout: str
+    entries: Iterator[tuple[catalog.Item, str | None, str]]
+    ignored: collections.Counter
+    manifest: Manifest | None = None   # a video layout: listed whole
+
+
+def _video_key(key: str) -> str | None:
+    """``images`` or ``masks`` for a key ``<seq>/images/<file>`` or ``<seq>/masks/<file>``, else None."""
+    p = key.split("/")
+    return p[1] if len(p) == 3 and p[1] in ("images", "masks") else None
+
+
 def _looks_like_video(keys: Iterable[str]) -> bool:
     """Every key is ``<seq>/images/<file>`` or ``<seq>/masks/<file>``, at least one under ``images`` (one pass
     that stops at the first other key: no split copy of the listing)."""
     images = False
     for k in keys:
-        p = k.split("/")
-        if len(p) != 3 or p[1] not in ("images", "masks"):
+        kind = _video_key(k)
+        if kind is None:
             return False
-        images = images or p[1] == "images"
+        images = images or kind == "images"
     return images
 
 
+def open_inputs(cfg: LabelConfig) -> Inputs:
+    """List the input, streamed for still images (a listing page at a time). ``layout: auto`` holds the first
+    entries while every input key has the video layout's form: at the first that does not, the layout is images
+    and the held entries go first; if the listing ends first, it is video. Video layouts are listed whole
+    (:func:`build_manifest`): frames are numbered per sequence and video files expanded."""
+    if cfg.layout != "video":
+        stream = catalog.image_stream(cfg.input, cfg.s3, retry=cfg.retry)
+        entries = iter(stream)
+        if cfg.layout == "images":
+            return Inputs("images", entries, stream.ignored)
+        head: list[tuple[catalog.Item, str | None, str]] = []
+        images = False
+        for e in entries:
+            head.append(e)
+            if e[1] is None:
+                kind = _video_key(e[0].key)
+                if kind is None:
+                    return Inputs("images", itertools.chain(head, entries), stream.ignored)
+                images = images or kind == "images"
+        if not images:
+            return Inputs("images", iter(head), stream.ignored)
+    m = _video_manifest(cfg)
+    return Inputs(m.layout, _manifest_entries(m), collections.Counter(m.ignored), m)
+
+
 def build_manifest(cfg: LabelConfig) -> Manifest:
-    """List the input once: every image (or video frame) with its stable id, sorted by key."""
-    layout = cfg.layout
-    if layout != "video":
-        cat = catalog.image_folder(cfg.input, cfg.s3, retry=cfg.retry)
-        if layout == "images" or not _looks_like_video(i.key for i in cat.items):
-            return Manifest(cat.items, cat.rejected, "images", cat.ignored)
-        layout = "video"
+    """List the input once, whole: every image (or video frame) with its stable id, sorted by key."""
+    inputs = open_inputs(cfg)
+    if inputs.manifest is not None:
+        return inputs.manifest
+    items, rejected = [], []
+    for it, reason, detail in inputs.entries:
+        if reason is None:
+            items.append(it)
+        else:
+            rejected.append((it, reason, detail))
+    return Manifest(items, rejected, "images", dict(inputs.ignored))
+
+
+def _video_manifest(cfg: LabelConfig) -> Manifest:
     cat = catalog.video_folders(cfg.input, cfg.s3)
     frames = [i for i in cat.items if i.frame >= 0]
     # video files: one row per frame (key "<file>#<index>", decoded with PyAV in load_images); a file that
@@ -337,7 +390,7 @@ def build_manifest(cfg: LabelConfig) -> Manifest:
         storage.retrying(lambda it=it: _probe(cat.fs, it.path), cfg.retry, f"reading {it.key}")
     rejected = cat.rejected + [(i, "video_file", "not a readable video file (PyAV could not open or demux it)")
                                for i in unreadable]
-    return Manifest(frames + video_frames, rejected, layout, cat.ignored)
+    return Manifest(frames + video_frames, rejected, "video", cat.ignored)
 
 
 def _probe(fs, path: str) -> None:
@@ -718,13 +771,11 @@ def _no_extra_remote_args() -> dict[str, Any]:
     return {}
 
 
-def build_dataset(cfg: LabelConfig, items: Sequence[catalog.Item], teacher_size: int):
-    """The Ray Data pipeline over ``items`` (lazy: nothing runs until it is consumed)."""
-    import ray
+def build_dataset(cfg: LabelConfig, blocks: TodoBlocks, teacher_size: int):
+    """The Ray Data pipeline over the inputs of ``blocks`` (lazy: nothing runs until it is consumed)."""
     _ensure_ray(cfg.ray_address)
-    table = _manifest_table(items)
     step = cfg.decode.batch_size
-    ds = ray.data.from_arrow([table.slice(i, step) for i in range(0, table.num_rows, step)])
+    ds = blocks.dataset()
     decode_kwargs = {"input_uri": cfg.input, "s3": cfg.s3, "size": teacher_size, "retry": cfg.retry}
     in_actor = cfg.decode.resolved_placement(cfg.pool.num_gpus) == "actor" and not cfg.is_foundation
     if not in_actor:
@@ -761,32 +812,9 @@ class DeferredInputs(OSError):
         self.summary = summary
 
 
-_ID_CHUNK = 65536   # listed ids made as Python strings this many at a time, then packed
-
-
-def _item_ids(items: Iterable[catalog.Item]) -> np.ndarray | pa.ChunkedArray:
-    """The ``id`` of every item, in order, Python strings existing for one chunk at a time: packed to one
-    ``uint64`` each (:func:`cluster.labels.pack_ids`, 8 bytes an id instead of a ~65-byte str) when every id has
-    the form :func:`kd.schema.stable_id` gives, else as Arrow ``large_string`` (an ``Item`` overriding ``id``)."""
-    packed: list[np.ndarray] = []
-    strings: list[pa.Array] = []
-    items = iter(items)
-    while True:
-        batch = [it.id for it in itertools.islice(items, _ID_CHUNK)]
-        if not batch:
-            break
-        chunk = pa.array(batch, pa.large_string())
-        p = None if strings else L.pack_ids(chunk)
-        if p is not None:
-            packed.append(p)
-            continue
-        if packed:   # back to the strings (exact: only 16 lowercase hex characters were packed)
-            strings += [pa.array([f"{v:016x}" for v in q.tolist()], pa.large_string()) for q in packed]
-            packed = []
-        strings.append(chunk)
-    if strings:
-        return pa.chunked_array(strings, pa.large_string())
-    return np.concatenate(packed) if packed else np.empty(0, np.uint64)
+_ID_CHUNK = 65536     # listed entries planned at a time (their Item objects and id strings exist for one chunk)
+_INLINE_ROWS = 65536  # inputs to label held by the driver; past this they go to Ray's object store
+_BLOCK_ROWS = 1024    # rows per object-store block of a large job (small jobs: decode.batch_size rows a block)
 
 
 def _check_ids(cfg: LabelConfig, items: Iterable[catalog.Item]) -> None:
@@ -809,61 +837,145 @@ def _sorted_isin(sorted_values: np.ndarray, x: np.ndarray, chunk: int = 1 << 20)
     return hit
 
 
-def _plan(cfg: LabelConfig, manifest: Manifest, out_fs, out_root: str
-          ) -> tuple[list[catalog.Item], list[tuple[catalog.Item, str, str]]]:
-    """What this run labels: ``(todo, rejected_now)``, the manifest's items and listed rejects whose id is in no
-    label or reject shard under the output -- after checking that no two listed keys share an id
-    (:func:`_check_ids`) and removing the temporaries an interrupted run left.
+Entry = tuple[catalog.Item, "str | None", str]   # (item, reject reason or None, detail), as Inputs give them
 
-    Compact at scale: the listed ids are made once and packed to ``uint64`` (:func:`_item_ids`); the id check
-    sorts them, and the done-set (:func:`cluster.labels.done_id_array`, packed the same way) is sorted and
-    searched with numpy. Ids of another form take Arrow instead (``count_distinct``, ``is_in`` on the strings).
-    No Python str, set or dict entry per id (but for naming a collision), and none of it outlives this call.
+
+@dataclasses.dataclass
+class Chunk:
+    """One planned chunk of the listing: how many entries it had, those not done yet (``todo`` to label,
+    ``rejected`` listed rejects to record)."""
+    listed: int
+    todo: list[catalog.Item]
+    rejected: list[tuple[catalog.Item, str, str]]
+
+
+def _plan_chunks(cfg: LabelConfig, entries: Iterable[Entry], out_fs, out_root: str,
+                 relist: Callable[[], Iterable[catalog.Item]]) -> Iterator[Chunk]:
+    """What this run labels, streamed: ``entries`` ``_ID_CHUNK`` at a time, each chunk's entries whose id is in
+    no label or reject shard under the output. Before the first chunk the temporaries an interrupted run left
+    are removed; after the last, no two listed keys may share an id (``relist`` gives the listing again to name
+    them: :func:`_check_ids`), so a consumer must not act on the chunks before the iteration ends.
+
+    Memory: the done-set (:func:`cluster.labels.done_packed`) and every listed id, packed to 8 bytes each
+    (:func:`cluster.labels.pack_any`), plus one chunk's Python objects. Filtering is ``np.searchsorted`` on the
+    sorted done-set; the id check sorts the listed ids and compares neighbours.
     """
-    def listed() -> Iterable[catalog.Item]:
-        return itertools.chain(manifest.items, (it for it, _, _ in manifest.rejected))
-
-    ids = _item_ids(listed())
-    packed = isinstance(ids, np.ndarray)
-    if packed:
-        s = np.sort(ids)
-        distinct = not np.any(s[1:] == s[:-1])
-        del s
-    else:
-        distinct = pc.count_distinct(ids).as_py() == len(ids)
-    if not distinct:
-        _check_ids(cfg, listed())   # names the two keys (or passes: one key listed twice)
     stale = L.remove_stale_temporaries(out_fs, out_root)
     if stale:
         log.info("removed %d temporary files left by an interrupted run", stale)
-    done = L.done_id_array(out_fs, out_root)
-    if packed:
-        done = L.pack_ids(done, drop_other=True)   # an id of another form equals no packed id
-        done.sort()
-        hit = _sorted_isin(done, ids)
-    else:
-        hit = pc.is_in(ids, value_set=done).to_numpy(zero_copy_only=False)
-    del ids, done
-    keep = np.logical_not(hit)
-    n = len(manifest.items)
-    return list(itertools.compress(manifest.items, keep[:n])), list(itertools.compress(manifest.rejected, keep[n:]))
+    done = L.done_packed(out_fs, out_root)
+    seen: list[np.ndarray] = []
+    entries = iter(entries)
+    while True:
+        chunk = list(itertools.islice(entries, _ID_CHUNK))
+        if not chunk:
+            break
+        ids = L.pack_any([it.id for it, _, _ in chunk])
+        seen.append(ids)
+        keep = np.logical_not(_sorted_isin(done, ids)).tolist()
+        yield Chunk(len(chunk), [it for (it, r, _), k in zip(chunk, keep) if k and r is None],
+                    [e for e, k in zip(chunk, keep) if k and e[1] is not None])
+    del done
+    listed = np.concatenate(seen) if seen else np.empty(0, np.uint64)
+    del seen
+    listed.sort()
+    if np.any(listed[1:] == listed[:-1]):
+        del listed
+        _check_ids(cfg, relist())   # names the two keys (or passes: one key listed twice)
+
+
+def _plan(cfg: LabelConfig, manifest: Manifest, out_fs, out_root: str
+          ) -> tuple[list[catalog.Item], list[tuple[catalog.Item, str, str]]]:
+    """:func:`_plan_chunks` over a whole :class:`Manifest`: ``(todo, rejected_now)``."""
+    todo: list[catalog.Item] = []
+    rejected: list[tuple[catalog.Item, str, str]] = []
+    for c in _plan_chunks(cfg, _manifest_entries(manifest), out_fs, out_root,
+                          lambda: itertools.chain(manifest.items, (it for it, _, _ in manifest.rejected))):
+        todo += c.todo
+        rejected += c.rejected
+    return todo, rejected
+
+
+class TodoBlocks:
+    """The inputs a run labels as the Arrow blocks Ray Data starts from. While at most ``_INLINE_ROWS``, the
+    driver holds them and hands them over as blocks of ``step`` rows (small jobs: one decode task a batch);
+    past that, each ``_BLOCK_ROWS`` goes to Ray's object store through ``put`` as soon as it is full, so the
+    driver holds at most ``_INLINE_ROWS`` items (Ray spills the store to disk)."""
+
+    def __init__(self, step: int, put: Callable[[pa.Table], Any]):
+        self.step, self.put = step, put
+        self.rows = 0
+        self.pending: list[catalog.Item] = []
+        self.refs: list[Any] = []
+
+    def add(self, items: Sequence[catalog.Item]) -> None:
+        self.pending += items
+        self.rows += len(items)
+        if self.refs or len(self.pending) > _INLINE_ROWS:
+            self._spill(final=False)
+
+    def _spill(self, final: bool) -> None:
+        n = len(self.pending) if final else len(self.pending) - len(self.pending) % _BLOCK_ROWS
+        for i in range(0, n, _BLOCK_ROWS):   # fresh buffers per block: a slice would carry its parent's
+            self.refs.append(self.put(_manifest_table(self.pending[i:i + _BLOCK_ROWS])))
+        del self.pending[:n]
+
+    def dataset(self):
+        import ray
+        if self.refs:
+            self._spill(final=True)
+            return ray.data.from_arrow_refs(self.refs)
+        table = _manifest_table(self.pending)
+        return ray.data.from_arrow([table.slice(i, self.step) for i in range(0, table.num_rows, self.step)])
+
+
+@dataclasses.dataclass
+class RunPlan:
+    """What one run does: the inputs to label (``blocks``), listed rejects to record, and the counts."""
+    layout: str
+    total: int
+    ignored: dict[str, int]
+    blocks: TodoBlocks
+    rejected_now: list[tuple[catalog.Item, str, str]]
+    deferred: int            # past ``cfg.limit``: not labelled by this run
+
+    @property
+    def skipped_done(self) -> int:
+        return self.total - self.blocks.rows - self.deferred - len(self.rejected_now)
+
+
+def plan_run(cfg: LabelConfig, out_fs, out_root: str, put: Callable[[pa.Table], Any]) -> RunPlan:
+    """List the input once, streamed (:func:`open_inputs`), and keep what is not done (:func:`_plan_chunks`),
+    up to ``cfg.limit``: the driver's whole plan in memory bounded by the packed ids (8 bytes a listed key and
+    a done id) plus ``_INLINE_ROWS`` items; ``put`` moves a block into Ray's object store."""
+    inputs = open_inputs(cfg)
+    blocks = TodoBlocks(cfg.decode.batch_size, put)
+    rejected_now: list[tuple[catalog.Item, str, str]] = []
+    total = deferred = 0
+    for c in _plan_chunks(cfg, inputs.entries, out_fs, out_root,
+                          lambda: (it for it, _, _ in open_inputs(cfg).entries)):
+        total += c.listed
+        rejected_now += c.rejected
+        take = c.todo if cfg.limit is None else c.todo[:max(0, cfg.limit - blocks.rows)]
+        deferred += len(c.todo) - len(take)
+        blocks.add(take)
+    return RunPlan(inputs.layout, total, dict(inputs.ignored), blocks, rejected_now, deferred)
 
 
 def _label(cfg: LabelConfig, summary: LabelSummary) -> Review | None:
     t_start, run_start = time.perf_counter(), time.time()
     out_fs, out_root = storage.get_filesystem(cfg.output, cfg.s3)
-    manifest = build_manifest(cfg)
-    summary.layout = manifest.layout
-    summary.ignored = dict(manifest.ignored)
-    summary.total = len(manifest.items) + len(manifest.rejected)
-    todo, rejected_now = _plan(cfg, manifest, out_fs, out_root)
-    summary.skipped_done = summary.total - len(todo) - len(rejected_now)
-    if cfg.limit is not None and len(todo) > cfg.limit:
-        summary.deferred = len(todo) - cfg.limit
-        todo = todo[: cfg.limit]
+
+    def put(table: pa.Table):   # a large job's blocks wait in Ray's object store, not in the driver
+        import ray
+        _ensure_ray(cfg.ray_address)
+        return ray.put(table)
+    plan = plan_run(cfg, out_fs, out_root, put)
+    summary.layout, summary.ignored, summary.total = plan.layout, plan.ignored, plan.total
+    summary.skipped_done, summary.deferred = plan.skipped_done, plan.deferred
     reasons: collections.Counter = collections.Counter()
+    rejected_now = plan.rejected_now
     if rejected_now:  # known from the listing alone: recorded without Ray
-        n = len(rejected_now)
         batch = {S.ID: np.array([i.id for i, _, _ in rejected_now], dtype=object),
                  S.KEY: np.array([i.key for i, _, _ in rejected_now], dtype=object),
                  S.SEQUENCE: np.array([i.sequence for i, _, _ in rejected_now], dtype=object),
@@ -873,13 +985,13 @@ def _label(cfg: LabelConfig, summary: LabelSummary) -> Review | None:
         out = write_label_shards(batch, output_uri=cfg.output, s3=cfg.s3, retry=cfg.retry)
         _count(summary, reasons, out)
     summary.teacher, summary.weights_hash, teacher_size = _teacher_info(cfg)
-    log.info("labelling %d images (%d skipped as done) with %s at %d px", len(todo), summary.skipped_done,
+    log.info("labelling %d images (%d skipped as done) with %s at %d px", plan.blocks.rows, summary.skipped_done,
              summary.teacher, teacher_size)
-    if todo:
+    if plan.blocks.rows:
         import ray
         _ensure_ray(cfg.ray_address)
         ray.data.DataContext.get_current().enable_progress_bars = cfg.progress
-        ds = build_dataset(cfg, todo, teacher_size)
+        ds = build_dataset(cfg, plan.blocks, teacher_size)
         finished: collections.Counter = collections.Counter()  # teacher batch end time -> images
         for out in ds.iter_batches(batch_size=None, batch_format="numpy"):
             _count(summary, reasons, out)

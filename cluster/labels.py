@@ -44,7 +44,7 @@ from kd import schema as S
 
 log = logging.getLogger(__name__)
 
-__all__ = ["LABEL_SCHEMA", "REJECT_SCHEMA", "FILLED_COLUMNS", "shard_paths", "read_ids", "done_ids", "done_id_array",
+__all__ = ["LABEL_SCHEMA", "REJECT_SCHEMA", "FILLED_COLUMNS", "shard_paths", "read_ids", "done_ids", "done_packed", "pack_any",
            "pack_ids", "shard_name", "write_shard", "write_file_atomic", "read_labels", "read_label_table",
            "read_label_rows", "read_rejects", "decode_label", "labels_dir", "remove_stale_temporaries", "resolve_root"]
 
@@ -106,9 +106,9 @@ def _read_shard(fs: pafs.FileSystem, path: str, columns: list[str] | None, schem
     return t if columns is None else t.select(columns)
 
 
-def _read_shards(fs: pafs.FileSystem, paths: Iterable[str], columns: list[str] | None,
-                 schema: pa.Schema) -> pa.Table:
-    tables = []
+def _iter_shards(fs: pafs.FileSystem, paths: Iterable[str], columns: list[str] | None,
+                 schema: pa.Schema) -> Iterable[pa.Table]:
+    """Each readable shard's ``columns``, one at a time."""
     for p in paths:
         try:
             t = storage.retrying(lambda p=p: _read_shard(fs, p, columns, schema), None,
@@ -120,7 +120,12 @@ def _read_shards(fs: pafs.FileSystem, paths: Iterable[str], columns: list[str] |
             # so a rerun labels them again into a new shard.
             log.warning("skipping unreadable shard %s: %s", storage.to_uri(fs, p), e)
             continue
-        tables.append(t)
+        yield t
+
+
+def _read_shards(fs: pafs.FileSystem, paths: Iterable[str], columns: list[str] | None,
+                 schema: pa.Schema) -> pa.Table:
+    tables = list(_iter_shards(fs, paths, columns, schema))
     if not tables:
         fields = [schema.field(c) for c in columns] if columns else list(schema)
         return pa.schema(fields).empty_table()
@@ -149,16 +154,18 @@ def done_ids(fs: pafs.FileSystem, root: str) -> set[str]:
     return read_ids(fs, root, S.LABELS_DIR) | read_ids(fs, root, S.REJECTS_DIR)
 
 
-def done_id_array(fs: pafs.FileSystem, root: str) -> pa.ChunkedArray:
-    """:func:`done_ids` as Arrow ``large_string`` (an id may occur more than once): ~24 bytes an id and no
-    Python object per id, what a rerun of a large job matches its listing against (packed by :func:`pack_ids`
-    for numpy, or with ``pyarrow.compute.is_in``)."""
-    chunks: list[pa.Array] = []
+def done_packed(fs: pafs.FileSystem, root: str) -> np.ndarray:
+    """:func:`done_ids` packed by :func:`pack_any` and sorted (``uint64``; an id may occur more than once): 8
+    bytes a done id, read one shard at a time -- what a rerun of a large job matches its listing against with
+    ``np.searchsorted``."""
+    parts: list[np.ndarray] = []
     for kind, schema in ((S.LABELS_DIR, LABEL_SCHEMA), (S.REJECTS_DIR, REJECT_SCHEMA)):
-        col = _read_shards(fs, shard_paths(fs, root, kind), [S.ID], schema).column(S.ID)
-        chunks += [c.cast(pa.large_string()) for c in col.chunks]
-        del col
-    return pa.chunked_array(chunks, pa.large_string())
+        for t in _iter_shards(fs, shard_paths(fs, root, kind), [S.ID], schema):
+            parts.append(pack_any(t.column(S.ID)))
+    out = np.concatenate(parts) if parts else np.empty(0, np.uint64)
+    del parts
+    out.sort()
+    return out
 
 
 _HEX16 = re.compile(r"[0-9a-f]{16}")
@@ -200,6 +207,24 @@ def pack_ids(ids: pa.Array | pa.ChunkedArray, drop_other: bool = False) -> np.nd
         out[k:k + len(p)] = p
         k += len(p)
     return out if k == len(out) else out[:k].copy()
+
+
+def _pack_one(v: str) -> int:
+    if _HEX16.fullmatch(v):
+        return int(v, 16)
+    return int.from_bytes(hashlib.blake2b(v.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "big")
+
+
+def pack_any(ids: pa.Array | pa.ChunkedArray | Iterable[str]) -> np.ndarray:
+    """Every id as one ``uint64``, in order: :func:`pack_ids` (``int(id, 16)``, exact) for ids of the form
+    :func:`kd.schema.stable_id` gives -- every id sodkd makes -- and a 64-bit BLAKE2b digest of any other string
+    (two different such ids share a value with probability 2^-64)."""
+    if not isinstance(ids, (pa.Array, pa.ChunkedArray)):
+        ids = pa.array(list(ids), pa.large_string())
+    p = pack_ids(ids)
+    if p is not None:
+        return p
+    return np.array([_pack_one(v) for v in ids.to_pylist()], np.uint64)
 
 
 def remove_stale_temporaries(fs: pafs.FileSystem, root: str) -> int:

@@ -344,50 +344,69 @@ def _file_kind(mode: int) -> str:
 
 
 def _walk_local(root: str) -> Iterator[Listed]:
-    pending = [root]
-    while pending:
-        d = pending.pop()
-        try:
-            entries = list(os.scandir(d))
-        except OSError as e:
-            if d == root:
-                raise
-            yield Listed(d, UNREADABLE_DIR, f"{type(e).__name__}: {e.strerror or e}")
-            continue
-        for entry in entries:
+    yield from _walk_folder(root, root)
+
+
+def _walk_folder(d: str, root: str) -> Iterator[Listed]:
+    """``d`` depth first, its entries in the order of their full paths: a sub-folder sorts as its name + "/"
+    (``a-b`` < ``a/`` < ``a0``), so paths come out sorted with one folder's entries per level in memory. An
+    unreadable folder is yielded in its children's place (the one path a full sort would put earlier)."""
+    try:
+        entries = list(os.scandir(d))
+    except OSError as e:
+        if d == root:
+            raise
+        yield Listed(d, UNREADABLE_DIR, f"{type(e).__name__}: {e.strerror or e}")
+        return
+    found: list[tuple[str, str, Listed | None]] = []   # (sort name, path, entry; None for a folder)
+    for entry in entries:
+        found.append((entry.name + "/", entry.path, None) if _is_folder(entry)
+                     else (entry.name, entry.path, _listed(entry)))
+    del entries
+    found.sort(key=lambda x: x[0])
+    for _, path, listed in found:
+        if listed is None:
+            yield from _walk_folder(path, root)
+        else:
+            yield listed
+
+
+def _is_folder(entry: os.DirEntry) -> bool:
+    try:
+        return not entry.is_symlink() and entry.is_dir(follow_symlinks=False)
+    except OSError:
+        return False
+
+
+def _listed(entry: os.DirEntry) -> Listed:
+    """What a non-folder entry is: a file, or why a job cannot open it."""
+    try:
+        if entry.is_symlink():
             try:
-                if entry.is_symlink():
-                    try:
-                        st = os.stat(entry.path)
-                    except OSError as e:
-                        yield Listed(entry.path, BROKEN_LINK,
-                                     f"symlink to {os.readlink(entry.path)!r}: {e.strerror or e}")
-                        continue
-                    if stat.S_ISREG(st.st_mode):
-                        yield Listed(entry.path)
-                    elif stat.S_ISDIR(st.st_mode):
-                        yield Listed(entry.path, LINKED_DIR,
-                                     f"symlink to the directory {os.readlink(entry.path)!r}: not followed")
-                    else:
-                        yield Listed(entry.path, SPECIAL, f"symlink to a {_file_kind(st.st_mode)}")
-                elif entry.is_dir(follow_symlinks=False):
-                    pending.append(entry.path)
-                elif entry.is_file(follow_symlinks=False):
-                    yield Listed(entry.path)
-                else:
-                    yield Listed(entry.path, SPECIAL, f"a {_file_kind(entry.stat(follow_symlinks=False).st_mode)}")
-            except OSError as e:  # vanished or unreadable between scandir and stat
-                yield Listed(entry.path, UNREADABLE_DIR if entry.is_dir() else SPECIAL,
-                             f"{type(e).__name__}: {e.strerror or e}")
+                st = os.stat(entry.path)
+            except OSError as e:
+                return Listed(entry.path, BROKEN_LINK, f"symlink to {os.readlink(entry.path)!r}: {e.strerror or e}")
+            if stat.S_ISREG(st.st_mode):
+                return Listed(entry.path)
+            if stat.S_ISDIR(st.st_mode):
+                return Listed(entry.path, LINKED_DIR,
+                              f"symlink to the directory {os.readlink(entry.path)!r}: not followed")
+            return Listed(entry.path, SPECIAL, f"symlink to a {_file_kind(st.st_mode)}")
+        if entry.is_file(follow_symlinks=False):
+            return Listed(entry.path)
+        return Listed(entry.path, SPECIAL, f"a {_file_kind(entry.stat(follow_symlinks=False).st_mode)}")
+    except OSError as e:  # vanished or unreadable between scandir and stat
+        return Listed(entry.path, SPECIAL, f"{type(e).__name__}: {e.strerror or e}")
 
 
-def _walk_s3(fs: pafs.S3FileSystem, root: str, s3: S3Config | None, retry: RetryConfig | None) -> list[Listed]:
+def _walk_s3(fs: pafs.S3FileSystem, root: str, s3: S3Config | None, retry: RetryConfig | None) -> Iterator[Listed]:
+    """Page by page; ListObjectsV2 gives keys in UTF-8 byte order, which is Python's str order (sorted paths)."""
     client = _s3_client_for(fs, s3)
     bucket, prefix = _split(root)
     if not bucket:
         raise ValueError("s3://: no bucket given")
     base = f"{prefix}/" if prefix else ""
-    out: list[Listed] = []
+    listed_any = False
     token: str | None = None
     while True:
         kwargs = {"Bucket": bucket, "Prefix": base, **({"ContinuationToken": token} if token else {})}
@@ -399,46 +418,57 @@ def _walk_s3(fs: pafs.S3FileSystem, root: str, s3: S3Config | None, retry: Retry
                 raise _s3_error(e, root) from e
         resp = retrying(page, retry, f"listing s3://{root}")
         for obj in resp.get("Contents", []):
+            listed_any = True
             key = obj["Key"]
             if key.endswith("/"):
-                out.append(Listed(f"{bucket}/{key}", DIR_MARKER, "a folder marker object (key ends with /)"))
+                yield Listed(f"{bucket}/{key}", DIR_MARKER, "a folder marker object (key ends with /)")
             else:
-                out.append(Listed(f"{bucket}/{key}"))
+                yield Listed(f"{bucket}/{key}")
         if not resp.get("IsTruncated"):
             break
         token = resp["NextContinuationToken"]
-    if not out and prefix:
+    if not listed_any and prefix:
         try:  # the root itself may be one object
             retrying(lambda: client.head_object(Bucket=bucket, Key=prefix), retry, f"s3://{root}")
-            return [Listed(root)]
+            yield Listed(root)
+            return
         except Exception as e:  # noqa: BLE001
             err = e if isinstance(e, OSError) else _s3_error(e, root)
             if not isinstance(err, FileNotFoundError):
                 raise err from e
         raise FileNotFoundError(f"s3://{root}: no such directory or prefix")
-    return out
 
 
-def walk(fs: pafs.FileSystem, root: str, s3: S3Config | None = None,
-         retry: RetryConfig | None = None) -> list[Listed]:
-    """Everything under ``root`` (recursively), sorted by path: files and the entries a reader must not or
-    cannot open (broken links, special files, links to directories, unreadable folders, S3 folder markers).
+def iter_walk(fs: pafs.FileSystem, root: str, s3: S3Config | None = None,
+              retry: RetryConfig | None = None) -> Iterator[Listed]:
+    """Everything under ``root`` (recursively), streamed in path order: files and the entries a reader must not
+    or cannot open (broken links, special files, links to directories, unreadable folders, S3 folder markers).
 
-    Paths are ``root + "/" + key`` with the key exactly as stored (on S3 listed through boto3; pages retried
-    on transient errors). ``root`` that is itself a file gives ``[Listed(root)]``; a missing root raises
-    :class:`FileNotFoundError`. Hidden names are listed too (callers decide).
+    Paths are ``root + "/" + key`` with the key exactly as stored (on S3 listed through boto3 a page at a time;
+    pages retried on transient errors). Memory: one S3 page, or one folder's entries per level of a local tree.
+    ``root`` that is itself a file gives ``Listed(root)`` alone; a missing root raises
+    :class:`FileNotFoundError` (on S3 when the first page is read). Hidden names are listed too (callers decide).
     """
     if isinstance(fs, pafs.S3FileSystem):
-        out = _walk_s3(fs, root, s3, retry)
+        yield from _walk_s3(fs, root, s3, retry)
     elif isinstance(fs, pafs.LocalFileSystem):
         try:
             st = os.stat(root)
         except FileNotFoundError:
             raise FileNotFoundError(f"{root}: no such directory or prefix") from None
-        out = [Listed(root)] if stat.S_ISREG(st.st_mode) else list(_walk_local(root))
+        if stat.S_ISREG(st.st_mode):
+            yield Listed(root)
+        else:
+            yield from _walk_local(root)
     else:
-        out = [Listed(p) for p in list_files(fs, root)]
-    out.sort(key=lambda e: e.path)   # in place: no second list of every entry
+        yield from sorted((Listed(p) for p in list_files(fs, root)), key=lambda e: e.path)
+
+
+def walk(fs: pafs.FileSystem, root: str, s3: S3Config | None = None,
+         retry: RetryConfig | None = None) -> list[Listed]:
+    """:func:`iter_walk` as a list, sorted by path."""
+    out = list(iter_walk(fs, root, s3, retry))
+    out.sort(key=lambda e: e.path)   # in place; already in order but for an unreadable folder's entry
     return out
 
 

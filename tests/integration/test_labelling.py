@@ -274,6 +274,38 @@ def test_limit_labels_part_then_the_rest_exactly_once(ray_address, teacher, shar
     _assert_exactly_once(pafs.LocalFileSystem(), str(tmp_path / "out"), [p.name for p in src])
 
 
+def test_a_listing_past_the_inline_limit_streams_through_the_object_store_exactly_once(
+        ray_address, teacher, shared_data, s3_endpoint, monkeypatch):
+    """The driver plans a listing a chunk at a time and, past ``_INLINE_ROWS`` inputs, hands them to Ray's object
+    store in ``_BLOCK_ROWS`` blocks (limits made tiny here: 11 keys on S3 in nested prefixes, chunks of 4)."""
+    from cluster import labelling as LB
+    from cluster.storage import get_filesystem
+    monkeypatch.setattr(LB, "_ID_CHUNK", 4)
+    monkeypatch.setattr(LB, "_INLINE_ROWS", 5)
+    monkeypatch.setattr(LB, "_BLOCK_ROWS", 3)
+    spec, _ = teacher
+    s3 = S3Config(endpoint_url=s3_endpoint)
+    client = boto3_client(s3)
+    client.create_bucket(Bucket="sodkd-stream")
+    src = _images(shared_data, 11, start=60)
+    keys = [f"{'a/b' if i % 3 == 0 else 'a-b' if i % 3 == 1 else 'a0'}/{p.name}" for i, p in enumerate(src)]
+    for k, p in zip(keys, src):
+        client.put_object(Bucket="sodkd-stream", Key=f"in/{k}", Body=p.read_bytes())
+    client.put_object(Bucket="sodkd-stream", Key="in/notes.txt", Body=b"not an image")
+    cfg = _cfg("s3://sodkd-stream/in", "s3://sodkd-stream/out", spec, s3=s3, limit=8)
+    blocks: list[int] = []
+    plan = LB.plan_run(cfg, *get_filesystem(cfg.output, s3), put=lambda t: blocks.append(t.num_rows) or t)
+    assert (plan.total, plan.blocks.rows, plan.deferred, plan.ignored) == (11, 8, 3, {".txt": 1})
+    assert blocks == [3, 3] and len(plan.blocks.pending) == 2   # spilled once past 5; 2 wait for the last block
+    first = run_labelling(cfg, samples=0)
+    assert (first.labelled, first.deferred, first.total, first.ignored) == (8, 3, 11, {".txt": 1})
+    rest = run_labelling(_cfg("s3://sodkd-stream/in", "s3://sodkd-stream/out", spec, s3=s3), samples=0)
+    assert (rest.labelled, rest.skipped_done) == (3, 8)
+    table = L.read_labels("s3://sodkd-stream/out", s3)
+    assert sorted(table.column(S.KEY).to_pylist()) == sorted(keys)
+    assert len(table) == 11
+
+
 def _shards(out: Path) -> list[str]:
     """Finished label shards (not the hidden temporaries a shard is written to before its rename)."""
     d = out / S.LABELS_DIR

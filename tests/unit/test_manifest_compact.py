@@ -1,6 +1,6 @@
 """The labelling driver's compact manifest steps (issue 13 item 7) give what the Python-object versions gave:
-``_plan`` (ids packed to uint64, sorted and searched; Arrow strings for ids of another form) against the old
-set-of-str filter, ``done_id_array`` against ``done_ids``, ``pack_ids`` against ``int(id, 16)``, the one-pass
+``_plan`` (ids packed to uint64, sorted and searched; a 64-bit digest for ids of another form) against the old
+set-of-str filter, ``done_packed`` against ``done_ids``, ``pack_ids`` against ``int(id, 16)``, the one-pass
 ``_looks_like_video`` against the old list version, and the slotted listing types."""
 
 from __future__ import annotations
@@ -134,25 +134,23 @@ def test_plan_still_names_an_id_collision_and_allows_a_repeated_key(output):
     assert LB._plan(cfg, same, fs, root) == (same.items, [])
 
 
-def test_done_id_array_holds_the_done_ids(output):
+def test_done_packed_holds_the_done_ids_sorted(output):
     fs, root, _ = output
-    arr = L.done_id_array(fs, root)
-    assert arr.type == pa.large_string()
-    assert set(arr.to_pylist()) == L.done_ids(fs, root) == {
-        S.stable_id(k) for k in ["a.jpg", "b.jpg", "gone.jpg", "c.jpg", "d.jpg", "e.jpg", "r1.jpg", "gone2.jpg"]}
-    assert len(arr) == 9   # d twice: duplicates are kept (is_in does not care)
+    arr = L.done_packed(fs, root)
+    done = L.done_ids(fs, root)
+    assert done == {S.stable_id(k) for k in ["a.jpg", "b.jpg", "gone.jpg", "c.jpg", "d.jpg", "e.jpg", "r1.jpg",
+                                             "gone2.jpg"]}
+    assert arr.dtype == np.uint64 and arr.tolist() == sorted([int(i, 16) for i in done] + [int(S.stable_id("d.jpg"), 16)])
+    assert len(L.done_packed(fs, root + "-none")) == 0
 
 
-def test_item_ids_in_order_over_chunks(monkeypatch):
-    monkeypatch.setattr(LB, "_ID_CHUNK", 2)
-    items = [catalog.Item(f"k{i}.jpg", f"in/k{i}.jpg") for i in range(5)]
-    for given in (items, iter(items)):
-        ids = LB._item_ids(given)
-        assert ids.dtype == np.uint64 and ids.tolist() == [int(i.id, 16) for i in items]
-    assert len(LB._item_ids([])) == 0
-    mixed = items + [Named("z.jpg", "in/z.jpg")] + items[:1]
-    ids = LB._item_ids(mixed)
-    assert isinstance(ids, pa.ChunkedArray) and ids.to_pylist() == [i.id for i in mixed]
+def test_pack_any_packs_stable_ids_exactly_and_digests_the_rest():
+    items = [S.stable_id(f"k{i}.jpg") for i in range(5)]
+    assert L.pack_any(items).tolist() == [int(i, 16) for i in items] == L.pack_any(iter(items)).tolist()
+    assert len(L.pack_any([])) == 0
+    mixed = L.pack_any(items + ["n-z.jpg", "N-Z.JPG", "n-z.jpg"])
+    assert mixed.dtype == np.uint64 and mixed[:5].tolist() == [int(i, 16) for i in items]
+    assert mixed[5] == mixed[7] != mixed[6] and len(set(mixed.tolist())) == 7
 
 
 def test_pack_ids_is_int_base_16_of_stable_ids():
@@ -203,3 +201,25 @@ def test_walk_is_still_sorted_by_path(tmp_path):
         (tmp_path / rel).write_bytes(b"x")
     paths = [e.path for e in storage.walk(pafs.LocalFileSystem(), str(tmp_path))]
     assert paths == sorted(paths) and len(paths) == 5
+
+
+def test_iter_walk_streams_local_paths_in_sorted_order(tmp_path):
+    """A sub-folder sorts as its name + "/": ``a-b.jpg`` < ``a/`` < ``a0.jpg``, so depth first is path order."""
+    import os
+    for rel in ["a/b/2.jpg", "a-b.jpg", "a/1.jpg", "a0.jpg", "a/b-c/x.jpg", "a/b.jpg", "Z/é.jpg", "c d/x.jpg"]:
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(b"x")
+    os.symlink(tmp_path / "missing.jpg", tmp_path / "a" / "broken.jpg")
+    os.mkfifo(tmp_path / "a" / "fifo.jpg")
+    it = storage.iter_walk(pafs.LocalFileSystem(), str(tmp_path))
+    assert not isinstance(it, list)
+    streamed = list(it)
+    paths = [e.path for e in streamed]
+    assert paths == sorted(paths) and len(paths) == 10
+    assert streamed == storage.walk(pafs.LocalFileSystem(), str(tmp_path))
+    kinds = {os.path.relpath(e.path, tmp_path): e.kind for e in streamed if e.kind != storage.FILE}
+    assert kinds == {"a/broken.jpg": storage.BROKEN_LINK, "a/fifo.jpg": storage.SPECIAL}
+    one = tmp_path / "a0.jpg"
+    assert [e.path for e in storage.iter_walk(pafs.LocalFileSystem(), str(one))] == [str(one)]
+    with pytest.raises(FileNotFoundError):
+        next(storage.iter_walk(pafs.LocalFileSystem(), str(tmp_path / "nope")))
