@@ -66,6 +66,15 @@ RUNS = {
                  "teacher labels sharpened (s = 0.5); dice + BCE x teacher confidence"),
 }
 
+# a second cosine cycle from the committed weights (the same extra steps for both): does a longer budget
+# widen KD's margin over FS? name -> (the run whose recipe it repeats, the weights file it starts from)
+CYCLE2 = {"fs-c2": ("fs", REPO / "weights" / "fs-scfnet_m3.fp16.pt"),
+          "kd-sharp-c2": ("kd-sharp", REPO / "weights" / "kd-scfnet_m3-from-csnet-L-x2.fp16.pt")}
+CYCLE2_LR = 0.02
+for _k, (_base, _w) in CYCLE2.items():
+    RUNS[_k] = (RUNS[_base][0], RUNS[_base][1], RUNS[_base][2] + f"; + a second cycle (lr {CYCLE2_LR}) from "
+                f"`weights/{_w.name}`")
+
 # the KD-loss ablation at a shorter budget (all four rows at the same steps): abl-dice, abl-bce, ...
 RUNS.update({"abl-" + k[3:]: v for k, v in list(RUNS.items()) if k.startswith("kd-")})
 
@@ -119,6 +128,9 @@ def train_config(name: str, steps: int) -> dict:
         "output": {"dir": str(OUT / "weights"), "fp16": True},
         **loss,
     }
+    if name in CYCLE2:
+        cfg["model"]["init_weights"] = str(CYCLE2[name][1])
+        cfg["optim"].update(lr=CYCLE2_LR, lr_start=CYCLE2_LR / 10, lr_final=LR / 50)
     if mode == "supervised":
         cfg["data"]["paired"] = [{"uri": str(OUT / "data" / "duts-train")}]
     else:
@@ -183,7 +195,7 @@ def evaluate_all(section: str, results: Path, threads: int, only: str | None = N
     if tkey not in cache:
         cache[tkey] = score_teacher(TEACHERS["csnet-x2"], cat, None, tta="hflip", threads=threads)
     for name in RUNS:
-        if only and not name.startswith(only):
+        if only and not any(name.startswith(o) for o in only.split(",")):
             continue
         sp = OUT / "state" / f"{name}.json"
         if not sp.exists():
@@ -196,8 +208,10 @@ def evaluate_all(section: str, results: Path, threads: int, only: str | None = N
         rows.append((st, cache[key]))
     cache_path.write_text(json.dumps(cache, indent=1))
 
-    fs = next((ev for st, ev in rows if st["name"] == "fs"), None)
-    title = {"reference-runs-3": "third pass", "reference-runs-4": "fourth pass (block-shuffled epochs)"}
+    # the ratio's reference: the FS run among the rows shown (fs, or fs-c2 for the second cycle)
+    fs = next((ev for st, ev in rows if st["mode"] == "supervised" and st["name"].startswith("fs")), None)
+    title = {"reference-runs-3": "third pass", "reference-runs-4": "fourth pass (block-shuffled epochs)",
+             "reference-runs-5": "fifth pass (a second cosine cycle from the fourth pass's weights)"}
     lines = [f"## Reference runs, {title.get(section, section)}: {TEACHER_NAME} as teacher, students at {SIZE} px", "",
              f"Machine: {os.cpu_count()} shared CPU cores, no GPU. Every student is `scfnet_m3` (0.80 M params) from "
              "random weights, trained by `sodkd`'s Ray Train core (1 worker, 1 torch thread; runs side by side) with "
@@ -241,7 +255,8 @@ def main() -> None:
     e.add_argument("--section", default="reference-runs-3")
     e.add_argument("--results", default=str(REPO / "benchmarks" / "RESULTS.md"))
     e.add_argument("--threads", type=int, default=2)
-    e.add_argument("--only", default=None, help="only runs whose name starts with this (e.g. abl-)")
+    e.add_argument("--only", default=None,
+                   help="only runs whose name starts with one of these (comma-separated, e.g. abl- or fs-c2,kd-sharp-c2)")
     args = ap.parse_args()
     if args.cmd == "prepare":
         prepare()
