@@ -214,7 +214,10 @@ def evaluate_all(section: str, results: Path, threads: int, only: str | None = N
              "reference-runs-5": "fifth pass (a second cosine cycle from the fourth pass's weights)"}
     lines = [f"## Reference runs, {title.get(section, section)}: {TEACHER_NAME} as teacher, students at {SIZE} px", "",
              f"Machine: {os.cpu_count()} shared CPU cores, no GPU. Every student is `scfnet_m3` (0.80 M params) from "
-             "random weights, trained by `sodkd`'s Ray Train core (1 worker, 1 torch thread; runs side by side) with "
+             + ("the fourth pass's weights (FS: the third-pass file, 3,720 steps; KD: `kd-sharp`, 3,703 steps; sha256 "
+                "f7992f1c0988dcc2 and 36f492c1fe2598b5, the files `weights/` held at commit bb205c7) given a second "
+                f"cycle (lr {CYCLE2_LR} warm-up + cosine to {LR / 50:g}; the steps below are this cycle's)"
+                if section == "reference-runs-5" else "random weights") + ", trained by `sodkd`'s Ray Train core (1 worker, 1 torch thread; runs side by side) with "
              f"the recipe in `benchmarks/reference_runs.py`: {SIZE}x{SIZE}, batch {BATCH}, SGD Nesterov, lr {LR} "
              "warm-up + cosine, every epoch in a new random order of 32-row blocks (`data.shuffle_blocks`) under a "
              "1,024-row local shuffle, same steps for every row. FS learns from 4,966 DUTS-TR masks; KD rows learn from "
