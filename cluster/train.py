@@ -57,10 +57,11 @@ from cluster.checkpoint import (BEST_FILE, DS_DIR, LOCAL_CKPT_PREFIX, META_FILE,
 from cluster.labelling import PoolConfig
 from cluster.raypool import torch_threads
 from cluster.storage import S3Config
-from cluster.tracking import TrackingConfig
+from cluster.tracking import (RUN_NAME_TAG, RankTracker, TrainTracking, log_student, mlflow_client, open_job_run,
+                              pin_tracking_uri)
 from kd import schema as S
 from kd.augment import TEST_SIZE, TRAIN_SIZES, AugmentConfig
-from kd.config import ConfigError, load_config, to_dict, to_flat_dict
+from kd.config import ConfigError, load_config, to_dict
 from kd.pseudo_labels import FMLossConfig
 from kd.step import KDLoss, MaskLoss
 
@@ -71,11 +72,9 @@ __all__ = ["ModelConfig", "PairedSource", "UnlabeledSource", "OnlineTeacherConfi
            "DebugConfig", "TrainConfig", "load_train_config", "build_train_dataset", "train_loop",
            "run_training", "TrainOutcome", "RUN_NAME_TAG",
            # the run plumbing other trainers on this core share (cluster.video_train); checkpoints: cluster.checkpoint
-           "RunConfig", "unwrap", "start_worker", "worker_device", "inject_failure", "RankTracker", "ensure_ray",
-           "resolve_tracking_uri", "pin_tracking_uri", "mlflow_client", "open_mlflow_run", "launch",
+           "RunConfig", "unwrap", "start_worker", "worker_device", "inject_failure", "ensure_ray", "launch",
            "checkpoint_uri", "export_final"]
 
-RUN_NAME_TAG = "sodkd.run_name"
 Mode = Literal["teacher", "supervised", "distill", "foundation"]
 
 
@@ -300,23 +299,6 @@ class RunSection:
 
 
 @dataclasses.dataclass(frozen=True)
-class TrainTracking(TrackingConfig):
-    """MLflow: ``cluster.tracking.TrackingConfig`` plus what training adds.
-
-    ``registered_model``: name the final model is registered under (None = log it, do not register).
-    ``log_every``: steps between ``train/loss`` / ``train/lr`` points. ``onnx``: log the ONNX export too.
-    ``artifact_location``: for a new experiment; None = next to a sqlite store, else MLflow's default.
-    """
-
-    experiment: str = "sodkd-train"
-    registered_model: str | None = None
-    log_every: int = 1
-    onnx: bool = True
-    onnx_exporter: Literal["dynamo", "torchscript"] = "dynamo"
-    artifact_location: str | None = None
-
-
-@dataclasses.dataclass(frozen=True)
 class OutputConfig:
     """Where the job writes the final (best by val/mae, else last) weights: ``<dir>/<run name>.pt`` and,
     with ``fp16``, ``<run name>.fp16.pt``. None = ``<storage>/<name>/final``."""
@@ -424,8 +406,8 @@ class TrainConfig:
 
 
 class RunConfig(Protocol):
-    """What the run plumbing (:func:`open_mlflow_run`, :func:`launch`, :func:`export_final`) reads of a job's
-    config: :class:`TrainConfig` and ``cluster.video_train.VideoTrainConfig`` both are one (a frozen dataclass,
+    """What the run plumbing (:func:`launch`, :func:`export_final`, :func:`cluster.tracking.open_job_run`) reads
+    of a job's config: :class:`TrainConfig` and ``cluster.video_train.VideoTrainConfig`` both are one (a frozen dataclass,
     flattened into the MLflow params)."""
 
     @property
@@ -848,44 +830,6 @@ def worker_device(scaling: ScalingSection):
     return device
 
 
-class RankTracker:
-    """Rank 0's MLflow logging through ``MlflowClient`` (no active-run state; the driver owns the status)."""
-
-    def __init__(self, tracking: TrainTracking, run_id: str | None, rank: int):
-        self.client = None
-        self.run_id = run_id
-        self.every = max(1, tracking.log_every)
-        self._pending: list = []
-        self._flushed = time.monotonic()
-        if rank != 0 or not run_id or not tracking.enabled:
-            return
-        self.client = mlflow_client(tracking)
-
-    @property
-    def active(self) -> bool:
-        return self.client is not None
-
-    def metrics(self, values: Mapping[str, float], step: int, flush: bool = False) -> None:
-        if not self.active:
-            return
-        from mlflow.entities import Metric
-        now = int(time.time() * 1000)
-        self._pending += [Metric(k, float(v), now, step) for k, v in values.items() if math.isfinite(float(v))]
-        if flush or len(self._pending) >= 200 or time.monotonic() - self._flushed > 15.0:
-            self.flush()
-
-    def flush(self) -> None:
-        """One ``log_batch`` for what is pending: at most every 15 s or 200 points, and every epoch end."""
-        if self.active and self._pending:
-            self.client.log_batch(self.run_id, metrics=self._pending)
-            self._pending = []
-        self._flushed = time.monotonic()
-
-    def image(self, array: np.ndarray, artifact_file: str) -> None:
-        if self.active:
-            self.client.log_image(self.run_id, array, artifact_file=artifact_file)
-
-
 def _panel(cfg: TrainConfig, module, val: ValSet, probs: np.ndarray, teacher) -> np.ndarray:
     from kd.step import make_panel
     n = min(cfg.val.panel, len(val.keys))
@@ -1137,73 +1081,6 @@ def ensure_ray() -> None:
         ray.init(ignore_reinit_error=True, logging_level=logging.WARNING)
 
 
-def resolve_tracking_uri(uri: str | None) -> str | None:
-    """Relative sqlite paths become absolute: Ray workers run in other directories."""
-    if uri and uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        return "sqlite:///" + os.path.abspath(uri[len("sqlite:///"):])
-    return uri
-
-
-def pin_tracking_uri(tracking: TrainTracking) -> TrainTracking:
-    """``tracking`` with the URI the workers must use: MLflow's default of this process when none is set (a
-    worker runs in another directory, maybe another environment), a relative sqlite path made absolute."""
-    uri = tracking.uri
-    if tracking.enabled and not uri:
-        import mlflow
-        uri = mlflow.get_tracking_uri()
-    return dataclasses.replace(tracking, uri=resolve_tracking_uri(uri))
-
-
-def _artifact_location(tracking: TrainTracking) -> str | None:
-    if tracking.artifact_location:
-        return tracking.artifact_location
-    uri = tracking.uri or ""
-    if uri.startswith("sqlite:////"):
-        return os.path.join(os.path.dirname(uri[len("sqlite:///"):]), "mlartifacts")
-    return None
-
-
-def mlflow_client(tracking: TrackingConfig):
-    """An ``MlflowClient`` for the run's tracking URI (the environment's when the config has none)."""
-    import mlflow
-    return mlflow.MlflowClient(tracking_uri=tracking.uri) if tracking.uri else mlflow.MlflowClient()
-
-
-def open_mlflow_run(cfg: RunConfig) -> str | None:
-    """Find this job's run by its ``sodkd.run_name`` tag, or create it; log the flattened config.
-
-    On resume the params already recorded stay (MLflow params are immutable); a value that changed (say
-    ``optim.epochs``) is recorded as the tag ``changed.<key>`` instead.
-    """
-    if not cfg.mlflow.enabled:
-        return None
-    from mlflow.entities import Param, RunTag
-
-    from cluster.tracking import sanitize_params
-    client = mlflow_client(cfg.mlflow)
-    exp = client.get_experiment_by_name(cfg.mlflow.experiment)
-    exp_id = exp.experiment_id if exp else client.create_experiment(cfg.mlflow.experiment,
-                                                                     artifact_location=_artifact_location(cfg.mlflow))
-    runs = client.search_runs([exp_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{cfg.run.name}'",
-                              order_by=["attributes.start_time DESC"], max_results=1)
-    if runs:
-        run_id, old = runs[0].info.run_id, runs[0].data.params
-        client.update_run(run_id, status="RUNNING")
-    else:
-        run = client.create_run(exp_id, run_name=cfg.run.name,
-                                tags={RUN_NAME_TAG: cfg.run.name, "sodkd.mode": cfg.mode,
-                                      "sodkd.model": cfg.model.name})
-        run_id, old = run.info.run_id, {}
-    params = sanitize_params(to_flat_dict(cfg))
-    new = [Param(k, v) for k, v in sorted(params.items()) if k not in old]
-    changed = [RunTag(f"changed.{k}", v) for k, v in sorted(params.items()) if k in old and old[k] != v]
-    for i in range(0, len(new), 100):
-        client.log_batch(run_id, params=new[i:i + 100])
-    if changed:
-        client.log_batch(run_id, tags=changed)
-    return run_id
-
-
 def launch(train_fn: Callable[[dict], dict], loop_config: dict, cfg: RunConfig, run_id: str | None, *,
            scored: bool, **trainer_kw: Any):
     """Run ``train_fn`` under ``TorchTrainer`` (in process with ``scaling.num_workers: 0``); the ``Result``.
@@ -1267,40 +1144,8 @@ def export_final(cfg: RunConfig, best_path: str, run_id: str | None, metrics: Ma
             written.append(storage.to_uri(fs, storage.join(out_root, name)))
         version = None
         if run_id is not None:
-            version = _log_model(cfg.run, cfg.mlflow, model, run_id, tmp, metrics, input_size)
+            version = log_student(cfg.mlflow, cfg.run.name, model, run_id, tmp, metrics, input_size)
     return written, version
-
-
-def _log_model(run: RunSection, tracking: TrainTracking, model, run_id: str, tmp: str, metrics: Mapping[str, Any],
-               input_size: int) -> str | None:
-    """Log (and register) the model in the MLflow ONNX flavour: the BatchNorm-folded ONNX export with its card
-    as an extra file -- a format MLflow and sodkd load without unpickling anything (``models:/NAME/VERSION``
-    runs through :class:`cluster.predictor.Predictor`). ``mlflow.onnx`` also logs the export under ``onnx/``."""
-    import mlflow
-    import onnx
-    import onnxruntime
-
-    from cluster.registry import log_onnx_model
-    from cluster.teachers import export_teacher
-    if tracking.uri:
-        mlflow.set_tracking_uri(tracking.uri)
-    version = None
-    with mlflow.start_run(run_id=run_id):
-        onnx_path = os.path.join(tmp, f"{run.name}.onnx")
-        meta = export_teacher(model.eval(), onnx_path, "onnx", input_size=input_size,
-                              extra_meta={"run_name": run.name}, onnx_exporter=tracking.onnx_exporter)
-        info = log_onnx_model(model, onnx_path, meta, registered_model_name=tracking.registered_model,
-                              pip_requirements=[f"onnx=={onnx.__version__}",
-                                                f"onnxruntime=={onnxruntime.__version__}", "numpy"])
-        if tracking.registered_model:
-            version = str(getattr(info, "registered_model_version", "") or "") or None
-        if tracking.onnx:
-            mlflow.log_artifact(onnx_path, artifact_path="onnx")
-        final = {f"final/{k.split('/')[-1]}": float(v) for k, v in metrics.items()
-                 if k.startswith("val/") and isinstance(v, (int, float)) and math.isfinite(float(v))}
-        if final:
-            mlflow.log_metrics(final)
-    return version
 
 
 def run_training(cfg: TrainConfig) -> TrainOutcome:
@@ -1316,7 +1161,7 @@ def run_training(cfg: TrainConfig) -> TrainOutcome:
     data = build_train_dataset(cfg)
     spe = steps_per_epoch(data.rows, cfg.optim.batch_size, cfg.scaling.num_workers)
     log.info("training rows %d (%s), %d steps per epoch", data.rows, data.counts, spe)
-    run_id = open_mlflow_run(cfg)
+    run_id = open_job_run(cfg.mlflow, cfg.run.name, {"sodkd.mode": cfg.mode, "sodkd.model": cfg.model.name}, cfg)
     loop_config = to_dict(cfg)
     loop_config["_runtime"] = {"steps_per_epoch": spe, "rows": data.rows, "mlflow_run_id": run_id}
     result = launch(train_loop, loop_config, cfg, run_id, scored=bool(cfg.val.uri), datasets={"train": data.dataset},

@@ -39,13 +39,13 @@ from typing import Any, Literal, Mapping
 
 import numpy as np
 
-from cluster import storage
+from cluster import storage, tracking
 from cluster import train as imgtrain
 from cluster.checkpoint import (BEST_FILE, META_FILE, STATE_FILE, persist_local_checkpoint, restore_checkpoint,
                                 save_checkpoint_dir)
 from cluster.storage import S3Config
-from cluster.train import (DebugConfig, ModelConfig, OptimConfig, OutputConfig, RunSection, ScalingSection,
-                           TrainTracking)
+from cluster.tracking import TrainTracking
+from cluster.train import DebugConfig, ModelConfig, OptimConfig, OutputConfig, RunSection, ScalingSection
 from kd import schema as S
 from kd.augment import AugmentConfig
 from kd.clips import ClipConfig
@@ -307,7 +307,7 @@ def video_train_loop(config: dict) -> dict:
 
     val_data = (load_sequences(cfg.val.uri, cfg.val.sequences, cfg.val.max_frames, cfg.s3)
                 if rank == 0 and cfg.val.uri else None)
-    tracker = imgtrain.RankTracker(cfg.mlflow, meta["mlflow_run_id"], rank)
+    tracker = tracking.RankTracker(cfg.mlflow, meta["mlflow_run_id"], rank)
     step = int(meta["step"])
     last: dict[str, float] = {}
     val_results = None
@@ -416,15 +416,15 @@ def run_video_distill(cfg: VideoTrainConfig) -> VideoTrainOutcome:
     """Count clips, open the MLflow run, run ``video_train_loop`` under ``TorchTrainer`` (or in-process), then
     write the final weights and log the model exactly as the image trainer does."""
     t0 = time.perf_counter()
-    cfg = dataclasses.replace(cfg, mlflow=imgtrain.pin_tracking_uri(cfg.mlflow))
+    cfg = dataclasses.replace(cfg, mlflow=tracking.pin_tracking_uri(cfg.mlflow))
     imgtrain.ensure_ray()
     n_clips, n_frames = count_clips(cfg)
     spe = imgtrain.steps_per_epoch(n_clips, cfg.optim.batch_size, cfg.scaling.num_workers)
     log.info("%d clips of %d frames from %d labelled frames; %d steps per epoch", n_clips, cfg.data.clip.length,
              n_frames, spe)
-    run_id = imgtrain.open_mlflow_run(cfg)
+    run_id = tracking.open_job_run(cfg.mlflow, cfg.run.name, {"sodkd.mode": cfg.mode, "sodkd.model": cfg.model.name}, cfg)
     if run_id:
-        imgtrain.mlflow_client(cfg.mlflow).log_batch(run_id, metrics=_data_metrics(n_clips, n_frames, spe))
+        tracking.mlflow_client(cfg.mlflow).log_batch(run_id, metrics=_data_metrics(n_clips, n_frames, spe))
     loop_config = to_dict(cfg)
     loop_config["_runtime"] = {"steps_per_epoch": spe, "mlflow_run_id": run_id}
     result = imgtrain.launch(video_train_loop, loop_config, cfg, run_id, scored=bool(cfg.val.uri))
@@ -447,7 +447,7 @@ def run_video_distill(cfg: VideoTrainConfig) -> VideoTrainOutcome:
         shutil.rmtree(result.checkpoint.path, ignore_errors=True)   # in-process: persisted under run.storage
     if run_id:
         _log_sequences(cfg, run_id, validation)
-        imgtrain.mlflow_client(cfg.mlflow).set_terminated(run_id, status="FINISHED")
+        tracking.mlflow_client(cfg.mlflow).set_terminated(run_id, status="FINISHED")
     return VideoTrainOutcome(cfg.run.name, imgtrain.checkpoint_uri(cfg, result, meta["epoch"]), weights, metrics,
                              meta.get("history", []), validation, meta.get("best_mae"), run_id, n_clips, n_frames,
                              spe, time.perf_counter() - t0, list(meta.get("resumed_from", [])))
@@ -465,7 +465,7 @@ def _log_sequences(cfg: VideoTrainConfig, run_id: str, validation: Mapping[str, 
     if not validation:
         return
     from mlflow.entities import Metric
-    client = imgtrain.mlflow_client(cfg.mlflow)
+    client = tracking.mlflow_client(cfg.mlflow)
     now = int(time.time() * 1000)
     metrics = [Metric(f"val_seq/{seq}/{k}", float(figs[k]), now, 0)
                for seq, figs in validation["sequences"].items() for k in ("sm", "fm_max", "mae", "flicker")
