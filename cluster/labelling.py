@@ -322,21 +322,15 @@ class Inputs:
     manifest: Manifest | None = None   # a video layout: listed whole
 
 
-def _video_key(key: str) -> str | None:
-    """``images`` or ``masks`` for a key ``<seq>/images/<file>`` or ``<seq>/masks/<file>``, else None."""
-    p = key.split("/")
-    return p[1] if len(p) == 3 and p[1] in ("images", "masks") else None
-
-
 def _looks_like_video(keys: Iterable[str]) -> bool:
     """Every key is ``<seq>/images/<file>`` or ``<seq>/masks/<file>``, at least one under ``images`` (one pass
     that stops at the first other key: no split copy of the listing)."""
     images = False
     for k in keys:
-        kind = _video_key(k)
-        if kind is None:
+        p = k.split("/")
+        if len(p) != 3 or p[1] not in ("images", "masks"):
             return False
-        images = images or kind == "images"
+        images = images or p[1] == "images"
     return images
 
 
@@ -351,16 +345,14 @@ def open_inputs(cfg: LabelConfig) -> Inputs:
         if cfg.layout == "images":
             return Inputs("images", entries, stream.ignored)
         head: list[tuple[catalog.Item, str | None, str]] = []
-        images = False
-        for e in entries:
-            head.append(e)
-            if e[1] is None:
-                kind = _video_key(e[0].key)
-                if kind is None:
-                    return Inputs("images", itertools.chain(head, entries), stream.ignored)
-                images = images or kind == "images"
-        if not images:
-            return Inputs("images", iter(head), stream.ignored)
+
+        def keys() -> Iterator[str]:   # the input keys, each entry held as it is read
+            for e in entries:
+                head.append(e)
+                if e[1] is None:
+                    yield e[0].key
+        if not _looks_like_video(keys()):   # stops at the first key that is no video frame
+            return Inputs("images", itertools.chain(head, entries), stream.ignored)
     m = _video_manifest(cfg)
     return Inputs(m.layout, _manifest_entries(m), collections.Counter(m.ignored), m)
 
