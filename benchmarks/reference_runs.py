@@ -140,7 +140,8 @@ def train_config(name: str, steps: int) -> dict:
 
 def train(name: str, steps: int) -> None:
     from cluster.raylocal import start_private_ray
-    from cluster.train import load_train_config, run_training
+    from cluster.training.launch import run_training
+    from cluster.training.sections import load_train_config
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = load_train_config(train_config(name, steps))
     start_private_ray(2, worker_niceness=0)

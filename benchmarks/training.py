@@ -43,7 +43,10 @@ DATA = Path(os.environ.get("SODKD_SHARED_DATA", REPO.parent / "shared" / "data")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from cluster.train import _collate, build_train_dataset, load_train_config, run_training  # noqa: E402
+from cluster.training.data import build_train_dataset  # noqa: E402
+from cluster.training.image import collate as _collate  # noqa: E402
+from cluster.training.launch import run_training  # noqa: E402
+from cluster.training.sections import load_train_config  # noqa: E402
 from kd import schema as S  # noqa: E402
 from kd.augment import Augmenter  # noqa: E402
 from kd.losses import boundary_band  # noqa: E402
@@ -165,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     arrays[S.ID] = arrays[S.ID].astype(str)
     npz = os.path.join(storage, "data.npz")
     np.savez(npz, **arrays)
-    from cluster.train import steps_per_epoch
+    from cluster.training.launch import steps_per_epoch
 
     keys = ["plain"] + [f"ray{w}" for w in args.workers]
     wall = {k: [] for k in keys}      # images/s of wall time

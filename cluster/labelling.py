@@ -75,7 +75,7 @@ import pyarrow.compute as pc
 from cluster import catalog, storage
 from cluster import labels as L
 from cluster.foundation import FoundationConfig
-from cluster.raypool import actor_pool, torch_threads
+from cluster.raypool import actor_pool, cached_filesystem, torch_threads
 from cluster.storage import RetryConfig, S3Config
 from cluster.tracking import TrackingConfig
 from kd import schema as S
@@ -405,17 +405,6 @@ def _manifest_table(items: Sequence[catalog.Item]) -> pa.Table:
 
 # --- stage: read + decode + resize (CPU tasks) -------------------------------------------------------------
 
-_FS_CACHE: dict[tuple[str, S3Config | None], tuple[Any, str]] = {}
-
-
-def _filesystem(uri: str, s3: S3Config | None):
-    """One filesystem per (uri, s3) per worker process, rebuilt from plain config (no credentials shipped)."""
-    key = (uri, s3)
-    if key not in _FS_CACHE:
-        _FS_CACHE[key] = storage.get_filesystem(uri, s3)
-    return _FS_CACHE[key]
-
-
 def _read_rounds(keys: Sequence[str], read: Any, retry: RetryConfig) -> tuple[dict[str, Any], dict[str, int]]:
     """``read(keys) -> {key: value or exception}``, called again for the keys whose exception is transient
     (:func:`cluster.storage.is_transient`) after a backoff, up to ``retry.attempts`` rounds: one wait per
@@ -461,7 +450,7 @@ def load_images(batch: Mapping[str, np.ndarray], *, input_uri: str, s3: S3Config
     orientation applied; not the draft-decoded size).
     """
     retry = retry or RetryConfig()
-    fs, root = _filesystem(input_uri, s3)
+    fs, root = cached_filesystem(input_uri, s3)
     keys = [str(k) for k in batch[S.KEY]]
     n = len(keys)
     images = np.zeros((n, size, size, 3), np.uint8)
@@ -602,7 +591,7 @@ def write_label_shards(batch: Mapping[str, np.ndarray], *, output_uri: str, s3: 
     rows' reads and this task's writes), ``reasons`` (JSON ``{reason: count}`` of the rejects),
     ``deferred_keys`` (JSON ``[[key, detail], ...]``, the first few), ``shards``, ``labelled_at``.
     """
-    fs, root = _filesystem(output_uri, s3)
+    fs, root = cached_filesystem(output_uri, s3)
     reasons = np.asarray(batch[S.REASON])
     ok = np.flatnonzero(reasons == "")
     bad = np.flatnonzero((reasons != "") & (reasons != S.DEFERRED))

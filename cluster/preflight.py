@@ -155,9 +155,10 @@ def check_teachers(specs: Iterable[str], s3: S3Config | None, input_size: int | 
 
 
 def check_start_weights(cfg) -> None:
-    """``model.backbone_weights`` and ``model.init_weights`` of a :class:`cluster.train.TrainConfig`, each
-    applied to a throwaway model (:func:`cluster.train.apply_start_weights`); errors name key and file."""
-    from cluster.train import apply_start_weights
+    """``model.backbone_weights`` and ``model.init_weights`` of a :class:`cluster.training.sections.TrainConfig`,
+    each applied to a throwaway model (:func:`cluster.training.image.apply_start_weights`); errors name key and
+    file."""
+    from cluster.training.image import apply_start_weights
     from models import create_model
     m = cfg.model
     for key in ("backbone_weights", "init_weights"):
@@ -210,7 +211,7 @@ def check_label(cfg) -> None:
 
 
 def check_train(cfg) -> None:
-    """Preflight of a :class:`cluster.train.TrainConfig` (see the module docstring)."""
+    """Preflight of a :class:`cluster.training.sections.TrainConfig` (see the module docstring)."""
     d = cfg.data
     inputs = [(f"data.paired[{i}].uri", p.uri) for i, p in enumerate(d.paired)]
     for i, u in enumerate(d.unlabeled):

@@ -40,12 +40,14 @@ from typing import Any, Literal, Mapping
 import numpy as np
 
 from cluster import storage, tracking
-from cluster import train as imgtrain
-from cluster.checkpoint import (BEST_FILE, META_FILE, STATE_FILE, persist_local_checkpoint, restore_checkpoint,
-                                save_checkpoint_dir)
+from cluster.training import launch as L
+from cluster.training.checkpoint import (BEST_FILE, META_FILE, STATE_FILE, persist_local_checkpoint,
+                                         restore_checkpoint, save_checkpoint_dir)
 from cluster.storage import S3Config
 from cluster.tracking import TrainTracking
-from cluster.train import DebugConfig, ModelConfig, OptimConfig, OutputConfig, RunSection, ScalingSection
+from cluster.training.loop import inject_failure, start_worker, unwrap
+from cluster.training.sections import (DebugConfig, ModelConfig, OptimConfig, OutputConfig, RunSection,
+                                      ScalingSection)
 from kd import schema as S
 from kd.augment import AugmentConfig
 from kd.clips import ClipConfig
@@ -263,7 +265,7 @@ def video_train_loop(config: dict) -> dict:
 
     runtime = dict(config.get("_runtime", {}))
     cfg = load_video_config({k: v for k, v in config.items() if k != "_runtime"})
-    rank, world, device = imgtrain.start_worker(cfg.scaling, cfg.run.seed)
+    rank, world, device = start_worker(cfg.scaling, cfg.run.seed)
     in_process = cfg.scaling.num_workers == 0
 
     clips = ClipSet.from_labels(cfg.data.labels, cfg.data.images, cfg.s3, clip=cfg.data.clip,
@@ -295,7 +297,7 @@ def video_train_loop(config: dict) -> dict:
                                   run=cfg.run, s3=cfg.s3, in_process=in_process, rank=rank)
     best_state = restored.best_state if restored else None
     net = ray.train.torch.prepare_model(model) if world > 1 else model.to(device)
-    module = imgtrain.unwrap(net)
+    module = unwrap(net)
     if adapter is not None:
         adapter.to(device)
     if restored:   # after the move to the device: state follows the params
@@ -344,7 +346,7 @@ def video_train_loop(config: dict) -> dict:
                 sums[k] = sums.get(k, 0.0) + v
             if step % tracker.every == 0:
                 tracker.metrics({**values, S.TRAIN_LR: lr}, step)
-            imgtrain.inject_failure(cfg.debug, step, rank, tracker.flush)
+            inject_failure(cfg.debug, step, rank, tracker.flush)
 
         # -- end of epoch: validate, checkpoint, report ---------------------------------------------------
         metrics: dict[str, float] = {"epoch": epoch + 1, "step": step,
@@ -417,9 +419,9 @@ def run_video_distill(cfg: VideoTrainConfig) -> VideoTrainOutcome:
     write the final weights and log the model exactly as the image trainer does."""
     t0 = time.perf_counter()
     cfg = dataclasses.replace(cfg, mlflow=tracking.pin_tracking_uri(cfg.mlflow))
-    imgtrain.ensure_ray()
+    L.ensure_ray()
     n_clips, n_frames = count_clips(cfg)
-    spe = imgtrain.steps_per_epoch(n_clips, cfg.optim.batch_size, cfg.scaling.num_workers)
+    spe = L.steps_per_epoch(n_clips, cfg.optim.batch_size, cfg.scaling.num_workers)
     log.info("%d clips of %d frames from %d labelled frames; %d steps per epoch", n_clips, cfg.data.clip.length,
              n_frames, spe)
     run_id = tracking.open_job_run(cfg.mlflow, cfg.run.name, {"sodkd.mode": cfg.mode, "sodkd.model": cfg.model.name}, cfg)
@@ -427,7 +429,7 @@ def run_video_distill(cfg: VideoTrainConfig) -> VideoTrainOutcome:
         tracking.mlflow_client(cfg.mlflow).log_batch(run_id, metrics=_data_metrics(n_clips, n_frames, spe))
     loop_config = to_dict(cfg)
     loop_config["_runtime"] = {"steps_per_epoch": spe, "mlflow_run_id": run_id}
-    result = imgtrain.launch(video_train_loop, loop_config, cfg, run_id, scored=bool(cfg.val.uri))
+    result = L.launch(video_train_loop, loop_config, cfg, run_id, scored=bool(cfg.val.uri))
     with result.checkpoint.as_directory() as d:
         with open(os.path.join(d, META_FILE)) as f:
             meta = json.load(f)
@@ -442,13 +444,13 @@ def run_video_distill(cfg: VideoTrainConfig) -> VideoTrainOutcome:
             if cfg.mlflow.uri:
                 mlflow.set_tracking_uri(cfg.mlflow.uri)
             mlflow.set_experiment(cfg.mlflow.experiment)
-        weights, _ = imgtrain.export_final(cfg, os.path.join(d, BEST_FILE), run_id, metrics, input_size=cfg.val.size)
+        weights, _ = L.export_final(cfg, os.path.join(d, BEST_FILE), run_id, metrics, input_size=cfg.val.size)
     if not cfg.scaling.num_workers and os.path.basename(result.checkpoint.path).startswith(TMP_PREFIX):
         shutil.rmtree(result.checkpoint.path, ignore_errors=True)   # in-process: persisted under run.storage
     if run_id:
         _log_sequences(cfg, run_id, validation)
         tracking.mlflow_client(cfg.mlflow).set_terminated(run_id, status="FINISHED")
-    return VideoTrainOutcome(cfg.run.name, imgtrain.checkpoint_uri(cfg, result, meta["epoch"]), weights, metrics,
+    return VideoTrainOutcome(cfg.run.name, L.checkpoint_uri(cfg, result, meta["epoch"]), weights, metrics,
                              meta.get("history", []), validation, meta.get("best_mae"), run_id, n_clips, n_frames,
                              spe, time.perf_counter() - t0, list(meta.get("resumed_from", [])))
 

@@ -108,7 +108,8 @@ def run_demo(cfg: DemoConfig) -> dict:
     from cluster.evaluate import evaluate
     from cluster.labelling import load_label_config, run_labelling
     from cluster.teachers import build_teacher
-    from cluster.train import load_train_config, run_training
+    from cluster.training.launch import run_training
+    from cluster.training.sections import load_train_config
     from kd import report
     from kd.augment import MILD
     from kd.imageio import decode_image, decode_mask, resize

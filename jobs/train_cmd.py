@@ -9,7 +9,7 @@
     sodkd train-fm --images data/unlabeled --labels out/fm-labels [--teacher-labels out/r50-labels] ...
 
 Settings come from the YAML (default ``jobs/configs/{teacher,supervised,distill,train_fm}.yaml``), then the flags,
-then ``dotted.key=value`` overrides, validated into ``cluster.train.TrainConfig``. Before Ray starts, the driver
+then ``dotted.key=value`` overrides, validated into ``cluster.training.sections.TrainConfig``. Before Ray starts, the driver
 checks that the run storage is writable, S3 credentials work and every weights file named loads
 (``cluster.preflight``). Resubmitting the same ``--name`` with the same storage resumes from the run's latest
 checkpoint. On success the final weights (best by val/mae) are written with ``models.save_weights`` (fp32 and
@@ -64,7 +64,7 @@ def _default_config(command: str, supervised: bool) -> tuple[Path | None, str | 
 
 def build_config(args: argparse.Namespace):
     """YAML, then the flags, then the dotted overrides -> a validated TrainConfig."""
-    from cluster.train import load_train_config
+    from cluster.training.sections import load_train_config
     from kd.config import ConfigError, load_yaml, parse_overrides
 
     command = getattr(args, "command", "train")
@@ -119,7 +119,7 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(to_dict(cfg), indent=1))
         return 0
     from cluster.preflight import check_train
-    from cluster.train import run_training
+    from cluster.training.launch import run_training
     from jobs.errors import naming
 
     d = cfg.data

@@ -206,7 +206,7 @@ def _teacher_shard(labelled, tmp_path, n: int = 2):
 def test_fusion_with_sod_teacher_labels_joins_by_id(labelled, images, tmp_path):
     """Teacher labels for some of the images, fused per pixel; the training pipeline's join gives the same maps."""
     from cluster.catalog import image_folder
-    from cluster.train import join_labels
+    from cluster.training.data import join_labels
     from kd.pseudo_labels import fuse_with_teacher
 
     teacher_dir, with_teacher, t_map = _teacher_shard(labelled, tmp_path)
@@ -242,7 +242,8 @@ def test_sod_label_output_is_refused_for_foundation_training(tmp_path, images):
     import pyarrow as pa
 
     from cluster import labels as L
-    from cluster.train import build_train_dataset, load_train_config
+    from cluster.training.data import build_train_dataset
+    from cluster.training.sections import load_train_config
     table = L.LABEL_SCHEMA.empty_table()
     L.write_shard(pa.fs.LocalFileSystem(), str(tmp_path / "sod"), S.LABELS_DIR, table)
     with pytest.raises(ValueError, match="conf_png"):

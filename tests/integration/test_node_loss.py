@@ -39,7 +39,8 @@ from ray.cluster_utils import Cluster
 
 from cluster import labels as L
 from cluster.labelling import load_label_config, run_labelling
-from cluster.train import load_train_config, run_training
+from cluster.training.launch import run_training
+from cluster.training.sections import load_train_config
 from kd import schema as S
 from models import create_model, save_weights
 

@@ -29,7 +29,10 @@ from PIL import Image
 from cluster import labels as L
 from cluster.storage import S3Config, boto3_client
 from cluster.teachers import build_teacher
-from cluster.train import RUN_NAME_TAG, build_train_dataset, load_train_config, run_training
+from cluster.tracking import RUN_NAME_TAG
+from cluster.training.data import build_train_dataset
+from cluster.training.launch import run_training
+from cluster.training.sections import load_train_config
 from kd import schema as S
 from kd.imageio import decode_image, decode_mask, encode_png, resize
 from kd.schedule import WarmupCosine

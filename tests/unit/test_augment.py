@@ -186,7 +186,7 @@ def test_augment_config_loads_from_plain_data_strictly():
 
 
 def test_augment_config_to_dict_builds_the_same_config_and_mild_has_no_vertical_flip():
-    from cluster.train import load_train_config
+    from cluster.training.sections import load_train_config
     from kd.augment import MILD
     cfg = load_train_config({"data": {"augment": MILD.to_dict(), "paired": [{"uri": "/nowhere"}]}})
     assert cfg.data.augment == MILD

@@ -132,7 +132,7 @@ def test_label_and_train_configs_select_the_foundation_teacher():
 
 
 def test_teacher_labels_are_refused_outside_mode_foundation():
-    from cluster.train import load_train_config
+    from cluster.training.sections import load_train_config
 
     with pytest.raises(ConfigError, match=r"data.unlabeled\[0\].teacher_labels: fusion is for mode foundation"):
         load_train_config({"mode": "distill", "data": {"unlabeled": [{"uri": "i", "labels": "l",

@@ -50,7 +50,7 @@ def test_models_imports_nothing_else_of_sodkd():
 def test_cluster_never_imports_jobs():
     """models <- kd <- cluster <- jobs: the CLI layer checks what it hands down, nothing below reaches up."""
     result = _probe("cluster")
-    assert "cluster.train" in result["imported"] and "cluster.submit" in result["imported"]
+    assert "cluster.training.loop" in result["imported"] and "cluster.submit" in result["imported"]
     assert "jobs" not in set(result["tops"]), result["tops"]
     # imports inside functions (run only when called) are not seen by the probe: read the sources too
     assert imports_of(REPO / "cluster", {"jobs"}) == [], "cluster/ imports jobs"

@@ -7,7 +7,7 @@ import pytest
 from cluster.foundation import StageResources
 from cluster.labelling import PoolConfig
 from cluster.raypool import actor_pool, torch_threads
-from cluster.train import ScalingSection
+from cluster.training.sections import ScalingSection
 
 
 def _bounds(strategy) -> tuple[int, int]:

@@ -12,7 +12,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cluster.train import TrainConfig, load_train_config, steps_per_epoch
+from cluster.training.launch import steps_per_epoch
+from cluster.training.sections import TrainConfig, load_train_config
 from jobs import cli
 from kd.config import ConfigError
 from kd.losses import kd_dice_loss, teacher_loss
@@ -281,7 +282,7 @@ def test_cli_errors_are_one_line_and_name_the_problem(capsys):
 
 
 def test_start_weights_from_config_and_clear_errors(tmp_path):
-    from cluster.train import apply_start_weights
+    from cluster.training.image import apply_start_weights
     src = create_model("scfnet_m3")
     torch.save(src.backbone.state_dict(), tmp_path / "encoder.pth")     # an encoder state dict on disk
     torch.save(create_model("scfnet_r18").backbone.state_dict(), tmp_path / "resnet.pth")

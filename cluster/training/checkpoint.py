@@ -27,7 +27,7 @@ from cluster import storage
 
 if TYPE_CHECKING:
     from cluster.storage import S3Config
-    from cluster.train import RunSection
+    from cluster.training.sections import RunSection
 
 log = logging.getLogger(__name__)
 

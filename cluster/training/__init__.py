@@ -1,0 +1,22 @@
+"""The training core on Ray Train: teachers, the supervised-only (FS) student, the distilled (KD) student, the
+foundation-label student and the video student.
+
+The image job's ``mode`` and data sources decide what it learns from::
+
+    teacher     a teacher (scfnet_r50 / r18) on image/mask pairs: soft dice + boundary dice (KD-SCFNet)
+    supervised  the student (scfnet_m3) on the same pairs and loss: the paper's FS baseline
+    distill     the student on unlabeled images with a teacher's soft labels: soft dice to sigmoid(teacher
+                out2) on all four side outputs; labelled pairs may be mixed in (they keep the mask loss)
+    foundation  a student (dedecoder_m3) on foundation-model pseudo masks and their per-pixel confidence:
+                BCE + partial BCE (trusted pixels) + IoU per side output, + edge BCE (``fm`` weights,
+                :mod:`cluster.fm_train`); labelled pairs may be mixed in (confidence 1 everywhere)
+
+Modules, along the way a run goes::
+
+    sections     the config sections (model, data, val, optim, scaling, run, output, debug) and TrainConfig
+    data         the image input pipeline on Ray Data (paired, offline and online soft labels)
+    image        what a batch becomes on the worker, validation, the picture panel, starting weights
+    loop         the worker loop (epochs, lr, step, validation, best, checkpoint, report)
+    checkpoint   one checkpoint layout: save, persist in process, restore (each worker from its own copy)
+    launch       the driver: TorchTrainer, failure handling, final weights and the logged model
+"""

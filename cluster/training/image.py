@@ -1,0 +1,135 @@
+"""The image task's pieces: what a batch becomes on the worker, the validation on a labelled set, the
+picture panel, and the starting weights.
+
+A batch (rows of :mod:`cluster.training.data`) is augmented per sample, image and target together, then
+resized to one random training size (:func:`collate`). Validation runs on rank 0 on a labelled folder at
+``val.size`` and is scored at each mask's own size (``val/mae``, ``val/sm``, ``val/maxf``, ``val/em``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import tempfile
+from typing import TYPE_CHECKING, Mapping, Sequence
+
+import numpy as np
+
+from cluster import catalog, storage
+from kd import schema as S
+from kd.config import ConfigError
+
+if TYPE_CHECKING:
+    from cluster.training.sections import TrainConfig
+
+log = logging.getLogger(__name__)
+
+__all__ = ["ValSet", "load_val_set", "predict_val", "score", "collate", "panel", "apply_start_weights"]
+
+
+@dataclasses.dataclass
+class ValSet:
+    images: np.ndarray          # uint8 (N, size, size, 3)
+    masks: list[np.ndarray]     # uint8 at their own size
+    keys: list[str]
+
+
+def load_val_set(cfg: TrainConfig) -> ValSet | None:
+    if not cfg.val.uri:
+        return None
+    from kd.imageio import decode_image, decode_mask, resize
+    cat = catalog.paired_folder(cfg.val.uri, cfg.s3, limit=cfg.val.limit)
+    size = cfg.val.size
+    images, masks = [], []
+    for it in cat.items:
+        images.append(resize(decode_image(storage.read_bytes(cat.fs, it.path), max_side=size), (size, size)))
+        masks.append(decode_mask(storage.read_bytes(cat.fs, it.mask_path)))
+    return ValSet(np.stack(images), masks, [it.key for it in cat.items])
+
+
+def predict_val(model, images: np.ndarray, batch_size: int, dtype=None) -> np.ndarray:
+    """float32 probabilities (N, S, S) of ``model`` (a SODModel, not a DDP/DeepSpeed wrapper) on uint8 images.
+
+    Switches to eval mode for the call and back to the mode it found.
+    """
+    import torch
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    dtype = dtype or next(model.parameters()).dtype
+    out = []
+    try:
+        with torch.no_grad():
+            for i in range(0, len(images), batch_size):
+                x = model.normalize(torch.from_numpy(np.ascontiguousarray(images[i:i + batch_size]))
+                                    .permute(0, 3, 1, 2)).to(device=device, dtype=dtype)
+                out.append(torch.sigmoid(model(x)[0].float())[:, 0].cpu().numpy())
+    finally:
+        model.train(was_training)
+    return np.concatenate(out)
+
+
+def score(probs: np.ndarray, masks: Sequence[np.ndarray]) -> dict[str, float]:
+    """The validation metrics ``val/mae``, ``val/sm``, ``val/maxf``, ``val/em`` (mean E) at mask size."""
+    from kd.imageio import resize
+    from kd.metrics import SODEvaluator
+    ev = SODEvaluator()
+    for p, m in zip(probs, masks):
+        ev.step(resize((np.clip(p, 0, 1) * 255.0 + 0.5).astype(np.uint8), m.shape[:2]), m)
+    r = ev.results()
+    return {S.VAL_MAE: r["mae"], S.VAL_SM: r["sm"], S.VAL_MAXF: r["fm_max"], S.VAL_EM: r["em_mean"]}
+
+
+def collate(batch: Mapping[str, np.ndarray], augmenter, rng: np.random.Generator, mean, std,
+            sizes: Sequence[int]):
+    """Augment each sample (image and target together), then resize the batch to one random size."""
+    import torch
+
+    from kd.augment import multiscale_collate
+    images, targets = batch[S.IMAGE], batch[S.TARGET]
+    maps = [targets] + ([batch[S.CONF]] if S.CONF in batch else [])
+    samples = [augmenter(rng, images[i], *(m[i] for m in maps)) for i in range(len(images))]
+    x, y, *conf = multiscale_collate(samples, rng=rng, mean=mean, std=std, sizes=sizes)
+    return x, y, torch.as_tensor(np.asarray(batch[S.SOFT], dtype=bool)), (conf[0] if conf else None)
+
+
+def panel(cfg: TrainConfig, module, val: ValSet, probs: np.ndarray, teacher) -> np.ndarray:
+    from kd.step import make_panel
+    n = min(cfg.val.panel, len(val.keys))
+    teacher_maps = teacher.predict(val.images[:n]) if teacher is not None else [None] * n
+    rows = [[val.images[i], teacher_maps[i], probs[i], val.masks[i]] for i in range(n)]
+    if teacher is None:
+        rows = [[r[0], r[2], r[3]] for r in rows]
+    return make_panel(rows)
+
+
+def apply_start_weights(model, cfg: TrainConfig, verbose: bool = True) -> None:
+    """``model.backbone_weights`` then ``model.init_weights`` into ``model`` (files local or on S3).
+
+    Errors name the config key and the file: a wrong file is found here, on the driver (``run_training``
+    calls this on a throwaway model first), not after the workers started."""
+    import io
+
+    from models import load_backbone_weights, load_state
+    m = cfg.model
+    if m.backbone_weights:
+        fs, path = storage.get_filesystem(m.backbone_weights, cfg.s3)
+        if not storage.exists(fs, path):
+            raise ConfigError(f"model.backbone_weights: file not found: {m.backbone_weights}")
+        with tempfile.NamedTemporaryFile(suffix=".pt") as tmp:
+            tmp.write(storage.read_bytes(fs, path))
+            tmp.flush()
+            try:
+                report = load_backbone_weights(model, tmp.name)
+            except (ValueError, TypeError) as e:
+                raise ConfigError(f"model.backbone_weights: {m.backbone_weights}: {e}") from e
+        if verbose:
+            log.info("model.backbone_weights %s: %s", m.backbone_weights, report.summary())
+    if m.init_weights:
+        fs, path = storage.get_filesystem(m.init_weights, cfg.s3)
+        if not storage.exists(fs, path):
+            raise ConfigError(f"model.init_weights: file not found: {m.init_weights}")
+        try:
+            load_state(model, io.BytesIO(storage.read_bytes(fs, path)))
+        except ValueError as e:
+            raise ConfigError(f"model.init_weights: {m.init_weights}: {e}") from e
