@@ -138,7 +138,7 @@ def worker(args: argparse.Namespace) -> dict:
     sys.path.insert(0, str(Path(args.code or REPO).resolve()))
     import pyarrow as pa
     import pyarrow.fs as pafs
-    from cluster import labelling as LB
+    from cluster.label import plan as LB   # the plan's module: LabelConfig, build_manifest, plan_run, _plan
     from cluster import labels as L
     from cluster import storage
 

@@ -202,8 +202,8 @@ def _weights_path(spec: str) -> str | None:
 
 
 def check_label(cfg) -> None:
-    """Preflight of a :class:`cluster.labelling.LabelConfig` (see the module docstring)."""
-    from cluster.labelling import FOUNDATION
+    """Preflight of a :class:`cluster.label.config.LabelConfig` (see the module docstring)."""
+    from cluster.label.config import FOUNDATION
     specs = [t for t in cfg.teachers if t != FOUNDATION]
     weights = [p for p in map(_weights_path, specs) if p]
     _run([("input", cfg.input)], [("output", cfg.output)], weights, cfg.s3,

@@ -1,14 +1,17 @@
 """What every Ray actor pool of the jobs (labelling teachers, online teachers, foundation stages) shares: the
-``ActorPoolStrategy`` it runs under, the intra-op threads an actor or a train worker gives torch, and the
-filesystem a Ray task or actor opens once per process."""
+teacher pool's config (:class:`PoolConfig`), the ``ActorPoolStrategy`` it runs under, the intra-op threads an
+actor or a train worker gives torch, and the filesystem a Ray task or actor opens once per process."""
 
 from __future__ import annotations
 
-from typing import Any
+import dataclasses
+import math
+from typing import Any, Literal
 
 from cluster import storage
+from kd.config import ConfigError
 
-__all__ = ["actor_pool", "torch_threads", "cached_filesystem"]
+__all__ = ["PoolConfig", "actor_pool", "torch_threads", "cached_filesystem", "finite_resources"]
 
 _FS_CACHE: dict[tuple[str, Any], tuple[Any, str]] = {}
 
@@ -34,3 +37,65 @@ def torch_threads(threads: int, cpus: float) -> int:
     """Intra-op threads for a process given ``cpus`` Ray CPUs: ``threads`` when set (> 0), else one per whole
     CPU, at least 1 (a fractional CPU still runs one thread)."""
     return threads or max(1, int(cpus))
+
+
+def finite_resources(section: str, **amounts: float | None) -> None:
+    """Reject NaN and infinite Ray resource amounts (``num_cpus=...``), naming the dotted key."""
+    for name, v in amounts.items():
+        if v is not None and not math.isfinite(v):
+            raise ConfigError(f"{section}.{name}: must be a finite number, got {v}")
+
+
+@dataclasses.dataclass(frozen=True)
+class PoolConfig:
+    """The teacher actor pool.
+
+    Attributes:
+        size: a fixed number of actors; set it to None to autoscale between ``min_size`` and ``max_size``.
+        min_size, max_size: autoscaling bounds (used when ``size`` is None).
+        num_cpus, num_gpus: Ray resources per actor. Keep ``num_cpus`` fractional on small machines, or the
+            actors can take every CPU and starve the decode tasks.
+        batch_size: images per forward pass.
+        torch_threads: intra-op threads per actor; 0 = one per whole CPU asked for (at least 1).
+        device: ``auto`` (CUDA when the actor has a GPU), ``cpu`` or ``cuda``.
+        precision: ``auto`` (fp16 on CUDA, fp32 on CPU), ``fp32`` or ``fp16``.
+    """
+
+    size: int | None = 1
+    min_size: int | None = None
+    max_size: int | None = None
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+    batch_size: int = 16
+    torch_threads: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["auto", "fp32", "fp16"] = "auto"
+
+    def __post_init__(self) -> None:
+        finite_resources("pool", num_cpus=self.num_cpus, num_gpus=self.num_gpus)
+        if self.size is None:
+            if self.min_size is None or self.max_size is None:
+                raise ConfigError("pool: set size, or min_size and max_size for autoscaling")
+            if not 1 <= self.min_size <= self.max_size:
+                raise ConfigError(f"pool: need 1 <= min_size <= max_size, got {self.min_size}, {self.max_size}")
+        elif self.size < 1:
+            raise ConfigError(f"pool.size: must be >= 1, got {self.size}")
+        elif self.min_size is not None or self.max_size is not None:
+            raise ConfigError("pool: give either size or min_size/max_size, not both")
+        if self.num_cpus < 0 or self.num_gpus < 0:
+            raise ConfigError("pool: num_cpus and num_gpus must be >= 0")
+        if self.batch_size < 1:
+            raise ConfigError(f"pool.batch_size: must be >= 1, got {self.batch_size}")
+        if self.torch_threads < 0:
+            raise ConfigError(f"pool.torch_threads: must be >= 0, got {self.torch_threads}")
+
+    def threads(self) -> int:
+        return torch_threads(self.torch_threads, self.num_cpus)
+
+    def compute(self):
+        """The ``ActorPoolStrategy`` of this pool: ``size`` actors, or ``min_size`` up to ``max_size``."""
+        return actor_pool(self.size) if self.size is not None else actor_pool(self.min_size, self.max_size)
+
+    def resolved_device(self) -> str:
+        """``device``, with ``auto`` resolved: CUDA when the actor has a GPU."""
+        return self.device if self.device != "auto" else ("cuda" if self.num_gpus > 0 else "cpu")

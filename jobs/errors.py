@@ -74,7 +74,7 @@ def _ray_inner(e: BaseException) -> BaseException | None:
 
 
 def _deferred_class() -> type | None:
-    mod = sys.modules.get("cluster.labelling")   # loaded whenever DeferredInputs can have been raised
+    mod = sys.modules.get("cluster.label.job")   # loaded whenever DeferredInputs can have been raised
     return getattr(mod, "DeferredInputs", None)
 
 

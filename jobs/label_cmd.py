@@ -5,7 +5,7 @@
                 [--config jobs/configs/label.yaml] [pool.size=4 pool.num_gpus=1 tta=hflip ...]
 
 Settings come from the YAML (default ``jobs/configs/label.yaml``), then ``--input/--output/--teacher``,
-then ``dotted.key=value`` overrides (validated like the YAML; see ``cluster.labelling.LabelConfig``).
+then ``dotted.key=value`` overrides (validated like the YAML; see ``cluster.label.config.LabelConfig``).
 Before Ray starts, the driver checks that the output is writable, S3 credentials work and every teacher loads
 (``cluster.preflight``). Rerunning the same command labels only what is not done yet. S3 credentials come
 from the AWS environment; the endpoint from ``s3.endpoint_url=...`` or ``AWS_ENDPOINT_URL``.
@@ -36,7 +36,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def build_config(args: argparse.Namespace):
     """YAML, then the flags, then the dotted overrides -> a validated LabelConfig."""
-    from cluster.labelling import load_label_config
+    from cluster.label import load_label_config
     from kd.config import load_yaml
 
     data = load_yaml(args.config) if args.config else {}
@@ -68,7 +68,7 @@ def with_cards(teachers: list[str], cards: list[str]) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from cluster.labelling import run_labelling
+    from cluster.label import run_labelling
     from cluster.preflight import check_label
     from jobs.errors import naming
 

@@ -21,7 +21,8 @@ from PIL import Image
 from cluster import foundation as fm
 from cluster.fm_train import load_samples
 from cluster.foundation_tiny import build_tiny_foundation
-from cluster.labelling import load_label_config, run_labelling
+from cluster.label import foundation as fm_stages
+from cluster.label import load_label_config, run_labelling
 from cluster.labels import read_labels, read_rejects
 from kd import schema as S
 from kd.config import load_config
@@ -261,12 +262,12 @@ def test_stages_run_in_process_with_a_fixed_prompt(tiny_models, shared_data):
     imgs = [decode_image(p.read_bytes()) for p in paths]
     batch = {S.ID: np.array([S.stable_id(p.name) for p in paths], dtype=object),
              S.KEY: np.array([p.name for p in paths], dtype=object),
-             S.IMAGE: fm._object_array(imgs),
+             S.IMAGE: fm_stages._object_array(imgs),
              S.ORIG_H: np.array([i.shape[0] for i in imgs]), S.ORIG_W: np.array([i.shape[1] for i in imgs]),
              S.REASON: np.array(["", "truncated"], dtype=object)}
     cfg = load_config(fm.FoundationConfig, {**_foundation_block(tiny_models),
                                             "captioner": {"fixed_prompt": "a bird"}})
-    out = fm.label_batch_locally(batch, cfg, label_size=48)
+    out = fm_stages.label_batch_locally(batch, cfg, label_size=48)
     assert list(out[S.CAPTION]) == ["a bird", ""]
     assert out[S.LABEL].shape == out[S.CONF].shape == (2, 48, 48)
     assert out[S.LABEL][1].max() == 0 and out[S.REASON][1] == "truncated"   # a reject passes untouched

@@ -29,7 +29,8 @@ import torch
 from PIL import Image
 
 from cluster import labels as L
-from cluster.labelling import DecodeConfig, LabelConfig, PoolConfig, ReviewConfig, WriteConfig, run_labelling
+from cluster.label import DecodeConfig, LabelConfig, ReviewConfig, WriteConfig, run_labelling
+from cluster.raypool import PoolConfig
 from cluster.storage import S3Config, boto3_client
 from cluster.teachers import build_teacher, weights_hash
 from cluster.tracking import TrackingConfig
@@ -278,11 +279,11 @@ def test_a_listing_past_the_inline_limit_streams_through_the_object_store_exactl
         ray_address, teacher, shared_data, s3_endpoint, monkeypatch):
     """The driver plans a listing a chunk at a time and, past ``_INLINE_ROWS`` inputs, hands them to Ray's object
     store in ``_BLOCK_ROWS`` blocks (limits made tiny here: 11 keys on S3 in nested prefixes, chunks of 4)."""
-    from cluster import labelling as LB
+    from cluster.label import plan as label_plan
     from cluster.storage import get_filesystem
-    monkeypatch.setattr(LB, "_ID_CHUNK", 4)
-    monkeypatch.setattr(LB, "_INLINE_ROWS", 5)
-    monkeypatch.setattr(LB, "_BLOCK_ROWS", 3)
+    monkeypatch.setattr(label_plan, "_ID_CHUNK", 4)
+    monkeypatch.setattr(label_plan, "_INLINE_ROWS", 5)
+    monkeypatch.setattr(label_plan, "_BLOCK_ROWS", 3)
     spec, _ = teacher
     s3 = S3Config(endpoint_url=s3_endpoint)
     client = boto3_client(s3)
@@ -294,7 +295,7 @@ def test_a_listing_past_the_inline_limit_streams_through_the_object_store_exactl
     client.put_object(Bucket="sodkd-stream", Key="in/notes.txt", Body=b"not an image")
     cfg = _cfg("s3://sodkd-stream/in", "s3://sodkd-stream/out", spec, s3=s3, limit=8)
     blocks: list[int] = []
-    plan = LB.plan_run(cfg, *get_filesystem(cfg.output, s3), put=lambda t: blocks.append(t.num_rows) or t)
+    plan = label_plan.plan_run(cfg, *get_filesystem(cfg.output, s3), put=lambda t: blocks.append(t.num_rows) or t)
     assert (plan.total, plan.blocks.rows, plan.deferred, plan.ignored) == (11, 8, 3, {".txt": 1})
     assert blocks == [3, 3] and len(plan.blocks.pending) == 2   # spilled once past 5; 2 wait for the last block
     first = run_labelling(cfg, samples=0)

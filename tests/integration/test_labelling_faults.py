@@ -33,8 +33,8 @@ import torch
 from PIL import Image
 
 from cluster import labels as L
-from cluster.labelling import (DecodeConfig, DeferredInputs, LabelConfig, PoolConfig, RetryConfig, WriteConfig,
-                               run_labelling)
+from cluster.label import DecodeConfig, DeferredInputs, LabelConfig, RetryConfig, WriteConfig, run_labelling
+from cluster.raypool import PoolConfig
 from cluster.storage import S3Config, boto3_client, get_filesystem
 from cluster.teachers import build_teacher
 from cluster.tracking import TrackingConfig

@@ -38,7 +38,7 @@ import torch
 from ray.cluster_utils import Cluster
 
 from cluster import labels as L
-from cluster.labelling import load_label_config, run_labelling
+from cluster.label import load_label_config, run_labelling
 from cluster.training.launch import run_training
 from cluster.training.sections import load_train_config
 from kd import schema as S

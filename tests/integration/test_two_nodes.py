@@ -12,7 +12,7 @@ import torch
 from ray.cluster_utils import Cluster
 from ray.util.state import list_actors
 
-from cluster.labelling import load_label_config, run_labelling
+from cluster.label import load_label_config, run_labelling
 from cluster.labels import read_labels
 from models import create_model, save_weights
 

@@ -20,7 +20,7 @@ import pytest
 import torch
 from PIL import Image
 
-from cluster.labelling import load_label_config, run_labelling
+from cluster.label import load_label_config, run_labelling
 from cluster.labels import read_labels
 from cluster.video_data import ClipSet, FrameReader
 from cluster.video_train import load_video_config, run_video_distill

@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 from cluster import foundation as fm
+from cluster.label import foundation as fm_stages
 from kd import schema
 from kd.config import ConfigError, load_config
 
@@ -81,9 +82,9 @@ def test_configs_are_strict_and_name_the_key():
 def test_foundation_columns_encode_conf_png_and_ragged_boxes():
     conf = np.arange(12, dtype=np.uint8).reshape(1, 3, 4).repeat(2, axis=0)
     batch = {schema.CONF: conf, schema.CAPTION: np.array(["a dog", "a cat"], dtype=object),
-             schema.BOXES: fm._object_array([np.arange(8, dtype=np.float32), np.arange(4, dtype=np.float32)]),
-             schema.BOX_SCORES: fm._object_array([np.array([0.9, 0.5], np.float32), np.array([0.3], np.float32)]),
-             schema.MASK_SCORES: fm._object_array([np.array([0.1, 0.2], np.float32), np.array([0.7], np.float32)])}
+             schema.BOXES: fm_stages._object_array([np.arange(8, dtype=np.float32), np.arange(4, dtype=np.float32)]),
+             schema.BOX_SCORES: fm_stages._object_array([np.array([0.9, 0.5], np.float32), np.array([0.3], np.float32)]),
+             schema.MASK_SCORES: fm_stages._object_array([np.array([0.1, 0.2], np.float32), np.array([0.7], np.float32)])}
     cols = fm.foundation_columns(batch, np.array([1, 0]))
     assert cols[schema.CAPTION] == ["a cat", "a dog"]
     assert cols[schema.BOXES] == [[0, 1, 2, 3], list(range(8))]

@@ -15,9 +15,11 @@ import pytest
 import torch
 from PIL import Image
 
-from cluster import labelling as LB
+from cluster import label as LB
 from cluster import labels as L
 from cluster import catalog, storage, tracking
+from cluster.label import plan as label_plan
+from cluster.label import stages as label_stages
 from cluster.teachers import build_teacher, weights_hash
 from kd import schema as S
 from kd.config import ConfigError
@@ -274,7 +276,7 @@ def test_readers_dedupe_and_ignore_temporaries(tmp_path):
              S.SEQUENCE: np.array(["", ""], dtype=object), S.FRAME: np.array([-1, -1], np.int32),
              S.REASON: np.array(["empty", "corrupt"], dtype=object),
              S.DETAIL: np.array(["zero bytes", "bad"], dtype=object)}
-    t = LB._reject_table(batch, np.arange(2))
+    t = label_stages._reject_table(batch, np.arange(2))
     p1 = L.write_shard(fs, root, S.REJECTS_DIR, t)
     L.write_shard(fs, root, S.REJECTS_DIR, t.slice(1, 1))   # a retried task wrote "b" again
     assert pq.read_table(p1).num_rows == 2
@@ -387,7 +389,7 @@ FAST = LB.RetryConfig(attempts=3, delay_s=0.01, max_delay_s=0.02)
 
 
 def test_reads_that_fail_transiently_are_retried_then_deferred_never_rejected(aws_env, tmp_path):
-    s3 = LB.S3Config(endpoint_url=_dead_endpoint(), request_attempts=1)
+    s3 = storage.S3Config(endpoint_url=_dead_endpoint(), request_attempts=1)
     keys = ["a.jpg", "sub/../b.jpg"]
     out = LB.load_images(_manifest_batch(keys), input_uri="s3://bkt/in", s3=s3, size=SIZE, retry=FAST)
     assert list(out[S.REASON]) == [S.DEFERRED] * 2
@@ -405,7 +407,7 @@ def test_shard_writes_that_fail_transiently_defer_their_rows(aws_env, image_dir,
     keys = sorted(p.name for p in image_dir.iterdir())
     batch = LB.load_images(_manifest_batch(keys), input_uri=str(image_dir), s3=None, size=SIZE)
     labelled = LB.TeacherLabeler([f"scfnet_m3:{teacher_file}"], teacher_size=SIZE, device="cpu", threads=1)(batch)
-    s3 = LB.S3Config(endpoint_url=_dead_endpoint(), request_attempts=1)
+    s3 = storage.S3Config(endpoint_url=_dead_endpoint(), request_attempts=1)
     counts = LB.write_label_shards(labelled, output_uri="s3://bkt/out", s3=s3, retry=FAST)
     # 3 labels + 3 rejects, neither shard could be written: all 6 deferred, none counted as done
     assert (counts["labelled"][0], counts["rejected"][0], counts["deferred"][0]) == (0, 0, 6)
@@ -441,9 +443,9 @@ def test_an_id_collision_names_both_keys():
             return "0123456789abcdef"
 
     cfg = LB.LabelConfig(input="in", output="out", teachers=("t.ts",))
-    LB._check_ids(cfg, [catalog.Item("a.jpg", "in/a.jpg"), catalog.Item("b.jpg", "in/b.jpg")])
+    label_plan._check_ids(cfg, [catalog.Item("a.jpg", "in/a.jpg"), catalog.Item("b.jpg", "in/b.jpg")])
     with pytest.raises(ValueError, match=r"'a/\.\./b\.jpg' and 'b\.jpg' hash to the same id 0123456789abcdef"):
-        LB._check_ids(cfg, [SameId("a/../b.jpg", "in/a/../b.jpg"), SameId("b.jpg", "in/b.jpg")])
+        label_plan._check_ids(cfg, [SameId("a/../b.jpg", "in/a/../b.jpg"), SameId("b.jpg", "in/b.jpg")])
 
 
 def test_video_manifest_rejects_an_unreadable_video_and_counts_the_rest(tmp_path, shared_data):

@@ -13,8 +13,10 @@ import pyarrow.fs as pafs
 import pytest
 
 from cluster import catalog, storage
-from cluster import labelling as LB
+from cluster import label as LB
 from cluster import labels as L
+from cluster.label import plan as label_plan
+from cluster.label import stages as label_stages
 from kd import schema as S
 
 
@@ -26,7 +28,7 @@ def _old_looks_like_video(keys):
 
 def _old_plan(cfg, manifest, fs, root):
     listed_rejects = [it for it, _, _ in manifest.rejected]
-    LB._check_ids(cfg, manifest.items + listed_rejects)
+    label_plan._check_ids(cfg, manifest.items + listed_rejects)
     L.remove_stale_temporaries(fs, root)
     done = L.done_ids(fs, root)
     return ([i for i in manifest.items if i.id not in done],
@@ -47,7 +49,7 @@ def _reject_table(keys, id_of=S.stable_id):
     batch = {S.ID: np.array([id_of(k) for k in keys], dtype=object), S.KEY: np.array(keys, dtype=object),
              S.SEQUENCE: np.array([""] * n, dtype=object), S.FRAME: np.full(n, -1, np.int32),
              S.REASON: np.array(["corrupt"] * n, dtype=object), S.DETAIL: np.array(["bad"] * n, dtype=object)}
-    return LB._reject_table(batch, np.arange(n))
+    return label_stages._reject_table(batch, np.arange(n))
 
 
 @pytest.fixture
@@ -73,11 +75,11 @@ def _manifest(keys, reject_keys, item=catalog.Item):
 
 def test_plan_filters_as_the_set_of_str_did(output, monkeypatch):
     fs, root, stale = output
-    monkeypatch.setattr(LB, "_ID_CHUNK", 3)   # several id chunks on a small listing
+    monkeypatch.setattr(label_plan, "_ID_CHUNK", 3)   # several id chunks on a small listing
     cfg = LB.LabelConfig(input="in", output=root, teachers=("t.ts",))
     keys = ["a.jpg", "b.jpg", "c.jpg", "d.jpg", "e.jpg", "f.jpg", "sub/../g.jpg", "h h.jpg", "é.jpg"]
     manifest = _manifest(keys, ["r1.jpg", "r2.jpg"])
-    todo, rejected_now = LB._plan(cfg, manifest, fs, root)
+    todo, rejected_now = label_plan._plan(cfg, manifest, fs, root)
     assert not stale.exists()   # the temporary was removed, as before
     assert [i.key for i in todo] == ["f.jpg", "sub/../g.jpg", "h h.jpg", "é.jpg"]
     assert [r[0].key for r in rejected_now] == ["r2.jpg"]
@@ -85,10 +87,10 @@ def test_plan_filters_as_the_set_of_str_did(output, monkeypatch):
     assert (todo, rejected_now) == _old_plan(cfg, manifest, fs, root)
     # nothing done yet: everything; everything done: nothing
     empty = str(fs.normalize_path(root) + "-none")
-    assert LB._plan(cfg, manifest, fs, empty) == (manifest.items, manifest.rejected)
+    assert label_plan._plan(cfg, manifest, fs, empty) == (manifest.items, manifest.rejected)
     done_all = _manifest(["a.jpg", "c.jpg"], ["r1.jpg"])
-    assert LB._plan(cfg, done_all, fs, root) == ([], []) == _old_plan(cfg, done_all, fs, root)
-    assert LB._plan(cfg, _manifest([], []), fs, root) == ([], [])
+    assert label_plan._plan(cfg, done_all, fs, root) == ([], []) == _old_plan(cfg, done_all, fs, root)
+    assert label_plan._plan(cfg, _manifest([], []), fs, root) == ([], [])
 
 
 class Named(catalog.Item):
@@ -100,21 +102,21 @@ class Named(catalog.Item):
 
 
 def test_plan_with_ids_of_another_form_filters_as_before(tmp_path, monkeypatch):
-    monkeypatch.setattr(LB, "_ID_CHUNK", 2)
+    monkeypatch.setattr(label_plan, "_ID_CHUNK", 2)
     fs, root = pafs.LocalFileSystem(), str(tmp_path / "out")
     L.write_shard(fs, root, S.LABELS_DIR, _label_table(["a.jpg", "c.jpg"], lambda k: f"n-{k}"))
     L.write_shard(fs, root, S.LABELS_DIR, _label_table(["b.jpg"]))      # a stable id: matches no Named item
     L.write_shard(fs, root, S.REJECTS_DIR, _reject_table(["r1.jpg"], lambda k: f"n-{k}"))
     cfg = LB.LabelConfig(input="in", output=root, teachers=("t.ts",))
     manifest = _manifest(["a.jpg", "b.jpg", "c.jpg", "d.jpg", "e.jpg"], ["r1.jpg", "r2.jpg"], Named)
-    todo, rejected_now = LB._plan(cfg, manifest, fs, root)
+    todo, rejected_now = label_plan._plan(cfg, manifest, fs, root)
     assert [i.key for i in todo] == ["b.jpg", "d.jpg", "e.jpg"] and [r[0].key for r in rejected_now] == ["r2.jpg"]
     assert (todo, rejected_now) == _old_plan(cfg, manifest, fs, root)
     # stable ids first, then one of another form (a later chunk): the packed chunks go back to strings
     mixed = LB.Manifest([catalog.Item("a.jpg", "in/a.jpg"), catalog.Item("b.jpg", "in/b.jpg"),
                          catalog.Item("x.jpg", "in/x.jpg"), Named("c.jpg", "in/c.jpg")], [], "images")
-    assert [i.key for i in LB._plan(cfg, mixed, fs, root)[0]] == ["a.jpg", "x.jpg"]
-    assert LB._plan(cfg, mixed, fs, root) == _old_plan(cfg, mixed, fs, root)
+    assert [i.key for i in label_plan._plan(cfg, mixed, fs, root)[0]] == ["a.jpg", "x.jpg"]
+    assert label_plan._plan(cfg, mixed, fs, root) == _old_plan(cfg, mixed, fs, root)
 
 
 def test_plan_still_names_an_id_collision_and_allows_a_repeated_key(output):
@@ -129,9 +131,9 @@ def test_plan_still_names_an_id_collision_and_allows_a_repeated_key(output):
     m = LB.Manifest([catalog.Item("a.jpg", "in/a.jpg"), SameId("x/../b.jpg", "in/x/../b.jpg")],
                     [(SameId("b.jpg", "in/b.jpg"), "broken_link", "")], "images")
     with pytest.raises(ValueError, match=r"'x/\.\./b\.jpg' and 'b\.jpg' hash to the same id 0123456789abcdef"):
-        LB._plan(cfg, m, fs, root)
+        label_plan._plan(cfg, m, fs, root)
     same = LB.Manifest([catalog.Item("z.jpg", "in/z.jpg"), catalog.Item("z.jpg", "in/z.jpg")], [], "images")
-    assert LB._plan(cfg, same, fs, root) == (same.items, [])
+    assert label_plan._plan(cfg, same, fs, root) == (same.items, [])
 
 
 def test_done_packed_holds_the_done_ids_sorted(output):
@@ -172,8 +174,8 @@ def test_pack_ids_is_int_base_16_of_stable_ids():
 def test_sorted_isin():
     vals = np.array([1, 5, 9, 2**64 - 1], np.uint64)
     x = np.array([0, 1, 4, 5, 9, 10, 2**64 - 1, 2**64 - 2], np.uint64)
-    assert LB._sorted_isin(vals, x, chunk=3).tolist() == [False, True, False, True, True, False, True, False]
-    assert LB._sorted_isin(vals[:0], x).tolist() == [False] * 8
+    assert label_plan._sorted_isin(vals, x, chunk=3).tolist() == [False, True, False, True, True, False, True, False]
+    assert label_plan._sorted_isin(vals[:0], x).tolist() == [False] * 8
 
 
 def test_looks_like_video_as_before():
@@ -181,8 +183,8 @@ def test_looks_like_video_as_before():
              ["s/images/0.jpg", "s/0.jpg"], ["s/images/0.jpg", "s/images/x/0.jpg"], ["a.jpg"],
              ["s/images/0.jpg", "t/other/0.jpg"], ["s/masks/0.png", "t/images/1.jpg"], ["images/0.jpg"]]
     for keys in cases:
-        assert LB._looks_like_video(keys) == _old_looks_like_video(keys), keys
-        assert LB._looks_like_video(iter(keys)) == _old_looks_like_video(keys), keys
+        assert label_plan._looks_like_video(keys) == _old_looks_like_video(keys), keys
+        assert label_plan._looks_like_video(iter(keys)) == _old_looks_like_video(keys), keys
 
 
 def test_slotted_listing_types_compare_hash_and_pickle_as_before():

@@ -5,8 +5,7 @@ from __future__ import annotations
 import pytest
 
 from cluster.foundation import StageResources
-from cluster.labelling import PoolConfig
-from cluster.raypool import actor_pool, torch_threads
+from cluster.raypool import PoolConfig, actor_pool, torch_threads
 from cluster.training.sections import ScalingSection
 
 
