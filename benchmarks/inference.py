@@ -106,7 +106,7 @@ class OnnxRunner(Runner):
 def build_exports(workdir: Path, calibration: str, count: int, exporter: str) -> dict[str, dict[str, Path]]:
     """The students' exported files (cached): {model: {backend: path}} and the eager modules."""
     from cluster.quantize import calibration_inputs, quantize_onnx
-    from cluster.teachers import export_teacher
+    from cluster.export import export_teacher
     from models import create_model, load_weights
     workdir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)

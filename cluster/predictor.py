@@ -44,8 +44,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from cluster.teachers import (EagerTeacher, Teacher, TeacherSpecError, export_teacher, is_registry_spec,
-                              load_teacher, parse_teacher_spec, resolve_registry_spec)
+from cluster.export import export_teacher
+from cluster.teachers import (EagerTeacher, Teacher, TeacherSpecError, is_registry_spec, load_teacher,
+                              parse_teacher_spec, resolve_registry_spec)
 
 __all__ = ["Predictor", "BACKENDS", "PRECISIONS", "to_uint8", "export_cache_dir"]
 

@@ -1,7 +1,7 @@
 """Models in the MLflow registry without pickle: log an exported ONNX file, resolve ``models:/`` specs.
 
 Training registers its final model in MLflow's ONNX flavour (:func:`log_onnx_model`): the BatchNorm-folded
-ONNX export that :func:`cluster.teachers.export_teacher` writes (sodkd metadata inside, one self-contained
+ONNX export that :func:`cluster.export.export_teacher` writes (sodkd metadata inside, one self-contained
 file) with a tensor signature and its teacher card (``FILE.card.yaml``, kd/card.py) as an extra file. Neither
 MLflow nor sodkd unpickles anything to load it (``mlflow.onnx.load_model`` reads the protobuf; sodkd runs the
 file through ONNX Runtime).
@@ -23,7 +23,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from cluster.teachers import CARD_QUERY, EXPORT_SUFFIXES, ONNX_SUFFIXES, TeacherSpecError, export_card
+from cluster.export import export_card
+from cluster.teachers import CARD_QUERY, EXPORT_SUFFIXES, ONNX_SUFFIXES, TeacherSpecError
 
 __all__ = ["log_onnx_model", "resolve", "MODEL_FILE_SUFFIXES"]
 

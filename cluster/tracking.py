@@ -303,7 +303,7 @@ def log_student(tracking: TrainTracking, run_name: str, model, run_id: str, tmp:
     import onnxruntime
 
     from cluster.registry import log_onnx_model
-    from cluster.teachers import export_teacher
+    from cluster.export import export_teacher
     if tracking.uri:
         mlflow.set_tracking_uri(tracking.uri)
     version = None

@@ -31,7 +31,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cluster.teachers import build_teacher, export_card, export_teacher, parse_teacher_spec
+from cluster.export import export_card, export_teacher
+from cluster.teachers import build_teacher, parse_teacher_spec
 
 FORMAT_OF_SUFFIX = {".onnx": "onnx", ".pt2": "pt2"}
 DEFAULT_EVAL_SET = Path(__file__).resolve().parents[1] / "sample-data" / "ecssd"

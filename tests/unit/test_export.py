@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from cluster.teachers import build_teacher, read_export_metadata
+from cluster.export import read_export_metadata
+from cluster.teachers import build_teacher
 from jobs.export_cmd import export_with_parity
 from models import create_model, save_weights
 

@@ -15,7 +15,7 @@ from PIL import Image
 
 from cluster.predictor import Predictor
 from cluster.quantize import calibration_inputs
-from cluster.teachers import read_export_metadata
+from cluster.export import read_export_metadata
 from jobs.cli import main
 from jobs.export_cmd import export_int8
 from kd.card import load_card

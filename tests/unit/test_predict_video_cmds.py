@@ -115,7 +115,7 @@ def test_eval_video_compares_models_per_sequence(setup, tmp_path, capsys):
 
 def test_predict_model_spec_registered_and_exported_agree(setup, tmp_path):
     """``--model MODEL:WEIGHTS`` equals ``--weights``; an exported ONNX file gives the same maps."""
-    from cluster.teachers import export_teacher
+    from cluster.export import export_teacher
 
     one = setup["data"] / "blackswan" / "images" / "00001.jpg"
     assert main(["predict", "--model", f"scfnet_m3:{setup['image']}", "--input", str(one),

@@ -14,7 +14,8 @@ from PIL import Image
 
 from cluster.predictor import Predictor
 from cluster.registry import log_onnx_model, resolve
-from cluster.teachers import TeacherSpecError, build_teacher, export_teacher, parse_teacher_spec
+from cluster.export import export_teacher
+from cluster.teachers import TeacherSpecError, build_teacher, parse_teacher_spec
 from kd.card import load_card
 from kd.imageio import decode_image
 from models import create_model, save_weights

@@ -17,6 +17,7 @@ import torch
 import yaml
 from torch import nn
 
+from cluster import export
 from cluster import teachers as T
 from kd.card import CardCheckError, load_card
 from kd.config import ConfigError
@@ -195,7 +196,7 @@ def test_csnet_card_with_a_wrong_value_scale_is_caught_on_the_first_batch(shared
 def test_sodkd_exported_files_keep_working_without_a_card(tmp_path):
     from models import create_model
     m = create_model("scfnet_m3").eval()
-    T.export_teacher(m, tmp_path / "m3.onnx", "onnx", input_size=SIZE, onnx_exporter="torchscript")
+    export.export_teacher(m, tmp_path / "m3.onnx", "onnx", input_size=SIZE, onnx_exporter="torchscript")
     t = T.load_teacher(str(tmp_path / "m3.onnx"), device="cpu")
     assert isinstance(t, T.OnnxTeacher) and t.input_size == SIZE
 

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from cluster import export
 from cluster import teachers as T
 from kd.imageio import decode_image, resize
 from models import create_model, save_weights
@@ -45,7 +46,7 @@ def write_legacy_torchscript(model, path, size):
             "config": json.loads(json.dumps(getattr(model, "config", {}))), "mean": [float(v) for v in model.mean],
             "std": [float(v) for v in model.std], "input_size": size, "dynamic_hw": False, "size_multiple": size,
             "bn_folded": True}
-    head = T._ProbsHead(fold_batchnorm(model).float()).eval()
+    head = export._ProbsHead(fold_batchnorm(model).float()).eval()
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         traced = torch.jit.trace(head, torch.zeros(2, 3, size, size), check_trace=False)
@@ -58,8 +59,8 @@ def files(tmp_path_factory, model):
     save_weights(model, d / "m3.pt")
     torch.save(model.state_dict(), d / "bare.pt")
     write_legacy_torchscript(model, d / "m3.ts", SIZE)
-    T.export_teacher(model, d / "m3.onnx", "onnx", input_size=SIZE, extra_meta={"note": "unit test"})
-    T.export_teacher(model, d / "m3_legacy.onnx", "onnx", input_size=SIZE, onnx_exporter="torchscript")
+    export.export_teacher(model, d / "m3.onnx", "onnx", input_size=SIZE, extra_meta={"note": "unit test"})
+    export.export_teacher(model, d / "m3_legacy.onnx", "onnx", input_size=SIZE, onnx_exporter="torchscript")
     return d
 
 
@@ -97,11 +98,11 @@ def test_weights_of_another_model_are_refused(files):
 
 def test_export_metadata_round_trip(files, model):
     for name in ("m3.ts", "m3.onnx"):
-        meta = T.read_export_metadata(str(files / name))
+        meta = export.read_export_metadata(str(files / name))
         assert meta["model"] == "scfnet_m3" and meta["input_size"] == SIZE
         assert meta["mean"] == list(model.mean) and meta["std"] == list(model.std)
         assert meta["config"] == model.config
-    assert T.read_export_metadata(str(files / "m3.onnx"))["note"] == "unit test"
+    assert export.read_export_metadata(str(files / "m3.onnx"))["note"] == "unit test"
 
 
 def test_teacher_declares_preprocessing_and_hash(files, model):
@@ -196,7 +197,7 @@ def test_fp16_needs_cuda(files):
 
 
 def test_file_without_metadata_is_refused(tmp_path, model):
-    traced = torch.jit.trace(T._ProbsHead(model).eval(), torch.zeros(1, 3, SIZE, SIZE), check_trace=False)
+    traced = torch.jit.trace(export._ProbsHead(model).eval(), torch.zeros(1, 3, SIZE, SIZE), check_trace=False)
     torch.jit.save(traced, tmp_path / "plain.ts")
     with pytest.raises(T.TeacherSpecError, match="no sodkd teacher metadata"):
         T.load_teacher(str(tmp_path / "plain.ts"))
