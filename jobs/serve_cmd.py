@@ -7,7 +7,7 @@
 ``--local`` starts a private Ray on this machine (stopped on exit); otherwise the application runs on the
 cluster at ``--address`` or ``$RAY_ADDRESS`` and is deleted on Ctrl-C (``--detach``: left running). Settings
 come from the YAML (default ``jobs/configs/serve.yaml``), then the flags, then ``dotted.key=value`` overrides,
-validated like the YAML (:class:`cluster.serve.ServeConfig`).
+validated like the YAML (:class:`cluster.serve_api.ServeConfig`).
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def build_config(args: argparse.Namespace):
     """YAML, then the flags, then the dotted overrides -> a validated ServeConfig."""
-    from cluster.serve import load_serve_config
+    from cluster.serve_api import load_serve_config
     from kd.config import load_yaml
 
     data = load_yaml(args.config) if args.config else {}
