@@ -137,7 +137,7 @@ class Bench:
         return f"s3://{BUCKET}/{name}/in", f"s3://{BUCKET}/{name}/out", keys
 
     def cfg(self, inp: str, out: str, s3=None, retry=None):
-        from cluster.labelling import DecodeConfig, LabelConfig, PoolConfig, WriteConfig
+        from cluster.label import DecodeConfig, LabelConfig, PoolConfig, WriteConfig
         from cluster.storage import RetryConfig
         from cluster.tracking import TrackingConfig
         return LabelConfig(input=inp, output=out, teachers=(self.teacher,), teacher_size=SIZE, label_size=SIZE,
@@ -179,7 +179,7 @@ class Bench:
 
     def run_until_done(self, cfg, runs: list[str]) -> None:
         """Run ``cfg`` until a run finishes with nothing deferred; ``runs`` gets one outcome per run."""
-        from cluster.labelling import DeferredInputs, run_labelling
+        from cluster.label import DeferredInputs, run_labelling
         while len(runs) < 1 + self.args.max_reruns:
             try:
                 s = run_labelling(cfg, samples=0)

@@ -3,7 +3,7 @@ same cores.
 
 *Bare loop*: one Python process reads each file, decodes it (``kd.imageio.decode_image``), resizes it to the
 teacher's size, stacks a batch and runs the teacher (``Teacher.predict``, torch using every core); nothing is
-written. *Pipeline*: ``cluster.labelling.run_labelling`` on a local Ray instance with the same number of CPUs:
+written. *Pipeline*: ``cluster.label.run_labelling`` on a local Ray instance with the same number of CPUs:
 manifest, read + decode tasks, the teacher actor pool, PNG encoding, confidence statistics and atomic Parquet
 shards -- everything a real job does. Ray itself is started before timing (a cluster is up before a job is
 submitted); everything else, actor start-up included, is inside the pipeline run.
@@ -50,7 +50,7 @@ import torch  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from cluster.labelling import DecodeConfig, LabelConfig, PoolConfig, WriteConfig, run_labelling  # noqa: E402
+from cluster.label import DecodeConfig, LabelConfig, PoolConfig, WriteConfig, run_labelling  # noqa: E402
 from cluster.teachers import build_teacher  # noqa: E402
 from cluster.tracking import TrackingConfig  # noqa: E402
 from kd.imageio import decode_image, resize  # noqa: E402

@@ -15,7 +15,7 @@ backends:
 
 ``models:/NAME/VERSION`` (MLflow registry) is downloaded and run as the exported file it holds.
 
-A weights file runs through ``onnx`` or ``pt2`` by being exported first (:func:`cluster.teachers.export_teacher`);
+A weights file runs through ``onnx`` or ``pt2`` by being exported first (:func:`cluster.export.export_teacher`);
 an exported file runs in its own backend. ``auto`` picks the file's own backend; for weights it picks the
 fastest backend measured for the device (``benchmarks/RESULTS.md``, section ``inference``): ``onnx`` on a CPU
 (ONNX Runtime ran scfnet_m3 at 352 px 2.3x more images per CPU-second than eager PyTorch, and faster in every

@@ -1,7 +1,7 @@
 """INT8 static quantisation of an exported student (ONNX Runtime), checked on a labelled set.
 
 ``sodkd export --int8`` runs :func:`quantize_onnx` on the BatchNorm-folded fp32 ONNX file that
-:func:`cluster.teachers.export_teacher` writes:
+:func:`cluster.export.export_teacher` writes:
 
 1. calibration images (:func:`calibration_inputs`): a local folder or an ``s3://`` prefix, read through
    :mod:`cluster.catalog` (a paired layout's ``images/`` only, never its masks), a bounded number of them

@@ -106,7 +106,7 @@ def run_demo(cfg: DemoConfig) -> dict:
 
     from cluster import catalog
     from cluster.evaluate import evaluate
-    from cluster.labelling import load_label_config, run_labelling
+    from cluster.label import load_label_config, run_labelling
     from cluster.teachers import build_teacher
     from cluster.training.launch import run_training
     from cluster.training.sections import load_train_config

@@ -1,6 +1,6 @@
 """YAML -> frozen dataclasses, strictly.
 
-Config dataclasses live beside what they configure (``cluster/labelling.py``, ``cluster/train.py`` ...);
+Config dataclasses live beside what they configure (``cluster/label/config.py``, ``cluster/training/sections.py`` ...);
 the loader sits in ``kd`` (the lowest layer that needs it) so Ray workers can rebuild a config from its dict;
 this module only validates plain data (``yaml.safe_load``) into them. Unknown keys, wrong types and bad
 override paths are errors that name the dotted key, e.g. ``train.optim.lr: expected float, got 'fast'``.

@@ -33,7 +33,7 @@ TTA = "tta"                # test-time augmentation used ("none" or "hflip")
 LABEL = "label"            # uint8 HxW soft map before PNG encoding (in-flight column of the labelling job)
 LABELLED_AT = "labelled_at"  # epoch seconds when the teacher finished the row's batch (in flight: rates)
 LABELS_DIR = "labels"      # OUTPUT/labels/*.parquet: one row per labelled image
-REVIEW_FILE = "review.csv"  # OUTPUT/review.csv: labelled images worst first (cluster.labelling.write_review)
+REVIEW_FILE = "review.csv"  # OUTPUT/review.csv: labelled images worst first (cluster.label.review.write_review)
 REJECTS_DIR = "rejects"    # OUTPUT/rejects/*.parquet: one row per image that could not be labelled
 
 # --- rejects table ---
