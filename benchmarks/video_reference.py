@@ -66,7 +66,7 @@ def reference_info(reference: Path) -> list[str]:
 
 
 def distill(out: Path, name: str, teacher_labels: Path, init: str | None, loss: dict, log) -> dict:
-    from cluster.video_train import load_video_config, run_video_distill
+    from cluster.training.video import load_video_config, run_video_distill
     cfg = load_video_config({
         "model": {"name": "video_scfnet_m3", "init_weights": init},
         "data": {"labels": str(teacher_labels), "images": str(DAVIS), "size": SIZE, "sequences": list(TRAIN_SEQS)},

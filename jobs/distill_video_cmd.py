@@ -9,7 +9,7 @@ The flags are those of ``sodkd distill`` (``jobs/train_cmd.py``), read the video
 folder of frame folders the labelling job read, ``--labels`` its output (one of each), ``--val`` a folder of
 labelled sequences (``<seq>/images`` + ``<seq>/masks``) scored in streaming mode. Settings come from the YAML
 (default ``jobs/configs/distill-video.yaml``), then the flags, then ``dotted.key=value`` overrides, validated into
-``cluster.video_train.VideoTrainConfig``. Resubmitting the same ``--name`` and storage resumes.
+``cluster.training.video.VideoTrainConfig``. Resubmitting the same ``--name`` and storage resumes.
 
 ``sodkd distill`` hands ``--task video`` to :func:`run` with its parsed arguments; :func:`add_arguments`
 declares the same flags for running this module on its own.
@@ -43,7 +43,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def build_config(args: argparse.Namespace):
     """YAML, then the flags, then the dotted overrides -> a validated VideoTrainConfig."""
-    from cluster.video_train import load_video_config
+    from cluster.training.video import load_video_config
     from kd.config import ConfigError, load_yaml
 
     data = load_yaml(getattr(args, "config", None) or DEFAULT_CONFIG)
@@ -83,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
     if getattr(args, "print_config", False):
         print(json.dumps(to_dict(cfg), indent=1))
         return 0
-    from cluster.video_train import run_video_distill
+    from cluster.training.video import run_video_distill
 
     out = run_video_distill(cfg)
     print(f"sodkd distill --task video: run {out.run_name}: {out.clips} clips from {out.frames} frames, "

@@ -1,5 +1,6 @@
 """The training core on Ray Train: teachers, the supervised-only (FS) student, the distilled (KD) student, the
-foundation-label student and the video student.
+foundation-label student and the video student -- one loop, and a task per kind of job that says what a batch
+is, its loss and its validation.
 
 The image job's ``mode`` and data sources decide what it learns from::
 
@@ -15,8 +16,10 @@ Modules, along the way a run goes::
 
     sections     the config sections (model, data, val, optim, scaling, run, output, debug) and TrainConfig
     data         the image input pipeline on Ray Data (paired, offline and online soft labels)
-    image        what a batch becomes on the worker, validation, the picture panel, starting weights
-    loop         the worker loop (epochs, lr, step, validation, best, checkpoint, report)
+    image        the image task (ImageTask): batch, loss, validation, picture panel; the starting weights
+    video        the video task (VideoTask): its config, clips, loss, streaming validation; its driver
+    loop         the one worker loop (epochs, lr, step, validation, best, checkpoint, report) and Task
     checkpoint   one checkpoint layout: save, persist in process, restore (each worker from its own copy)
-    launch       the driver: TorchTrainer, failure handling, final weights and the logged model
+    launch       the driver every task shares: MLflow run, TorchTrainer, failure handling, final weights
+                 and the logged model (train_and_export); the image job's run_training
 """

@@ -44,8 +44,9 @@ LOCAL_CKPT_PREFIX = "checkpoint_epoch="
 
 
 def save_checkpoint_dir(path: str, *, meta: dict, module, best_state: dict | None, optimizer=None,
-                         engine=None, write_model: bool = True) -> None:
-    """Write one checkpoint directory (see the module docstring for its files)."""
+                        engine=None, write_model: bool = True, extra_state: dict | None = None) -> None:
+    """Write one checkpoint directory (see the module docstring for its files); ``extra_state`` (name -> a
+    state dict: modules trained beside the model) joins the optimizer in ``state.pt``."""
     import torch
 
     from models import save_weights
@@ -67,7 +68,7 @@ def save_checkpoint_dir(path: str, *, meta: dict, module, best_state: dict | Non
     else:
         shutil.copyfile(os.path.join(path, MODEL_FILE), os.path.join(path, BEST_FILE))
     if optimizer is not None:
-        torch.save({"optimizer": optimizer.state_dict()}, os.path.join(path, STATE_FILE))
+        torch.save({"optimizer": optimizer.state_dict(), **(extra_state or {})}, os.path.join(path, STATE_FILE))
     with open(os.path.join(path, META_FILE), "w") as f:
         json.dump(meta, f, indent=1)
 

@@ -1,5 +1,5 @@
-"""The image task's pieces: what a batch becomes on the worker, the validation on a labelled set, the
-picture panel, and the starting weights.
+"""The image task (modes teacher, supervised, distill, foundation): what a batch becomes on the worker, its
+loss, the validation on a labelled set, the picture panel, and the starting weights.
 
 A batch (rows of :mod:`cluster.training.data`) is augmented per sample, image and target together, then
 resized to one random training size (:func:`collate`). Validation runs on rank 0 on a labelled folder at
@@ -11,20 +11,19 @@ from __future__ import annotations
 import dataclasses
 import logging
 import tempfile
-from typing import TYPE_CHECKING, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 
 from cluster import catalog, storage
+from cluster.training.loop import Task, unwrap
+from cluster.training.sections import TrainConfig, load_train_config
 from kd import schema as S
 from kd.config import ConfigError
 
-if TYPE_CHECKING:
-    from cluster.training.sections import TrainConfig
-
 log = logging.getLogger(__name__)
 
-__all__ = ["ValSet", "load_val_set", "predict_val", "score", "collate", "panel", "apply_start_weights"]
+__all__ = ["ImageTask", "ValSet", "load_val_set", "predict_val", "score", "collate", "panel", "apply_start_weights"]
 
 
 @dataclasses.dataclass
@@ -133,3 +132,94 @@ def apply_start_weights(model, cfg: TrainConfig, verbose: bool = True) -> None:
             load_state(model, io.BytesIO(storage.read_bytes(fs, path)))
         except ValueError as e:
             raise ConfigError(f"model.init_weights: {m.init_weights}: {e}") from e
+
+
+class _Float32Outputs:
+    """Calls a (wrapped) model and casts its outputs to float32 (bf16 DeepSpeed): losses run in fp32."""
+
+    def __init__(self, net):
+        self.net = net
+        self.module = unwrap(net)
+
+    def __call__(self, x, **kw):
+        import torch
+
+        def cast(o):
+            if isinstance(o, torch.Tensor):
+                return o.float()
+            return type(o)(cast(v) for v in o)
+        return cast(self.net(x, **kw))
+
+
+class ImageTask(Task):
+    """The image job's task (modes teacher, supervised, distill, foundation) for the training loop.
+
+    A batch is a block of Ray Data rows from the worker's shard of the ``train`` dataset
+    (:mod:`cluster.training.data`), augmented and resized by :func:`collate`; the loss is
+    :func:`kd.step.batch_loss` (masks and soft labels, mixed) or, in mode foundation,
+    :func:`kd.pseudo_labels.fm_model_loss`; validation is :func:`score` on the labelled ``val`` folder, with a
+    picture panel (image / teacher / prediction / mask) in MLflow.
+    """
+
+    def __init__(self, config: Mapping):
+        from kd.augment import Augmenter
+        self.cfg: TrainConfig = load_train_config(config)
+        self.augmenter = Augmenter(self.cfg.data.augment)
+        self.val: ValSet | None = None
+        self.probs: np.ndarray | None = None
+        self.panel_teacher = None
+
+    def build(self, rank: int, device):
+        from models import create_model
+        cfg = self.cfg
+        model = create_model(cfg.model.name, **cfg.model.kwargs)
+        model.input_size = max(cfg.data.sizes)   # recorded in every weights file: the size to run it at
+        apply_start_weights(model, cfg, verbose=rank == 0)
+        return model, {}
+
+    def open(self, rank: int, world: int, steps: int, tracker) -> None:
+        import ray.train
+        cfg = self.cfg
+        self.shard = ray.train.get_dataset_shard("train")
+        self.val = load_val_set(cfg) if rank == 0 else None
+        if self.val is not None and cfg.val.panel and cfg.data.teacher.teachers and tracker.active:
+            from cluster.teachers import build_teacher
+            t = cfg.data.teacher
+            self.panel_teacher = build_teacher(list(t.teachers), tta=t.tta, s3=cfg.s3, device="cpu",
+                                               precision="fp32", input_size=t.teacher_size)
+
+    def batches(self, epoch: int, rank: int, world: int):
+        from kd.losses import boundary_band
+        cfg = self.cfg
+        self.band = boundary_band(epoch)
+        self.rng = np.random.default_rng([cfg.run.seed, epoch, rank])
+        return self.shard.iter_batches(batch_size=cfg.per_worker_batch, batch_format="numpy", drop_last=True,
+                                       local_shuffle_buffer_size=cfg.data.shuffle_buffer or None,
+                                       local_shuffle_seed=cfg.run.seed * 100003 + epoch * 101 + rank
+                                       if cfg.data.shuffle_buffer else None)
+
+    def loss(self, net, module, batch, device, dtype):
+        from kd.pseudo_labels import fm_model_loss
+        from kd.step import batch_loss
+        cfg = self.cfg
+        x, y, soft, conf = collate(batch, self.augmenter, self.rng, module.mean, module.std, cfg.data.sizes)
+        x, y = x.to(device=device, dtype=dtype), y.to(device)
+        parts: dict[str, float] = {}
+        if cfg.mode == "foundation":
+            loss, parts = fm_model_loss(_Float32Outputs(net), x, y, conf.to(device), cfg.fm)
+        else:
+            loss = batch_loss([o.float() for o in net(x)], y, soft, self.band, cfg.kd, cfg.mask_loss)
+        return loss, parts, len(batch[S.ID])
+
+    @property
+    def validates(self) -> bool:
+        return self.val is not None
+
+    def validate(self, module, dtype, epoch: int) -> dict[str, float]:
+        self.probs = predict_val(module, self.val.images, self.cfg.val.batch_size, dtype)
+        return score(self.probs, self.val.masks)
+
+    def log_validation(self, tracker, module, epoch: int) -> None:
+        if self.cfg.val.panel and tracker.active:
+            tracker.image(panel(self.cfg, module, self.val, self.probs, self.panel_teacher),
+                          f"panels/epoch_{epoch + 1:03d}.png")

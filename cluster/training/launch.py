@@ -1,5 +1,7 @@
 """The driver of a training job: build the data, open the MLflow run, run the loop under ``TorchTrainer`` (in
-this process with ``scaling.num_workers: 0``), then write the final weights and log the model.
+this process with ``scaling.num_workers: 0``), then write the final weights and log the model. Every task's
+driver (:func:`run_training` here, :func:`cluster.training.video.run_video_distill`) counts its data and hands
+the rest to :func:`train_and_export`.
 
 Checkpoints go to ``<run.storage>/<run.name>``; a resubmitted run (same name and storage) resumes from its
 latest checkpoint, and ``FailureConfig(run.max_failures)`` restarts a worker group that lost a worker from the
@@ -27,15 +29,15 @@ from cluster.tracking import log_student, mlflow_client, open_job_run, pin_track
 from cluster.training.checkpoint import BEST_FILE, LOCAL_CKPT_PREFIX, META_FILE
 from cluster.training.data import build_train_dataset
 from cluster.training.image import apply_start_weights
-from cluster.training.loop import train_loop
+from cluster.training.loop import CKPT_PREFIX, train_loop
 from cluster.training.sections import RunConfig, TrainConfig
 from kd import schema as S
 from kd.config import to_dict
 
 log = logging.getLogger(__name__)
 
-__all__ = ["TrainOutcome", "run_training", "ensure_ray", "launch", "checkpoint_uri", "export_final",
-           "steps_per_epoch"]
+__all__ = ["TrainOutcome", "run_training", "Trained", "train_and_export", "ensure_ray", "launch", "checkpoint_uri",
+           "export_final", "steps_per_epoch"]
 
 
 @dataclasses.dataclass
@@ -142,12 +144,69 @@ def steps_per_epoch(rows: int, batch_size: int, workers: int) -> int:
     return steps
 
 
+@dataclasses.dataclass
+class Trained:
+    """What :func:`train_and_export` hands back to a task's driver."""
+
+    checkpoint: str                 # URI of the latest checkpoint
+    weights: list[str]              # final weight files written (best by val/mae, else last)
+    metrics: dict[str, float]       # the last epoch's reported metrics
+    meta: dict[str, Any]            # the latest checkpoint's meta.json
+    mlflow_run_id: str | None
+    model_version: str | None
+    summary: dict[str, Any]         # rank 0's train_loop return value
+    extra: Any = None               # what ``read`` took from the latest checkpoint directory
+
+
+def train_and_export(cfg: RunConfig, steps: int, *, data_metrics: Mapping[str, float] | None = None,
+                     read: Callable[[str], Any] | None = None, finish: Callable[[str, Any], None] | None = None,
+                     **trainer_kw: Any) -> Trained:
+    """Every job's driver after its data is counted: open (or find again) the MLflow run, run
+    :func:`cluster.training.loop.train_loop` for ``steps`` steps an epoch, write the final weights and log the
+    model, close the run.
+
+    ``data_metrics`` are logged at step 0 of the run; ``read(checkpoint_dir)`` takes what the task wrote into
+    the latest checkpoint (:attr:`Trained.extra`); ``finish(run_id, extra)`` logs the task's last figures
+    before the run is marked FINISHED; ``trainer_kw`` (``datasets``, ``dataset_config``) go to the trainer.
+    """
+    cfg = dataclasses.replace(cfg, mlflow=pin_tracking_uri(cfg.mlflow))
+    ensure_ray()
+    run_id = open_job_run(cfg.mlflow, cfg.run.name, {"sodkd.mode": cfg.mode, "sodkd.model": cfg.model.name}, cfg)
+    if run_id and data_metrics:
+        from mlflow.entities import Metric
+        now = int(time.time() * 1000)
+        mlflow_client(cfg.mlflow).log_batch(run_id, metrics=[Metric(k, float(v), now, 0)
+                                                             for k, v in data_metrics.items()])
+    loop_config = to_dict(cfg)
+    loop_config["_runtime"] = {"steps_per_epoch": steps, "mlflow_run_id": run_id}
+    result = launch(train_loop, loop_config, cfg, run_id, scored=bool(cfg.val.uri), **trainer_kw)
+    with result.checkpoint.as_directory() as d:
+        with open(os.path.join(d, META_FILE)) as f:
+            meta = json.load(f)
+        extra = read(d) if read else None
+        run_id = meta.get("mlflow_run_id") or run_id
+        metrics = dict(result.metrics or {})
+        if run_id:  # the export reopens the run with MLflow's fluent API: point it at this run's experiment
+            import mlflow
+            if cfg.mlflow.uri:
+                mlflow.set_tracking_uri(cfg.mlflow.uri)
+            mlflow.set_experiment(cfg.mlflow.experiment)
+        weights, version = export_final(cfg, os.path.join(d, BEST_FILE), run_id, metrics, input_size=cfg.val.size)
+    if not cfg.scaling.num_workers and os.path.basename(result.checkpoint.path).startswith(CKPT_PREFIX):
+        shutil.rmtree(result.checkpoint.path, ignore_errors=True)   # in process: persisted under run.storage
+    if run_id:
+        if finish:
+            finish(run_id, extra)
+        mlflow_client(cfg.mlflow).set_terminated(run_id, status="FINISHED")
+    return Trained(checkpoint_uri(cfg, result, meta["epoch"]), weights, metrics, meta, run_id, version,
+                   dict(getattr(result, "return_value", None) or {}), extra)
+
+
 def run_training(cfg: TrainConfig) -> TrainOutcome:
-    """Build the data, run ``train_loop`` under ``TorchTrainer`` (or in-process), then export and register."""
+    """The image job: build the data, then :func:`train_and_export`."""
     import ray.train
 
     t0 = time.perf_counter()
-    cfg = dataclasses.replace(cfg, mlflow=pin_tracking_uri(cfg.mlflow))
     if cfg.model.init_weights or cfg.model.backbone_weights:   # a wrong file fails here, in seconds
         from models import create_model
         apply_start_weights(create_model(cfg.model.name, **cfg.model.kwargs), cfg)
@@ -155,21 +214,8 @@ def run_training(cfg: TrainConfig) -> TrainOutcome:
     data = build_train_dataset(cfg)
     spe = steps_per_epoch(data.rows, cfg.optim.batch_size, cfg.scaling.num_workers)
     log.info("training rows %d (%s), %d steps per epoch", data.rows, data.counts, spe)
-    run_id = open_job_run(cfg.mlflow, cfg.run.name, {"sodkd.mode": cfg.mode, "sodkd.model": cfg.model.name}, cfg)
-    loop_config = to_dict(cfg)
-    loop_config["_runtime"] = {"steps_per_epoch": spe, "rows": data.rows, "mlflow_run_id": run_id}
-    result = launch(train_loop, loop_config, cfg, run_id, scored=bool(cfg.val.uri), datasets={"train": data.dataset},
-                    dataset_config=ray.train.DataConfig(datasets_to_split=["train"]))
-    with result.checkpoint.as_directory() as d:
-        with open(os.path.join(d, META_FILE)) as f:
-            meta = json.load(f)
-        run_id = meta.get("mlflow_run_id") or run_id
-        metrics = dict(result.metrics or {})
-        weights, version = export_final(cfg, os.path.join(d, BEST_FILE), run_id, metrics, input_size=cfg.val.size)
-    if run_id:
-        mlflow_client(cfg.mlflow).set_terminated(run_id, status="FINISHED")
-    if not cfg.scaling.num_workers and result.checkpoint.path.startswith(tempfile.gettempdir()):
-        shutil.rmtree(result.checkpoint.path, ignore_errors=True)   # persisted copy lives in the run storage
-    return TrainOutcome(cfg.run.name, checkpoint_uri(cfg, result, meta["epoch"]), weights, metrics,
-                        meta.get("best_mae"), run_id, data.rows, spe, time.perf_counter() - t0,
-                        list(meta.get("resumed_from", [])), version, dict(getattr(result, "return_value", None) or {}))
+    out = train_and_export(cfg, spe, datasets={"train": data.dataset},
+                           dataset_config=ray.train.DataConfig(datasets_to_split=["train"]))
+    return TrainOutcome(cfg.run.name, out.checkpoint, out.weights, out.metrics, out.meta.get("best_mae"),
+                        out.mlflow_run_id, data.rows, spe, time.perf_counter() - t0,
+                        list(out.meta.get("resumed_from", [])), out.model_version, out.summary)

@@ -1,31 +1,91 @@
-"""The training loop every worker runs (``TorchTrainer(train_loop, train_loop_config=config)``; in this
-process with ``ScalingConfig(num_workers=0)``).
+"""The one training loop every worker runs, whatever the task (``TorchTrainer(train_loop,
+train_loop_config=config)``; in this process with ``ScalingConfig(num_workers=0)``).
 
-Per batch: augmentation and one random scale on the worker (:func:`cluster.training.image.collate`), SGD with
-the warm-up + per-iteration cosine schedule (``kd.schedule``), the backbone at 0.1x, DDP or DeepSpeed. Each
-epoch: validation (rank 0), a checkpoint (model, optimizer, epoch, step, the best weights so far, the MLflow run
-id; :mod:`cluster.training.checkpoint`) reported to Ray Train, which keeps the latest and the best by
-``val/mae``; rank 0 alone logs ``train/loss`` and ``train/lr`` per step, ``val/*`` and a picture panel per
-epoch. A restarted worker group and a resubmitted run resume from the latest checkpoint.
+The loop owns what every job shares: the worker's device and seed, the SGD optimizer with the warm-up +
+per-iteration cosine schedule (``kd.schedule``, the backbone at ``optim.backbone_lr_mult``), DDP or DeepSpeed,
+the resume from the run's checkpoint (:func:`cluster.training.checkpoint.restore_checkpoint`: each worker from
+its own copy), the step (backward, clipping, a non-finite loss is an error), rank 0's MLflow metrics
+(``train/loss``, ``train/lr`` and the loss's parts per step; ``val/*`` per epoch), the best weights by
+``val/mae``, one checkpoint an epoch reported to Ray Train (which keeps the latest and the best) and the
+fault injection of the tests. A :class:`Task` says the rest: its model, what a batch is, its loss and its
+validation (:class:`cluster.training.image.ImageTask`, :class:`cluster.training.video.VideoTask`).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import tempfile
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 
 from cluster.tracking import RankTracker
 from cluster.training.checkpoint import DS_DIR, persist_local_checkpoint, restore_checkpoint, save_checkpoint_dir
-from cluster.training.image import apply_start_weights, collate, load_val_set, panel, predict_val, score
-from cluster.training.sections import DebugConfig, ScalingSection, load_train_config
+from cluster.training.sections import DebugConfig, ScalingSection
 from kd import schema as S
 
-__all__ = ["train_loop", "start_worker", "worker_device", "unwrap", "inject_failure"]
+log = logging.getLogger(__name__)
+
+__all__ = ["Task", "train_loop", "task_for", "start_worker", "worker_device", "unwrap", "inject_failure"]
+
+CKPT_PREFIX = "sodkd-ckpt-"   # the loop's checkpoint dirs in the temp dir (the driver removes the in-process one)
+
+
+class Task:
+    """What a training job hands the loop: its config, its model, what a batch is, its loss and its validation.
+
+    ``cfg`` is the job's config dataclass: the loop reads its ``model``, ``optim``, ``scaling``, ``run``,
+    ``mlflow``, ``debug``, ``s3`` sections, ``val.uri`` / ``val.every`` and ``per_worker_batch``.
+    ``meta`` holds the keys a task adds to the checkpoint's ``meta.json`` (restored on resume).
+    """
+
+    cfg: Any
+    meta: Mapping[str, Any] = {}
+
+    def build(self, rank: int, device) -> tuple[Any, dict[str, Any]]:
+        """The model (on the CPU, its starting weights applied) and the modules trained beside it (their
+        parameters join the optimizer, their state the checkpoint's ``state.pt``, by name)."""
+        raise NotImplementedError
+
+    def open(self, rank: int, world: int, steps: int, tracker: RankTracker) -> None:
+        """Once the model is placed: open the data, and on rank 0 the validation set."""
+
+    def batches(self, epoch: int, rank: int, world: int) -> Iterable[Any]:
+        """This worker's batches of ``epoch`` (the loop takes ``steps_per_epoch`` of them, draining the rest)."""
+        raise NotImplementedError
+
+    def loss(self, net, module, batch, device, dtype) -> tuple[Any, dict[str, Any], int]:
+        """(loss tensor, its named parts, samples in the batch) of one training batch through ``net``."""
+        raise NotImplementedError
+
+    @property
+    def validates(self) -> bool:
+        """Whether this worker validates (rank 0 with a validation set)."""
+        return False
+
+    def validate(self, module, dtype, epoch: int) -> dict[str, float]:
+        """The ``val/*`` metrics of ``module`` (called on rank 0 in the epochs ``val.every`` picks)."""
+        raise NotImplementedError
+
+    def log_validation(self, tracker: RankTracker, module, epoch: int) -> None:
+        """Rank 0, after a validation: what the task logs beside the metrics (a picture panel)."""
+
+    def write_checkpoint(self, path: str) -> None:
+        """Rank 0: files the task adds to the epoch's checkpoint directory (after the loop wrote its own)."""
+
+
+def task_for(config: Mapping[str, Any]) -> Task:
+    """The task of a job's config dict (``to_dict`` of its dataclass): video for mode ``distill-video``, the
+    image task (teacher, supervised, distill, foundation) otherwise."""
+    cfg = {k: v for k, v in config.items() if k != "_runtime"}
+    if cfg.get("mode") == "distill-video":
+        from cluster.training.video import VideoTask
+        return VideoTask(cfg)
+    from cluster.training.image import ImageTask
+    return ImageTask(cfg)
 
 
 def inject_failure(debug: DebugConfig, step: int, rank: int, before_exit: Callable[[], None]) -> None:
@@ -38,23 +98,6 @@ def inject_failure(debug: DebugConfig, step: int, rank: int, before_exit: Callab
     before_exit()
     time.sleep(max(0.0, debug.fail_after_s))
     os._exit(1)
-
-
-class _Float32Outputs:
-    """Calls a (wrapped) model and casts its outputs to float32 (bf16 DeepSpeed): losses run in fp32."""
-
-    def __init__(self, net):
-        self.net = net
-        self.module = unwrap(net)
-
-    def __call__(self, x, **kw):
-        import torch
-
-        def cast(o):
-            if isinstance(o, torch.Tensor):
-                return o.float()
-            return type(o)(cast(v) for v in o)
-        return cast(self.net(x, **kw))
 
 
 def unwrap(model):
@@ -87,92 +130,83 @@ def worker_device(scaling: ScalingSection):
     return device
 
 
-def train_loop(config: dict) -> dict:
-    """The per-worker training function (``TorchTrainer(train_loop, train_loop_config=config)``).
+def _wrap(model, optimizer, cfg, device, world: int, restored):
+    """(net, module, engine, optimizer, dtype): ``model`` placed and wrapped for ``scaling.strategy``."""
+    import torch
+    if cfg.scaling.strategy != "deepspeed":
+        if world > 1:
+            import ray.train.torch
+            net = ray.train.torch.prepare_model(model)
+        else:
+            net = model.to(device)
+        return net, unwrap(net), None, optimizer, torch.float32
+    if device.type != "cuda":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+    ds_config = {
+        "train_micro_batch_size_per_gpu": cfg.per_worker_batch,
+        "gradient_accumulation_steps": 1,
+        "zero_optimization": {"stage": cfg.scaling.zero_stage},
+        "bf16": {"enabled": cfg.scaling.bf16},
+        "zero_allow_untested_optimizer": True,
+        "gradient_clipping": cfg.optim.grad_clip or 0.0,
+        "steps_per_print": 10 ** 9,
+        "wall_clock_breakdown": False,
+    }
+    model.to(device)
+    engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+    if restored:
+        engine.load_checkpoint(restored.path(DS_DIR), tag="state", load_module_strict=True,
+                               load_optimizer_states=True, load_lr_scheduler_states=False)
+    return engine, engine.module, engine, optimizer, torch.bfloat16 if cfg.scaling.bf16 else torch.float32
 
-    ``config`` is ``kd.config.to_dict(TrainConfig)`` plus a ``_runtime`` entry the driver computes
-    (``steps_per_epoch``, ``rows``, ``mlflow_run_id``). Returns a summary dict (epochs run, last metrics).
+
+def train_loop(config: dict) -> dict:
+    """The per-worker training function of every task.
+
+    ``config`` is ``kd.config.to_dict`` of the job's config plus a ``_runtime`` entry the driver computes
+    (``steps_per_epoch``, ``mlflow_run_id``). Returns a summary dict (epochs run, last metrics, timings).
     """
     import ray.train
     import torch
 
-    from kd.augment import Augmenter
-    from kd.losses import boundary_band
     from kd.schedule import set_lr, with_lr_mult
-    from kd.pseudo_labels import fm_model_loss
-    from kd.step import batch_loss
     from models import create_model
 
     runtime = dict(config.get("_runtime", {}))
-    cfg = load_train_config({k: v for k, v in config.items() if k != "_runtime"})
+    task = task_for(config)
+    cfg = task.cfg
     rank, world, device = start_worker(cfg.scaling, cfg.run.seed)
     in_process = cfg.scaling.num_workers == 0
-    use_gpu = device.type == "cuda"
-
     steps = int(runtime["steps_per_epoch"])
     schedule = cfg.optim.schedule(steps)
 
-    model = create_model(cfg.model.name, **cfg.model.kwargs)
-    model.input_size = max(cfg.data.sizes)   # recorded in every weights file: the size to run it at
-    apply_start_weights(model, cfg, verbose=rank == 0)
+    model, extras = task.build(rank, device)
     groups = with_lr_mult(model.param_groups(cfg.optim.lr, cfg.optim.backbone_lr_mult), cfg.optim.lr)
+    groups += [{"name": name, "params": list(m.parameters()), "lr": cfg.optim.lr, "lr_mult": 1.0}
+               for name, m in extras.items()]
     optimizer = torch.optim.SGD(groups, lr=cfg.optim.lr, momentum=cfg.optim.momentum,
                                 weight_decay=cfg.optim.weight_decay, nesterov=cfg.optim.nesterov)
 
-    # -- resume ---------------------------------------------------------------------------------------------
     meta: dict[str, Any] = {"epoch": 0, "step": 0, "best_mae": None, "best_epoch": None,
-                            "mlflow_run_id": runtime.get("mlflow_run_id"), "resumed_from": []}
+                            "mlflow_run_id": runtime.get("mlflow_run_id"), "resumed_from": [], **task.meta}
     restored = restore_checkpoint(meta, model, lambda: create_model(cfg.model.name, **cfg.model.kwargs),
                                   run=cfg.run, s3=cfg.s3, in_process=in_process, rank=rank)
     best_state = restored.best_state if restored else None
-
-    # -- wrap for the strategy ------------------------------------------------------------------------------
-    engine = None
-    if cfg.scaling.strategy == "deepspeed":
-        if not use_gpu:
-            os.environ.setdefault("DS_ACCELERATOR", "cpu")
-        import deepspeed
-        ds_config = {
-            "train_micro_batch_size_per_gpu": cfg.per_worker_batch,
-            "gradient_accumulation_steps": 1,
-            "zero_optimization": {"stage": cfg.scaling.zero_stage},
-            "bf16": {"enabled": cfg.scaling.bf16},
-            "zero_allow_untested_optimizer": True,
-            "gradient_clipping": cfg.optim.grad_clip or 0.0,
-            "steps_per_print": 10 ** 9,
-            "wall_clock_breakdown": False,
-        }
-        model.to(device)
-        engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
-        if restored:
-            engine.load_checkpoint(restored.path(DS_DIR), tag="state", load_module_strict=True,
-                                   load_optimizer_states=True, load_lr_scheduler_states=False)
-        net, module = engine, engine.module
-        dtype = torch.bfloat16 if cfg.scaling.bf16 else torch.float32
-    else:
-        if world > 1:
-            net = ray.train.torch.prepare_model(model)
-        else:
-            net = model.to(device)
-        module, dtype = unwrap(net), torch.float32
+    net, module, engine, optimizer, dtype = _wrap(model, optimizer, cfg, device, world, restored)
+    for m in extras.values():
+        m.to(device)
     if restored:
         if engine is None:   # after the move to the device: state follows the params
-            optimizer.load_state_dict(restored.state(device)["optimizer"])
+            state = restored.state(device)
+            optimizer.load_state_dict(state["optimizer"])
+            for name, m in extras.items():
+                if name in state:
+                    m.load_state_dict(state[name])
         restored.close()
 
-    # -- data, validation, tracking --------------------------------------------------------------------------
-    shard = ray.train.get_dataset_shard("train")
-    val = load_val_set(cfg) if rank == 0 else None
     tracker = RankTracker(cfg.mlflow, meta["mlflow_run_id"], rank)
-    panel_teacher = None
-    if rank == 0 and val is not None and cfg.val.panel and cfg.data.teacher.teachers and tracker.active:
-        from cluster.teachers import build_teacher
-        t = cfg.data.teacher
-        panel_teacher = build_teacher(list(t.teachers), tta=t.tta, s3=cfg.s3, device="cpu", precision="fp32",
-                                      input_size=t.teacher_size)
-    augmenter = Augmenter(cfg.data.augment)
-    foundation = cfg.mode == "foundation"
-    batch = cfg.per_worker_batch
+    task.open(rank, world, steps, tracker)
     step = int(meta["step"])
     last: dict[str, float] = {}
     previous_local = None   # in-process mode: the checkpoint dir reported last epoch (Ray keeps only a path)
@@ -180,28 +214,18 @@ def train_loop(config: dict) -> dict:
     epoch_wall, epoch_cpu, epoch_images = [], [], []   # training phase only (no validation / checkpoint)
 
     for epoch in range(int(meta["epoch"]), cfg.optim.epochs):
-        band = boundary_band(epoch)
-        rng = np.random.default_rng([cfg.run.seed, epoch, rank])
         net.train()
-        loss_sum, n_steps, n_images = 0.0, 0, 0
+        sums: dict[str, float] = {}
+        n_steps, n_images = 0, 0
         t_epoch, c_epoch = time.perf_counter(), time.process_time()
-        it = shard.iter_batches(batch_size=batch, batch_format="numpy", drop_last=True,
-                                local_shuffle_buffer_size=cfg.data.shuffle_buffer or None,
-                                local_shuffle_seed=cfg.run.seed * 100003 + epoch * 101 + rank
-                                if cfg.data.shuffle_buffer else None)
-        for rows in it:
+        for batch in task.batches(epoch, rank, world):
             if n_steps >= steps:
                 continue  # a cache-less pipeline may yield more rows than counted: keep the schedule
-            x, y, soft, conf = collate(rows, augmenter, rng, module.mean, module.std, cfg.data.sizes)
-            x, y = x.to(device=device, dtype=dtype), y.to(device)
             lr = schedule(step)
             set_lr(optimizer, lr)
-            parts: dict[str, float] = {}
-            if foundation:
-                loss, parts = fm_model_loss(_Float32Outputs(net), x, y, conf.to(device), cfg.fm)
-            else:
-                logits = [o.float() for o in net(x)]
-                loss = batch_loss(logits, y, soft, band, cfg.kd, cfg.mask_loss)
+            loss, parts, n = task.loss(net, module, batch, device, dtype)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"{cfg.run.name}: loss {loss.item()} at step {step}")
             if engine is not None:
                 engine.backward(loss)
                 engine.step()
@@ -213,12 +237,12 @@ def train_loop(config: dict) -> dict:
                 optimizer.step()
             step += 1
             n_steps += 1
-            n_images += len(rows[S.ID])
-            loss_value = float(loss.detach())
-            loss_sum += loss_value
+            n_images += n
+            values = {S.TRAIN_LOSS: float(loss.detach()), **{f"train/{k}": float(v) for k, v in parts.items()}}
+            for k, v in values.items():
+                sums[k] = sums.get(k, 0.0) + v
             if step % tracker.every == 0:
-                tracker.metrics({S.TRAIN_LOSS: loss_value, S.TRAIN_LR: lr,
-                                 **{f"train/{k}": v for k, v in parts.items()}}, step)
+                tracker.metrics({**values, S.TRAIN_LR: lr}, step)
             inject_failure(cfg.debug, step, rank, tracker.flush)
 
         epoch_wall.append(time.perf_counter() - t_epoch)
@@ -227,29 +251,34 @@ def train_loop(config: dict) -> dict:
         images_seen += n_images
 
         # -- end of epoch: validate, checkpoint, report ---------------------------------------------------
-        metrics: dict[str, float] = {"epoch": epoch + 1, "step": step,
-                                     S.TRAIN_LOSS: loss_sum / max(1, n_steps)}
-        probs = None
-        if val is not None and ((epoch + 1) % cfg.val.every == 0 or epoch + 1 == cfg.optim.epochs):
-            probs = predict_val(module, val.images, cfg.val.batch_size, dtype)
-            metrics.update(score(probs, val.masks))
+        metrics: dict[str, float] = {"epoch": epoch + 1, "step": step, S.TRAIN_LOSS: 0.0,
+                                     **{k: v / max(1, n_steps) for k, v in sums.items()}}
+        validated = task.validates and ((epoch + 1) % cfg.val.every == 0 or epoch + 1 == cfg.optim.epochs)
+        if validated:
+            metrics.update(task.validate(module, dtype, epoch))
             if meta["best_mae"] is None or metrics[S.VAL_MAE] < meta["best_mae"]:
                 meta["best_mae"], meta["best_epoch"] = metrics[S.VAL_MAE], epoch + 1
                 best_state = {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
         meta["epoch"], meta["step"] = epoch + 1, step
+        if "history" in meta:
+            meta["history"] = list(meta["history"]) + [{k: v for k, v in metrics.items() if np.isfinite(v)}]
+        log.info("epoch %d: %s", epoch + 1, " ".join(f"{k}={v:.4f}" for k, v in metrics.items()
+                                                   if k.startswith(("train/", "val/"))))
         if rank == 0:
             tracker.metrics({k: v for k, v in metrics.items() if k.startswith("val/")}, step, flush=True)
             tracker.metrics({"epoch": epoch + 1, "train/epoch_loss": metrics[S.TRAIN_LOSS]}, step, flush=True)
-            if probs is not None and cfg.val.panel and tracker.active:
-                tracker.image(panel(cfg, module, val, probs, panel_teacher), f"panels/epoch_{epoch + 1:03d}.png")
+            if validated:
+                task.log_validation(tracker, module, epoch)
         if meta["best_mae"] is not None:
             metrics["best_mae"] = meta["best_mae"]
         if cfg.val.uri and S.VAL_MAE not in metrics:
             metrics[S.VAL_MAE] = float("inf")  # not validated this epoch: never the best checkpoint
-        tmp = tempfile.mkdtemp(prefix="sodkd-ckpt-")
+        tmp = tempfile.mkdtemp(prefix=CKPT_PREFIX)
         save_checkpoint_dir(tmp, meta=dict(meta), module=module, best_state=best_state,
-                             optimizer=optimizer if engine is None else None, engine=engine,
-                             write_model=rank == 0)
+                            optimizer=optimizer if engine is None else None, engine=engine,
+                            write_model=rank == 0, extra_state={k: m.state_dict() for k, m in extras.items()})
+        if rank == 0:
+            task.write_checkpoint(tmp)
         if in_process:
             persist_local_checkpoint(cfg.run, cfg.s3, tmp, epoch + 1)
         report_ckpt = ray.train.Checkpoint.from_directory(tmp) if (rank == 0 or engine is not None) else None
@@ -264,6 +293,9 @@ def train_loop(config: dict) -> dict:
 
     tracker.flush()
     wall = time.perf_counter() - t_start
-    return {"epochs": int(meta["epoch"]), "step": step, "metrics": last, "images": images_seen,
-            "wall_s": wall, "epoch_wall_s": epoch_wall, "epoch_cpu_s": epoch_cpu, "epoch_images": epoch_images,
-            "resumed_from": meta["resumed_from"], "rank": rank, "world_size": world}
+    summary = {"epochs": int(meta["epoch"]), "step": step, "metrics": last, "images": images_seen,
+               "wall_s": wall, "epoch_wall_s": epoch_wall, "epoch_cpu_s": epoch_cpu, "epoch_images": epoch_images,
+               "resumed_from": meta["resumed_from"], "rank": rank, "world_size": world}
+    if "history" in meta:
+        summary["history"] = meta["history"]
+    return summary

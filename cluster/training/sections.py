@@ -14,8 +14,7 @@ import dataclasses
 import math
 from typing import Any, Literal, Protocol
 
-from cluster.labelling import PoolConfig
-from cluster.raypool import torch_threads
+from cluster.raypool import PoolConfig, torch_threads
 from cluster.storage import S3Config
 from cluster.tracking import TrainTracking
 from kd.augment import TEST_SIZE, TRAIN_SIZES, AugmentConfig
@@ -362,6 +361,8 @@ class RunConfig(Protocol):
     def output(self) -> OutputConfig: ...
     @property
     def s3(self) -> S3Config: ...
+    @property
+    def val(self) -> Any: ...   # its ``uri`` (None: no validation) and ``size`` (the export's input size)
 
 
 def load_train_config(source: Any = None, overrides: Any = None) -> TrainConfig:

@@ -23,7 +23,7 @@ from PIL import Image
 from cluster.label import load_label_config, run_labelling
 from cluster.labels import read_labels
 from cluster.video_data import ClipSet, FrameReader
-from cluster.video_train import load_video_config, run_video_distill
+from cluster.training.video import load_video_config, run_video_distill
 from jobs.cli import main
 from kd import schema as S
 from kd.clips import ClipConfig

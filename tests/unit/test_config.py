@@ -116,7 +116,7 @@ def test_every_job_config_rejects_nan_and_infinity_through_the_loader():
     """Train, label, video and foundation (fm) configs all go through kd.config.load_config."""
     from cluster.labelling import load_label_config
     from cluster.training.sections import load_train_config
-    from cluster.video_train import load_video_config
+    from cluster.training.video import load_video_config
 
     configs = Path(__file__).resolve().parents[2] / "jobs" / "configs"
     train = {"data": {"paired": [{"uri": "/d"}]}}

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from cluster.video_train import load_video_config
+from cluster.training.video import load_video_config
 from jobs.cli import main
 from kd.config import ConfigError
 

@@ -1,24 +1,23 @@
-"""Spatiotemporal distillation of the video student, on the training core of :mod:`cluster.train`.
+"""Spatiotemporal distillation of the video student: the video task of the training core.
 
 ``sodkd distill --task video``::
 
     label shards of video frames (``sodkd label`` on frame folders: rows carry sequence and frame)
       -> ClipSet (cluster.video_data): clips of T frames joined by key to their frames, augmented identically
          across each clip
-      -> video_train_loop (Ray Train; ``scaling.num_workers: 0`` runs it in-process): the video student on
-         (B, T, 3, S, S), kd.temporal.video_kd_loss = per-frame soft dice + change consistency + inter-frame
-         relation [+ feature hint], SGD with the KD-SCFNet warm-up + cosine schedule, backbone at 0.1x
+      -> the training loop (:func:`cluster.training.loop.train_loop` with :class:`VideoTask`; Ray Train,
+         ``scaling.num_workers: 0`` runs it in-process): the video student on (B, T, 3, S, S),
+         kd.temporal.video_kd_loss = per-frame soft dice + change consistency + inter-frame relation
+         [+ feature hint], SGD with the KD-SCFNet warm-up + cosine schedule, backbone at 0.1x
       -> every epoch: streaming evaluation on labelled sequences (rank 0; val/sm, val/maxf, val/mae,
          val/flicker), a checkpoint (latest + best by val/mae), MLflow metrics from rank 0
-      -> the final weights (fp32 + fp16) and the MLflow model, as the image trainer writes them.
+      -> the final weights (fp32 + fp16) and the MLflow model, as every job writes them.
 
-What is shared with the image trainer (:mod:`cluster.train`), not re-implemented here: the config sections
-(``ModelConfig``, ``OptimConfig``, ``ScalingSection``, ``RunSection``, ``TrainTracking``, ``OutputConfig``,
-``DebugConfig``), the worker's device, the MLflow run found or created by its ``sodkd.run_name`` tag (its URI
-pinned for the workers), the checkpoints and their restore (:mod:`cluster.checkpoint`), rank 0's metric
-batching, the launch under ``TorchTrainer`` and the final export. What differs and lives here: the data (clips
-assembled on the worker from label shards instead of a Ray Data row stream -- clips cross rows), the loss
-(needs the clip axis and the student's features) and the validation (per sequence, streaming, with flicker).
+What is the video task's own: the data (clips assembled on the worker from label shards instead of a Ray Data
+row stream -- clips cross rows), the loss (needs the clip axis and the student's features, and trains a hint
+adapter beside the student) and the validation (per sequence, streaming, with flicker). The shared config
+sections keep their classes with video defaults; the loop, the checkpoints and their restore, the launch and
+the export are the training core's.
 
 Every choice the paper (Tang et al., arXiv 2010.10027) does not state is ours and sits in the config with its
 reason: clips of 3 frames with stride 2, loss weights 1/1/1, relation targets from the teacher's soft labels (so
@@ -32,22 +31,18 @@ import io
 import json
 import logging
 import os
-import shutil
-import tempfile
 import time
 from typing import Any, Literal, Mapping
 
 import numpy as np
 
 from cluster import storage, tracking
-from cluster.training import launch as L
-from cluster.training.checkpoint import (BEST_FILE, META_FILE, STATE_FILE, persist_local_checkpoint,
-                                         restore_checkpoint, save_checkpoint_dir)
 from cluster.storage import S3Config
 from cluster.tracking import TrainTracking
-from cluster.training.loop import inject_failure, start_worker, unwrap
+from cluster.training.launch import steps_per_epoch, train_and_export
+from cluster.training.loop import Task
 from cluster.training.sections import (DebugConfig, ModelConfig, OptimConfig, OutputConfig, RunSection,
-                                      ScalingSection)
+                                       ScalingSection)
 from kd import schema as S
 from kd.augment import AugmentConfig
 from kd.clips import ClipConfig
@@ -57,10 +52,10 @@ from kd.temporal import HintAdapter, VideoKDConfig, video_kd_loss
 log = logging.getLogger(__name__)
 
 __all__ = ["VideoDataSection", "VideoValConfig", "VideoTrainConfig", "load_video_config", "count_clips",
-           "build_student", "video_train_loop", "run_video_distill", "VideoTrainOutcome", "VAL_FLICKER"]
+           "build_student", "VideoTask", "run_video_distill", "VideoTrainOutcome", "VAL_FLICKER"]
 
 VAL_FLICKER = "val/flicker"
-TMP_PREFIX = "sodkd-vckpt-"
+VAL_FILE = "val.json"   # in a checkpoint: the last per-sequence validation (kd.video_eval results)
 
 
 # --- configuration ---------------------------------------------------------------------------------------
@@ -124,7 +119,7 @@ class VideoTrainConfig:
         teacher: the teacher's weights (``models.save_weights`` file), needed only for the feature terms
             (``loss.hint`` > 0 or ``loss.relation_target: teacher_features``); soft labels come from the shards.
         optim: as the image trainer's; ``batch_size`` counts clips (global, split over workers).
-        debug: fault injection for tests, as the image trainer's (``cluster.train.DebugConfig``).
+        debug: fault injection for tests, as the image trainer's (``sections.DebugConfig``).
     """
 
     data: VideoDataSection
@@ -250,147 +245,76 @@ def validate(cfg: VideoTrainConfig, model, sequences) -> tuple[dict[str, float],
             VAL_FLICKER: o["flicker"]}, res
 
 
-# --- the training loop (every worker) ----------------------------------------------------------------------
+# --- the task (every worker) -------------------------------------------------------------------------------
 
-def video_train_loop(config: dict) -> dict:
-    """Ray Train worker function: ``config`` is ``to_dict(VideoTrainConfig)`` plus ``_runtime`` from the driver
-    (``steps_per_epoch``, ``mlflow_run_id``). Returns a summary (epochs, step, last metrics, per-epoch losses)."""
-    import ray.train
-    import ray.train.torch
-    import torch
+class VideoTask(Task):
+    """The video job's task for :func:`cluster.training.loop.train_loop`: a batch is ``per_worker_batch`` clips
+    of this worker's slice of a seeded permutation, the loss :func:`kd.temporal.video_kd_loss` (with a hint
+    adapter trained beside the student when ``loss.hint`` > 0), the validation :func:`validate`."""
 
-    from cluster.video_data import ClipSet, load_sequences
-    from kd.schedule import set_lr, with_lr_mult
-    from models import create_model, load_weights
+    meta = {"history": []}
 
-    runtime = dict(config.get("_runtime", {}))
-    cfg = load_video_config({k: v for k, v in config.items() if k != "_runtime"})
-    rank, world, device = start_worker(cfg.scaling, cfg.run.seed)
-    in_process = cfg.scaling.num_workers == 0
+    def __init__(self, config: Mapping):
+        self.cfg: VideoTrainConfig = load_video_config(config)
+        self.val_data = self.val_results = None
+        self.teacher = self.adapter = None
 
-    clips = ClipSet.from_labels(cfg.data.labels, cfg.data.images, cfg.s3, clip=cfg.data.clip,
-                                augment=cfg.data.augment, cache=cfg.data.cache, sequences=cfg.data.sequences)
-    batch = cfg.per_worker_batch
-    steps = int(runtime["steps_per_epoch"])
-    if len(clips) < steps * batch * world:
-        raise RuntimeError(f"{cfg.data.labels}: the worker sees {len(clips)} clips, the driver counted enough "
-                           f"for {steps} steps of {batch * world}; did the label shards change?")
-    schedule = cfg.optim.schedule(steps)
+    def build(self, rank: int, device):
+        from models import load_weights
+        cfg = self.cfg
+        model = build_student(cfg)
+        if cfg.loss.needs_teacher_features:
+            self.teacher = load_weights(io.BytesIO(_read(cfg.teacher, cfg.s3)), map_location=str(device)).eval()
+            self.teacher.requires_grad_(False)
+        if cfg.loss.hint > 0:
+            self.adapter = HintAdapter(model.channels, self.teacher.channels)
+        return model, ({"adapter": self.adapter} if self.adapter is not None else {})
 
-    model = build_student(cfg)
-    teacher = adapter = None
-    if cfg.loss.needs_teacher_features:
-        teacher = load_weights(io.BytesIO(_read(cfg.teacher, cfg.s3)), map_location=str(device)).eval()
-        teacher.requires_grad_(False)
-    if cfg.loss.hint > 0:
-        adapter = HintAdapter(model.channels, teacher.channels)
-    groups = with_lr_mult(model.param_groups(cfg.optim.lr, cfg.optim.backbone_lr_mult), cfg.optim.lr)
-    if adapter is not None:
-        groups.append({"name": "adapter", "params": list(adapter.parameters()), "lr": cfg.optim.lr, "lr_mult": 1.0})
-    optimizer = torch.optim.SGD(groups, lr=cfg.optim.lr, momentum=cfg.optim.momentum,
-                                weight_decay=cfg.optim.weight_decay)
+    def open(self, rank: int, world: int, steps: int, tracker) -> None:
+        from cluster.video_data import ClipSet, load_sequences
+        cfg = self.cfg
+        self.clips = ClipSet.from_labels(cfg.data.labels, cfg.data.images, cfg.s3, clip=cfg.data.clip,
+                                         augment=cfg.data.augment, cache=cfg.data.cache,
+                                         sequences=cfg.data.sequences)
+        batch = cfg.per_worker_batch
+        if len(self.clips) < steps * batch * world:
+            raise RuntimeError(f"{cfg.data.labels}: the worker sees {len(self.clips)} clips, the driver counted "
+                               f"enough for {steps} steps of {batch * world}; did the label shards change?")
+        self.steps = steps
+        if rank == 0 and cfg.val.uri:
+            self.val_data = load_sequences(cfg.val.uri, cfg.val.sequences, cfg.val.max_frames, cfg.s3)
 
-    # -- resume (the image trainer's checkpoint layout; in-process runs persist it themselves) ---------------
-    meta: dict[str, Any] = {"epoch": 0, "step": 0, "best_mae": None, "best_epoch": None, "history": [],
-                            "mlflow_run_id": runtime.get("mlflow_run_id"), "resumed_from": []}
-    restored = restore_checkpoint(meta, model, lambda: create_model(cfg.model.name, **cfg.model.kwargs),
-                                  run=cfg.run, s3=cfg.s3, in_process=in_process, rank=rank)
-    best_state = restored.best_state if restored else None
-    net = ray.train.torch.prepare_model(model) if world > 1 else model.to(device)
-    module = unwrap(net)
-    if adapter is not None:
-        adapter.to(device)
-    if restored:   # after the move to the device: state follows the params
-        state = restored.state(device)
-        optimizer.load_state_dict(state["optimizer"])
-        if adapter is not None and "adapter" in state:
-            adapter.load_state_dict(state["adapter"])
-        restored.close()
-
-    val_data = (load_sequences(cfg.val.uri, cfg.val.sequences, cfg.val.max_frames, cfg.s3)
-                if rank == 0 and cfg.val.uri else None)
-    tracker = tracking.RankTracker(cfg.mlflow, meta["mlflow_run_id"], rank)
-    step = int(meta["step"])
-    last: dict[str, float] = {}
-    val_results = None
-    prev_tmp = None
-    t_start = time.perf_counter()
-
-    for epoch in range(int(meta["epoch"]), cfg.optim.epochs):
-        net.train()
-        order = np.random.default_rng([cfg.run.seed, epoch]).permutation(len(clips))
-        sums: dict[str, float] = {}
-        for it in range(steps):
+    def batches(self, epoch: int, rank: int, world: int):
+        cfg, batch = self.cfg, self.cfg.per_worker_batch
+        order = np.random.default_rng([cfg.run.seed, epoch]).permutation(len(self.clips))
+        for it in range(self.steps):
             first = (it * world + rank) * batch
             rng = np.random.default_rng([cfg.run.seed, epoch, it, rank])
-            x, y = _batch_tensors(module, [clips.sample(int(i), rng, cfg.data.size)
-                                           for i in order[first:first + batch]], device)
-            lr = schedule(step)
-            set_lr(optimizer, lr)
-            outs, feats = net(x, return_features=True)
-            teacher_feat = None
-            if teacher is not None:
-                with torch.no_grad():
-                    teacher_feat = teacher.encode(x.flatten(0, 1))[3].unflatten(0, tuple(x.shape[:2]))
-            loss, parts = video_kd_loss(outs, y, cfg.loss, feats["f5t"], teacher_feat, adapter)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"{cfg.run.name}: loss {loss.item()} at step {step}")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.optim.grad_clip:
-                torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.optim.grad_clip)
-            optimizer.step()
-            step += 1
-            values = {S.TRAIN_LOSS: float(loss.detach()), **{f"train/{k}": float(v) for k, v in parts.items()}}
-            for k, v in values.items():
-                sums[k] = sums.get(k, 0.0) + v
-            if step % tracker.every == 0:
-                tracker.metrics({**values, S.TRAIN_LR: lr}, step)
-            inject_failure(cfg.debug, step, rank, tracker.flush)
+            yield [self.clips.sample(int(i), rng, cfg.data.size) for i in order[first:first + batch]]
 
-        # -- end of epoch: validate, checkpoint, report ---------------------------------------------------
-        metrics: dict[str, float] = {"epoch": epoch + 1, "step": step,
-                                     **{k: v / steps for k, v in sums.items()}}
-        if val_data is not None and ((epoch + 1) % cfg.val.every == 0 or epoch + 1 == cfg.optim.epochs):
-            val_metrics, val_results = validate(cfg, module, val_data)
-            metrics.update(val_metrics)
-            if meta["best_mae"] is None or metrics[S.VAL_MAE] < meta["best_mae"]:
-                meta["best_mae"], meta["best_epoch"] = metrics[S.VAL_MAE], epoch + 1
-                best_state = {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
-        meta["epoch"], meta["step"] = epoch + 1, step
-        meta["history"] = list(meta["history"]) + [{k: v for k, v in metrics.items() if np.isfinite(v)}]
-        log.info("epoch %d: %s", epoch + 1, " ".join(f"{k}={v:.4f}" for k, v in metrics.items()
-                                                   if k.startswith(("train/", "val/"))))
-        if rank == 0:
-            tracker.metrics({k: v for k, v in metrics.items() if k.startswith("val/")}, step, flush=True)
-            tracker.metrics({"epoch": epoch + 1, "train/epoch_loss": metrics[S.TRAIN_LOSS]}, step, flush=True)
-        if meta["best_mae"] is not None:
-            metrics["best_mae"] = meta["best_mae"]
-        if cfg.val.uri and S.VAL_MAE not in metrics:
-            metrics[S.VAL_MAE] = float("inf")   # not validated this epoch: never the best checkpoint
-        tmp = tempfile.mkdtemp(prefix=TMP_PREFIX)
-        save_checkpoint_dir(tmp, meta=dict(meta), module=module, best_state=best_state, optimizer=optimizer,
-                            write_model=rank == 0)
-        if rank == 0 and adapter is not None:
-            state = torch.load(os.path.join(tmp, STATE_FILE), weights_only=True)
-            torch.save({**state, "adapter": adapter.state_dict()}, os.path.join(tmp, STATE_FILE))
-        if rank == 0 and val_results is not None:
-            with open(os.path.join(tmp, "val.json"), "w") as f:
-                json.dump(val_results, f, indent=1, default=float)
-        if in_process:
-            persist_local_checkpoint(cfg.run, cfg.s3, tmp, epoch + 1)
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp) if rank == 0 else None)
-        if not in_process:
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:  # local mode hands the driver this directory itself: keep the newest, drop the one before
-            if prev_tmp:
-                shutil.rmtree(prev_tmp, ignore_errors=True)
-            prev_tmp = tmp
-        last = metrics
+    def loss(self, net, module, batch, device, dtype):
+        import torch
+        x, y = _batch_tensors(module, batch, device)
+        outs, feats = net(x, return_features=True)
+        teacher_feat = None
+        if self.teacher is not None:
+            with torch.no_grad():
+                teacher_feat = self.teacher.encode(x.flatten(0, 1))[3].unflatten(0, tuple(x.shape[:2]))
+        loss, parts = video_kd_loss(outs, y, self.cfg.loss, feats["f5t"], teacher_feat, self.adapter)
+        return loss, parts, len(batch)
 
-    tracker.flush()
-    return {"epochs": int(meta["epoch"]), "step": step, "metrics": last, "history": meta["history"],
-            "wall_s": time.perf_counter() - t_start, "resumed_from": meta["resumed_from"], "rank": rank}
+    @property
+    def validates(self) -> bool:
+        return self.val_data is not None
+
+    def validate(self, module, dtype, epoch: int) -> dict[str, float]:
+        metrics, self.val_results = validate(self.cfg, module, self.val_data)
+        return metrics
+
+    def write_checkpoint(self, path: str) -> None:
+        if self.val_results is not None:
+            with open(os.path.join(path, VAL_FILE), "w") as f:
+                json.dump(self.val_results, f, indent=1, default=float)
 
 
 # --- the driver ------------------------------------------------------------------------------------------
@@ -415,51 +339,28 @@ class VideoTrainOutcome:
 
 
 def run_video_distill(cfg: VideoTrainConfig) -> VideoTrainOutcome:
-    """Count clips, open the MLflow run, run ``video_train_loop`` under ``TorchTrainer`` (or in-process), then
-    write the final weights and log the model exactly as the image trainer does."""
+    """Count clips, then train and export (:func:`cluster.training.launch.train_and_export`): the loop runs
+    :class:`VideoTask` under ``TorchTrainer`` (or in-process); the last validation's per-sequence figures go
+    to MLflow."""
     t0 = time.perf_counter()
-    cfg = dataclasses.replace(cfg, mlflow=tracking.pin_tracking_uri(cfg.mlflow))
-    L.ensure_ray()
     n_clips, n_frames = count_clips(cfg)
-    spe = L.steps_per_epoch(n_clips, cfg.optim.batch_size, cfg.scaling.num_workers)
+    spe = steps_per_epoch(n_clips, cfg.optim.batch_size, cfg.scaling.num_workers)
     log.info("%d clips of %d frames from %d labelled frames; %d steps per epoch", n_clips, cfg.data.clip.length,
              n_frames, spe)
-    run_id = tracking.open_job_run(cfg.mlflow, cfg.run.name, {"sodkd.mode": cfg.mode, "sodkd.model": cfg.model.name}, cfg)
-    if run_id:
-        tracking.mlflow_client(cfg.mlflow).log_batch(run_id, metrics=_data_metrics(n_clips, n_frames, spe))
-    loop_config = to_dict(cfg)
-    loop_config["_runtime"] = {"steps_per_epoch": spe, "mlflow_run_id": run_id}
-    result = L.launch(video_train_loop, loop_config, cfg, run_id, scored=bool(cfg.val.uri))
-    with result.checkpoint.as_directory() as d:
-        with open(os.path.join(d, META_FILE)) as f:
-            meta = json.load(f)
-        validation = None
-        if os.path.exists(os.path.join(d, "val.json")):
-            with open(os.path.join(d, "val.json")) as f:
-                validation = json.load(f)
-        run_id = meta.get("mlflow_run_id") or run_id
-        metrics = dict(result.metrics or {})
-        if run_id:  # the export reopens the run with MLflow's fluent API: point it at this run's experiment
-            import mlflow
-            if cfg.mlflow.uri:
-                mlflow.set_tracking_uri(cfg.mlflow.uri)
-            mlflow.set_experiment(cfg.mlflow.experiment)
-        weights, _ = L.export_final(cfg, os.path.join(d, BEST_FILE), run_id, metrics, input_size=cfg.val.size)
-    if not cfg.scaling.num_workers and os.path.basename(result.checkpoint.path).startswith(TMP_PREFIX):
-        shutil.rmtree(result.checkpoint.path, ignore_errors=True)   # in-process: persisted under run.storage
-    if run_id:
-        _log_sequences(cfg, run_id, validation)
-        tracking.mlflow_client(cfg.mlflow).set_terminated(run_id, status="FINISHED")
-    return VideoTrainOutcome(cfg.run.name, L.checkpoint_uri(cfg, result, meta["epoch"]), weights, metrics,
-                             meta.get("history", []), validation, meta.get("best_mae"), run_id, n_clips, n_frames,
-                             spe, time.perf_counter() - t0, list(meta.get("resumed_from", [])))
+    out = train_and_export(cfg, spe, data_metrics={"data/clips": n_clips, "data/frames": n_frames,
+                                                   "data/steps_per_epoch": spe},
+                           read=_read_validation, finish=lambda run_id, val: _log_sequences(cfg, run_id, val))
+    return VideoTrainOutcome(cfg.run.name, out.checkpoint, out.weights, out.metrics, out.meta.get("history", []),
+                             out.extra, out.meta.get("best_mae"), out.mlflow_run_id, n_clips, n_frames, spe,
+                             time.perf_counter() - t0, list(out.meta.get("resumed_from", [])))
 
 
-def _data_metrics(clips: int, frames: int, spe: int) -> list:
-    from mlflow.entities import Metric
-    now = int(time.time() * 1000)
-    return [Metric(k, float(v), now, 0) for k, v in
-            (("data/clips", clips), ("data/frames", frames), ("data/steps_per_epoch", spe))]
+def _read_validation(checkpoint_dir: str) -> dict | None:
+    path = os.path.join(checkpoint_dir, VAL_FILE)
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
 
 
 def _log_sequences(cfg: VideoTrainConfig, run_id: str, validation: Mapping[str, Any] | None) -> None:
@@ -475,3 +376,4 @@ def _log_sequences(cfg: VideoTrainConfig, run_id: str, validation: Mapping[str, 
     for i in range(0, len(metrics), 200):
         client.log_batch(run_id, metrics=metrics[i:i + 200])
     client.log_dict(run_id, validation, "validation/sequences.json")
+
