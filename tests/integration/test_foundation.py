@@ -1,6 +1,6 @@
 """Foundation-model pseudo labels end to end on real images, offline.
 
-Tiny random-weight BLIP, GroundingDINO and SAM (``cluster.foundation_tiny``) run through the real labelling
+Tiny random-weight BLIP, GroundingDINO and SAM (``tests/foundation_tiny.py``) run through the real labelling
 job (``sodkd label`` with ``teachers: [foundation]``): real Ray Data, one ``ActorPoolStrategy`` pool per
 stage with fractional CPUs, real images from ../shared/data, shards on disk, an MLflow sqlite store. Then
 the DEDecoder student trains a few steps on those shards with the composite loss (`sodkd train-fm`). The labels are noise
@@ -20,10 +20,10 @@ from PIL import Image
 
 from cluster import foundation as fm
 from cluster.fm_train import load_samples
-from cluster.foundation_tiny import build_tiny_foundation
 from cluster.label import foundation as fm_stages
 from cluster.label import load_label_config, run_labelling
 from cluster.labels import read_labels, read_rejects
+from foundation_tiny import build_tiny_foundation   # tests/foundation_tiny.py (tests/ is on sys.path)
 from kd import schema as S
 from kd.config import load_config
 from models import create_model, load_weights

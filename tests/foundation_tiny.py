@@ -1,4 +1,4 @@
-"""Tiny random-weight BLIP, GroundingDINO and SAM, built offline, for tests and the offline demo.
+"""Tiny random-weight BLIP, GroundingDINO and SAM, built offline, for the tests.
 
 No weights can be downloaded here, so the foundation pipeline is exercised with the real transformers
 classes built from tiny configs (a few hundred thousand parameters each) with random weights, saved with
