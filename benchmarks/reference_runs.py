@@ -66,13 +66,17 @@ RUNS = {
                  "teacher labels sharpened (s = 0.5); dice + BCE x teacher confidence"),
 }
 
-# a second cosine cycle from the committed weights (the same extra steps for both): does a longer budget
-# widen KD's margin over FS? name -> (the run whose recipe it repeats, the weights file it starts from)
-CYCLE2 = {"fs-c2": ("fs", REPO / "weights" / "fs-scfnet_m3.fp16.pt"),
-          "kd-sharp-c2": ("kd-sharp", REPO / "weights" / "kd-scfnet_m3-from-csnet-L-x2.fp16.pt")}
+# further cosine cycles from the weights a previous cycle left (the same extra steps for both): does a longer
+# budget widen KD's margin over FS? name -> (the run whose recipe it repeats, the weights file it starts from,
+# the cycle's peak lr, which cycle it is). c2 started from the fourth pass's files (weights/ at bb205c7), c3 from
+# c2's (the committed files since 975a5ff).
+CYCLES = {"fs-c2": ("fs", REPO / "weights" / "fs-scfnet_m3.fp16.pt", 0.02, "second"),
+          "kd-sharp-c2": ("kd-sharp", REPO / "weights" / "kd-scfnet_m3-from-csnet-L-x2.fp16.pt", 0.02, "second"),
+          "fs-c3": ("fs", REPO / "weights" / "fs-scfnet_m3.fp16.pt", 0.01, "third"),
+          "kd-sharp-c3": ("kd-sharp", REPO / "weights" / "kd-scfnet_m3-from-csnet-L-x2.fp16.pt", 0.01, "third")}
 CYCLE2_LR = 0.02
-for _k, (_base, _w) in CYCLE2.items():
-    RUNS[_k] = (RUNS[_base][0], RUNS[_base][1], RUNS[_base][2] + f"; + a second cycle (lr {CYCLE2_LR}) from "
+for _k, (_base, _w, _lr, _nth) in CYCLES.items():
+    RUNS[_k] = (RUNS[_base][0], RUNS[_base][1], RUNS[_base][2] + f"; + a {_nth} cycle (lr {_lr}) from "
                 f"`weights/{_w.name}`")
 
 # the KD-loss ablation at a shorter budget (all four rows at the same steps): abl-dice, abl-bce, ...
@@ -128,9 +132,10 @@ def train_config(name: str, steps: int) -> dict:
         "output": {"dir": str(OUT / "weights"), "fp16": True},
         **loss,
     }
-    if name in CYCLE2:
-        cfg["model"]["init_weights"] = str(CYCLE2[name][1])
-        cfg["optim"].update(lr=CYCLE2_LR, lr_start=CYCLE2_LR / 10, lr_final=LR / 50)
+    if name in CYCLES:
+        _, init, lr, _ = CYCLES[name]
+        cfg["model"]["init_weights"] = str(init)
+        cfg["optim"].update(lr=lr, lr_start=lr / 10, lr_final=LR / 50)
     if mode == "supervised":
         cfg["data"]["paired"] = [{"uri": str(OUT / "data" / "duts-train")}]
     else:
@@ -212,13 +217,19 @@ def evaluate_all(section: str, results: Path, threads: int, only: str | None = N
     # the ratio's reference: the FS run among the rows shown (fs, or fs-c2 for the second cycle)
     fs = next((ev for st, ev in rows if st["mode"] == "supervised" and st["name"].startswith("fs")), None)
     title = {"reference-runs-3": "third pass", "reference-runs-4": "fourth pass (block-shuffled epochs)",
-             "reference-runs-5": "fifth pass (a second cosine cycle from the fourth pass's weights)"}
+             "reference-runs-5": "fifth pass (a second cosine cycle from the fourth pass's weights)",
+             "reference-runs-6": "sixth pass (a third cosine cycle from the fifth pass's weights)"}
+    start = {"reference-runs-5": "the fourth pass's weights (FS: the third-pass file, 3,720 steps; KD: `kd-sharp`, 3,703 "
+                                 "steps; sha256 f7992f1c0988dcc2 and 36f492c1fe2598b5, the files `weights/` held at commit "
+                                 f"bb205c7) given a second cycle (lr {CYCLE2_LR} warm-up + cosine to {LR / 50:g}; the steps "
+                                 "below are this cycle's)",
+             "reference-runs-6": "the fifth pass's weights (FS: `fs-c2`, 6,510 steps in all; KD: `kd-sharp-c2`, 6,348 "
+                                 "steps; sha256 eb52172be757e1a9 and 4fc35932e6403d11, the files `weights/` held at commit "
+                                 f"975a5ff) given a third cycle (lr {CYCLES['fs-c3'][2]} warm-up + cosine to {LR / 50:g}; "
+                                 "the steps below are this cycle's)"}
     lines = [f"## Reference runs, {title.get(section, section)}: {TEACHER_NAME} as teacher, students at {SIZE} px", "",
              f"Machine: {os.cpu_count()} shared CPU cores, no GPU. Every student is `scfnet_m3` (0.80 M params) from "
-             + ("the fourth pass's weights (FS: the third-pass file, 3,720 steps; KD: `kd-sharp`, 3,703 steps; sha256 "
-                "f7992f1c0988dcc2 and 36f492c1fe2598b5, the files `weights/` held at commit bb205c7) given a second "
-                f"cycle (lr {CYCLE2_LR} warm-up + cosine to {LR / 50:g}; the steps below are this cycle's)"
-                if section == "reference-runs-5" else "random weights") + ", trained by `sodkd`'s Ray Train core (1 worker, 1 torch thread; runs side by side) with "
+             + start.get(section, "random weights") + ", trained by `sodkd`'s Ray Train core (1 worker, 1 torch thread; runs side by side) with "
              f"the recipe in `benchmarks/reference_runs.py`: {SIZE}x{SIZE}, batch {BATCH}, SGD Nesterov, lr {LR} "
              "warm-up + cosine, every epoch in a new random order of 32-row blocks (`data.shuffle_blocks`) under a "
              "1,024-row local shuffle, same steps for every row. FS learns from 4,966 DUTS-TR masks; KD rows learn from "
