@@ -5,8 +5,8 @@
 
 Both sides train ``scfnet_m3`` (supervised loss, SGD with the warm-up + cosine schedule) on the same DUTS-TR
 pairs, decoded once and held in memory: the plain loop takes numpy arrays from the materialised Ray dataset
-and runs the very same step code (``cluster.train._collate`` for augmentation and batching,
-``kd.step.batch_loss``); Ray Train runs ``cluster.train.train_loop`` under ``TorchTrainer`` on that
+and runs the very same step code (``cluster.training.image.collate`` for augmentation and batching,
+``kd.step.batch_loss``); Ray Train runs ``cluster.training.loop.train_loop`` under ``TorchTrainer`` on that
 materialised dataset (``DataConfig`` split, ``iter_batches`` on the worker, one checkpoint an epoch). Batch
 size and total torch threads are equal (one worker: ``--threads`` threads; two workers: half each, the global
 batch split between them). Throughput counts the training phase of epochs 2.. (epoch 1 warms up caches and

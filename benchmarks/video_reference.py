@@ -175,7 +175,7 @@ def main() -> None:
 
     labels = out / "davis-labels"
     if "labels" not in state:
-        from cluster.labelling import load_label_config, run_labelling
+        from cluster.label import load_label_config, run_labelling
         t0 = time.perf_counter()
         lcfg = load_label_config({
             "input": str(DAVIS), "output": str(labels), "teachers": [teacher_spec],

@@ -114,7 +114,7 @@ def test_nan_and_infinity_are_rejected_under_unions_containers_and_any(data, mes
 
 def test_every_job_config_rejects_nan_and_infinity_through_the_loader():
     """Train, label, video and foundation (fm) configs all go through kd.config.load_config."""
-    from cluster.labelling import load_label_config
+    from cluster.label import load_label_config
     from cluster.training.sections import load_train_config
     from cluster.training.video import load_video_config
 
