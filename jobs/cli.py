@@ -25,7 +25,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train-teacher": ("jobs.train_cmd", "train a teacher on image/mask pairs (Ray Train)"),
     "train": ("jobs.train_cmd", "train a student on labels: `sodkd train --supervised` (the FS baseline)"),
     "distill": ("jobs.train_cmd", "distil a student from a teacher's soft labels on unlabeled images"),
-    "train-fm": ("jobs.train_fm_cmd", "train a student (DEDecoder) on foundation-model pseudo labels"),
+    "train-fm": ("jobs.train_cmd", "train a student (DEDecoder) on foundation-model pseudo labels"),
     "predict": ("jobs.predict_cmd", "saliency maps for an image, a folder of images or a video file"),
     "eval-video": ("jobs.eval_video_cmd", "score models on video sequences: per sequence, overall, flicker"),
     "serve": ("jobs.serve_cmd", "serve a model over HTTP on Ray Serve (POST /predict, GET /healthz)"),

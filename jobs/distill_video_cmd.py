@@ -11,8 +11,8 @@ labelled sequences (``<seq>/images`` + ``<seq>/masks``) scored in streaming mode
 (default ``jobs/configs/distill-video.yaml``), then the flags, then ``dotted.key=value`` overrides, validated into
 ``cluster.training.video.VideoTrainConfig``. Resubmitting the same ``--name`` and storage resumes.
 
-``sodkd distill`` hands ``--task video`` to :func:`run` with its parsed arguments; :func:`add_arguments`
-declares the same flags for running this module on its own.
+``sodkd distill`` parses the flags (:func:`jobs.train_cmd.add_arguments`) and hands ``--task video`` to
+:func:`run` (:func:`jobs.train_cmd.run` is where every training subcommand dispatches).
 """
 
 from __future__ import annotations
@@ -23,22 +23,6 @@ import math
 from pathlib import Path
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "distill-video.yaml"
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--task", choices=["image", "video"], default="video", help="(always video here)")
-    p.add_argument("--config", help=f"YAML config (default {DEFAULT_CONFIG.name})")
-    p.add_argument("--name", help="run name (= run.name); the same name resumes")
-    p.add_argument("--storage", help="where runs live, local or s3:// (= run.storage)")
-    p.add_argument("--unlabeled", action="append", default=[], metavar="URI",
-                   help="the folder of frame folders (or bucket prefix) the labelling job read")
-    p.add_argument("--labels", action="append", default=[], metavar="URI", help="that labelling job's output")
-    p.add_argument("--teacher", action="append", default=[], metavar="WEIGHTS",
-                   help="teacher weights for the feature terms (loss.hint, relation_target: teacher_features)")
-    p.add_argument("--val", metavar="URI", help="labelled sequences (<seq>/images + <seq>/masks)")
-    p.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                   help="dotted config overrides, e.g. optim.epochs=3 data.size=160 model.init_weights=m3.pt")
 
 
 def build_config(args: argparse.Namespace):

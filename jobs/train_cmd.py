@@ -1,4 +1,4 @@
-"""``sodkd train-teacher``, ``sodkd train --supervised`` and ``sodkd distill``: three jobs, one training core.
+"""``sodkd train-teacher``, ``train --supervised``, ``distill`` (image or video) and ``train-fm``: one training core.
 
     sodkd train-teacher --paired s3://bucket/duts-tr --val s3://bucket/ecssd --name r50-duts \\
                         [model.name=scfnet_r50 optim.epochs=69 scaling.num_workers=8 scaling.use_gpu=true]
@@ -8,8 +8,14 @@
     sodkd distill --task video --unlabeled davis --labels out/davis-labels ...  # jobs/distill_video_cmd.py
     sodkd train-fm --images data/unlabeled --labels out/fm-labels [--teacher-labels out/r50-labels] ...
 
-Settings come from the YAML (default ``jobs/configs/{teacher,supervised,distill,train_fm}.yaml``), then the flags,
-then ``dotted.key=value`` overrides, validated into ``cluster.training.sections.TrainConfig``. Before Ray starts, the driver
+Every training subcommand dispatches here (:func:`run`): ``train-teacher``, ``train``, ``distill`` and
+``train-fm`` are the image task in the mode the subcommand forces (``train-fm``: mode ``foundation``, the
+student trains on foundation-model pseudo labels with ``BCE + partial BCE (pixels with confidence >=
+fm.conf_threshold) + IoU`` per side output, plus the edge loss for a model with an edge branch; every weight is
+an ``fm.*`` key), and ``distill --task video`` is the video task, whose flags are read the video way by
+:mod:`jobs.distill_video_cmd`. Settings come from the YAML (default
+``jobs/configs/{teacher,supervised,distill,train_fm}.yaml``), then the flags, then ``dotted.key=value``
+overrides, validated into ``cluster.training.sections.TrainConfig``. Before Ray starts, the driver
 checks that the run storage is writable, S3 credentials work and every weights file named loads
 (``cluster.preflight``). Resubmitting the same ``--name`` with the same storage resumes from the run's latest
 checkpoint. On success the final weights (best by val/mae) are written with ``models.save_weights`` (fp32 and
@@ -107,6 +113,7 @@ def build_config(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
+    """The one dispatch of the training subcommands (``cli.COMMANDS`` maps each of them here)."""
     from kd.config import ConfigError, to_dict
 
     if getattr(args, "task", "image") == "video":

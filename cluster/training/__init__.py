@@ -10,7 +10,7 @@ The image job's ``mode`` and data sources decide what it learns from::
                 out2) on all four side outputs; labelled pairs may be mixed in (they keep the mask loss)
     foundation  a student (dedecoder_m3) on foundation-model pseudo masks and their per-pixel confidence:
                 BCE + partial BCE (trusted pixels) + IoU per side output, + edge BCE (``fm`` weights,
-                :mod:`cluster.fm_train`); labelled pairs may be mixed in (confidence 1 everywhere)
+                :mod:`cluster.training.foundation`); labelled pairs may be mixed in (confidence 1 everywhere)
 
 Modules, along the way a run goes::
 
@@ -18,6 +18,8 @@ Modules, along the way a run goes::
     data         the image input pipeline on Ray Data (paired, offline and online soft labels)
     image        the image task (ImageTask): batch, loss, validation, picture panel; the starting weights
     video        the video task (VideoTask): its config, clips, loss, streaming validation; its driver
+    foundation   the foundation mode's data: pseudo mask and confidence maps (fused with a SOD teacher's
+                 label), the shard check, and load_samples for reading a set into memory
     loop         the one worker loop (epochs, lr, step, validation, best, checkpoint, report) and Task
     checkpoint   one checkpoint layout: save, persist in process, restore (each worker from its own copy)
     launch       the driver every task shares: MLflow run, TorchTrainer, failure handling, final weights

@@ -110,10 +110,10 @@ def join_labels(batch: Mapping[str, np.ndarray], *, paths_by_id: Mapping[str, st
     ``paths_by_id`` is the image manifest (id -> path) broadcast to every task; a label whose id has no image
     (another folder's label, an image deleted since) is dropped, as is an image that no longer decodes.
     ``foundation``: rows also carry ``conf_png`` and the output a ``conf`` column; ``teacher_pngs`` (id ->
-    a SOD teacher's label PNG) are fused in per pixel (:func:`cluster.fm_train.foundation_maps`).
+    a SOD teacher's label PNG) are fused in per pixel (:func:`cluster.training.foundation.foundation_maps`).
     """
-    from cluster.fm_train import foundation_maps
     from cluster.labels import decode_label
+    from cluster.training.foundation import foundation_maps
     from kd.imageio import resize
 
     def u8(m: np.ndarray) -> np.ndarray:
@@ -247,7 +247,7 @@ def build_train_dataset(cfg: TrainConfig) -> TrainData:
         lfs, lroot = L.resolve_root(src.labels, s3)
         shards = L.shard_paths(lfs, lroot, S.LABELS_DIR)
         if foundation:
-            from cluster.fm_train import check_foundation_shards
+            from cluster.training.foundation import check_foundation_shards
             check_foundation_shards(src.labels, lfs, shards)
         label_ids = set(L.read_labels(src.labels, s3, columns=[S.ID]).column(S.ID).to_pylist())
         matched = len(label_ids & paths_by_id.keys())

@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 
 from cluster import foundation as fm
-from cluster.fm_train import load_samples
+from cluster.training.foundation import load_samples
 from cluster.label import foundation as fm_stages
 from cluster.label import load_label_config, run_labelling
 from cluster.labels import read_labels, read_rejects

@@ -98,7 +98,7 @@ def test_foundation_columns_encode_conf_png_and_ragged_boxes():
 def test_label_and_train_configs_select_the_foundation_teacher():
     import argparse
 
-    from jobs import label_cmd, train_fm_cmd
+    from jobs import label_cmd, train_cmd
 
     p = argparse.ArgumentParser()
     label_cmd.add_arguments(p)
@@ -116,20 +116,21 @@ def test_label_and_train_configs_select_the_foundation_teacher():
                                              "foundation.image_size=256"]))
 
     q = argparse.ArgumentParser()
-    train_fm_cmd.add_arguments(q)
-    tcfg = train_fm_cmd.build_config(q.parse_args(["--labels", "l", "--images", "i", "--teacher-labels", "t",
-                                                   "fm.w_edge=0.25"]))
+    train_cmd.add_arguments(q)
+    q.set_defaults(command="train-fm")   # what `sodkd train-fm` sets (jobs/cli.py)
+    tcfg = train_cmd.build_config(q.parse_args(["--labels", "l", "--images", "i", "--teacher-labels", "t",
+                                                "fm.w_edge=0.25"]))
     assert tcfg.mode == "foundation" and tcfg.model.name == "dedecoder_m3"
     assert tcfg.fm.w_edge == 0.25 and tcfg.fm.conf_threshold == 0.5
     (src,) = tcfg.data.unlabeled
     assert (src.uri, src.labels, src.teacher_labels) == ("i", "l", "t")
     with pytest.raises(ConfigError, match="fm.w_iuo"):
-        train_fm_cmd.build_config(q.parse_args(["--labels", "l", "--images", "i", "fm.w_iuo=1"]))
+        train_cmd.build_config(q.parse_args(["--labels", "l", "--images", "i", "fm.w_iuo=1"]))
     with pytest.raises(ConfigError, match="--teacher-labels: give one per"):
-        train_fm_cmd.build_config(q.parse_args(["--labels", "l", "--images", "i", "--images", "j", "--labels",
-                                                "m", "--teacher-labels", "t"]))
+        train_cmd.build_config(q.parse_args(["--labels", "l", "--images", "i", "--images", "j", "--labels",
+                                             "m", "--teacher-labels", "t"]))
     with pytest.raises(ConfigError, match=r"data.unlabeled\[0\].labels: mode foundation trains on stored"):
-        train_fm_cmd.build_config(q.parse_args(["--images", "i"]))
+        train_cmd.build_config(q.parse_args(["--images", "i"]))
 
 
 def test_teacher_labels_are_refused_outside_mode_foundation():

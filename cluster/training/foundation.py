@@ -1,8 +1,9 @@
-"""Foundation-model pseudo labels as training data: shards -> (image, target, confidence) samples.
+"""The foundation task's data: foundation-model pseudo-label shards -> (image, target, confidence) samples.
 
-The foundation labeller (:mod:`cluster.foundation`) writes label shards whose rows carry the pseudo mask
-(``label_png``) and its per-pixel confidence (``conf_png``). The student (``dedecoder_m3`` by default) trains
-on them on the same Ray Train core as every other job (:mod:`cluster.train`, ``mode: foundation``):
+The foundation labeller (:mod:`cluster.label.foundation`, :mod:`cluster.foundation`) writes label shards whose
+rows carry the pseudo mask (``label_png``) and its per-pixel confidence (``conf_png``). The student
+(``dedecoder_m3`` by default) trains on them in the one training loop (:mod:`cluster.training.loop`) as the
+image task in ``mode: foundation`` (:class:`cluster.training.image.ImageTask`):
 
 * each row is joined **by id** to its image; with ``data.unlabeled[i].teacher_labels`` set, a SOD teacher's
   label for the same id is fused in per pixel (:func:`kd.pseudo_labels.fuse_with_teacher`): that is
