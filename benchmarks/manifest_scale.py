@@ -1,4 +1,4 @@
-"""The labelling driver's manifest at scale: wall time and memory per key of what ``cluster.label`` (the jobs plan)
+"""The labelling driver's manifest at scale: wall time and memory per key of what ``cluster.label`` (the job's plan)
 builds on the driver before Ray starts, at 10^5 and 10^6 keys, extrapolated (linearly) to 10^8.
 
 What the driver does per listed key (the stages measured):

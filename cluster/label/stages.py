@@ -18,6 +18,7 @@ from cluster import labels as L
 from cluster import storage
 from cluster.raypool import cached_filesystem
 from cluster.storage import RetryConfig, S3Config
+from cluster.teacher_actor import TeacherActor
 from kd import schema as S
 from kd.imageio import ImageDecodeError, decode_image, encode_png, oriented_size, resize
 
@@ -122,10 +123,11 @@ def load_images(batch: Mapping[str, np.ndarray], *, input_uri: str, s3: S3Config
 
 # --- teacher (actor pool) --------------------------------------------------------------------------
 
-class TeacherLabeler:
+class TeacherLabeler(TeacherActor):
     """Ray Data callable class: decoded batch -> soft labels. Also callable directly (unit tests).
 
-    ``__init__`` loads the teacher(s) once per actor; ``__call__`` runs the network on the rows whose
+    A :class:`cluster.teacher_actor.TeacherActor` (the same actor as online distillation's
+    :class:`cluster.training.data.OnlineLabeler`). ``__init__`` loads the teacher(s) once per actor; ``__call__`` runs the network on the rows whose
     ``reason`` is empty, resizes the probabilities to ``label_size`` (bilinear), quantises them to uint8
     (``round(255 p)``) and computes the confidence summary on the float map:
 
@@ -144,20 +146,13 @@ class TeacherLabeler:
     def __init__(self, teachers: Sequence[str], *, s3: S3Config | None = None, tta: str = "none",
                  label_size: int | None = None, teacher_size: int | None = None, device: str = "auto",
                  precision: str = "auto", threads: int = 1, decode: Mapping[str, Any] | None = None):
-        import torch
-
-        from cluster.teachers import build_teacher
-        if threads:
-            torch.set_num_threads(int(threads))
-        self.teacher = build_teacher(list(teachers), tta=tta, s3=s3, device=device, precision=precision,
-                                     input_size=teacher_size, threads=threads or None)
-        self.tta = tta
+        super().__init__(teachers, s3=s3, tta=tta, teacher_size=teacher_size, device=device, precision=precision,
+                         threads=threads)
         self.label_size = int(label_size or self.teacher.input_size)
         self.decode = dict(decode) if decode else None
 
     def __call__(self, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
-        import torch.nn.functional as F
         if S.IMAGE not in batch:  # decode placement "actor": manifest rows come straight here
             if self.decode is None:
                 raise ValueError("TeacherLabeler: the batch has no 'image' column and no decode settings were given")
@@ -172,15 +167,10 @@ class TeacherLabeler:
         disagreement = np.full(n, np.nan, np.float32)
         if ok.any():
             images = batch[S.IMAGE] if ok.all() else batch[S.IMAGE][ok]
+            p, spread = self.maps(images, size, views=True)
+            if spread is not None:
+                disagreement[ok] = spread
             with torch.inference_mode():
-                p, views = self.teacher.predict_views(images)
-                if len(views) > 1:
-                    spread = sum((v - p).abs_().mean((1, 2)) for v in views) / len(views)
-                    disagreement[ok] = spread.float().cpu().numpy()
-                del views
-                if p.shape[-1] != size or p.shape[-2] != size:
-                    p = F.interpolate(p[:, None], size=(size, size), mode="bilinear", align_corners=False,
-                                      antialias=size < p.shape[-1])[:, 0].clamp_(0.0, 1.0)
                 q = (p * 255.0).round_().to(torch.uint8)
                 stats = torch.stack([(2.0 * p - 1.0).abs().mean((1, 2)),
                                      ((p < 0.1) | (p > 0.9)).float().mean((1, 2)),
