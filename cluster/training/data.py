@@ -26,6 +26,7 @@ import numpy as np
 from cluster import catalog, storage
 from cluster.raypool import cached_filesystem
 from cluster.storage import S3Config
+from cluster.teacher_actor import TeacherActor
 from kd import schema as S
 
 if TYPE_CHECKING:
@@ -142,37 +143,27 @@ def join_labels(batch: Mapping[str, np.ndarray], *, paths_by_id: Mapping[str, st
     return _rows(ids, images, targets, True, size, confs if foundation else None)
 
 
-class OnlineLabeler:
+class OnlineLabeler(TeacherActor):
     """Ray Data callable class: fills ``target`` with a teacher's probabilities (x 255, uint8) per batch.
 
-    The teacher (``cluster.teachers.build_teacher``) is loaded once per actor; it sees the decoded image at
-    ``data.load_size`` and its map is returned at the same size, so the worker's augmentation moves image and
-    label together. Also callable directly (tests).
+    The labelling job's teacher actor (:class:`cluster.teacher_actor.TeacherActor`, loaded once per actor) with
+    the trainer's columns as output: the teacher sees the decoded image at ``data.load_size`` and its map is
+    returned at the same size, so the worker's augmentation moves image and label together. Also callable
+    directly (tests).
     """
 
     def __init__(self, teachers: Sequence[str], *, s3: S3Config | None = None, tta: str = "none",
                  teacher_size: int | None = None, device: str = "cpu", precision: str = "auto", threads: int = 1):
-        import torch
-
-        from cluster.teachers import build_teacher
-        if threads:
-            torch.set_num_threads(int(threads))
-        self.teacher = build_teacher(list(teachers), tta=tta, s3=s3, device=device, precision=precision,
-                                     input_size=teacher_size, threads=threads or None)
+        super().__init__(teachers, s3=s3, tta=tta, teacher_size=teacher_size, device=device, precision=precision,
+                         threads=threads)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         images = np.asarray(batch[S.IMAGE])
         if len(images) == 0:
             return dict(batch)
-        size = images.shape[1]
-        p = self.teacher.predict(images)
-        if p.shape[1:] != (size, size):
-            import torch
-            import torch.nn.functional as F
-            p = F.interpolate(torch.from_numpy(p)[:, None], size=(size, size), mode="bilinear",
-                              align_corners=False)[:, 0].clamp_(0, 1).numpy()
+        p, _ = self.maps(images, images.shape[1])
         out = dict(batch)
-        out[S.TARGET] = (p * 255.0 + 0.5).astype(np.uint8)
+        out[S.TARGET] = (p.float().cpu().numpy() * 255.0 + 0.5).astype(np.uint8)
         out[S.SOFT] = np.ones(len(images), dtype=bool)
         return out
 
