@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import http.client
 import os
-import socket
 import threading
 import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -27,6 +26,7 @@ import torch
 
 from models import create_model, save_weights
 from cli_helpers import error_lines, one_error, sodkd
+from tests.integration.conftest import free_port
 
 pytestmark = pytest.mark.integration
 
@@ -35,16 +35,10 @@ ACCESS_KEY = "AKIAPREFLIGHT0TEST01"
 SECRET = "s3cr3t-Value-That-Must-Never-Show-9f8e7d"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def moto_url():
     from moto.server import ThreadedMotoServer
-    port = _free_port()
+    port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     url = f"http://127.0.0.1:{port}"

@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 from pathlib import Path
 
 import mlflow
@@ -46,32 +45,11 @@ VAL = 64            # validation size
 BUCKET = "sodkd-train-test"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def s3_endpoint():
-    """A real S3 endpoint; dummy credentials are exported before Ray starts so its workers inherit them."""
-    from moto.server import ThreadedMotoServer
-    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-           "AWS_EC2_METADATA_DISABLED": "true"}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    port = _free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    endpoint = f"http://127.0.0.1:{port}"
-    boto3_client(S3Config(endpoint_url=endpoint)).create_bucket(Bucket=BUCKET)
-    yield endpoint
-    server.stop()
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+def s3_endpoint(s3_endpoint):
+    """The shared S3 endpoint (tests/integration/conftest.py) with this module's bucket."""
+    boto3_client(S3Config(endpoint_url=s3_endpoint)).create_bucket(Bucket=BUCKET)
+    return s3_endpoint
 
 
 @pytest.fixture(scope="module")
