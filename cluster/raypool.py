@@ -1,17 +1,19 @@
-"""What every Ray actor pool of the jobs (labelling teachers, online teachers, foundation stages) shares: the
-teacher pool's config (:class:`PoolConfig`), the ``ActorPoolStrategy`` it runs under, the intra-op threads an
-actor or a train worker gives torch, and the filesystem a Ray task or actor opens once per process."""
+"""What every Ray job of sodkd shares: the one way a job joins or starts Ray (:func:`ensure_ray`), the teacher
+pool's config (:class:`PoolConfig`), the ``ActorPoolStrategy`` it runs under, the intra-op threads an actor or a
+train worker gives torch, and the filesystem a Ray task or actor opens once per process."""
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
+import os
 from typing import Any, Literal
 
 from cluster import storage
 from kd.config import ConfigError
 
-__all__ = ["PoolConfig", "actor_pool", "torch_threads", "cached_filesystem", "finite_resources"]
+__all__ = ["ensure_ray", "PoolConfig", "actor_pool", "torch_threads", "cached_filesystem", "finite_resources"]
 
 _FS_CACHE: dict[tuple[str, Any], tuple[Any, str]] = {}
 
@@ -23,6 +25,20 @@ def cached_filesystem(uri: str, s3: storage.S3Config | None) -> tuple[Any, str]:
     if key not in _FS_CACHE:
         _FS_CACHE[key] = storage.get_filesystem(uri, s3)
     return _FS_CACHE[key]
+
+
+def ensure_ray(address: str | None = None) -> None:
+    """Join Ray at ``address`` (else ``$RAY_ADDRESS``, which the Ray Jobs API sets for a submitted job), else start a
+    private local instance; nothing when this process is connected already (a test's or a caller's ``ray.init``).
+
+    Labelling, training and the demo start Ray here. A bare ``ray.init()`` would attach to whatever cluster
+    ``ray start`` last left on this machine (even a dead one); a job must not depend on that, so the default is
+    an explicit private local instance. ``sodkd serve`` joins or starts its own (``cluster.serve.connect``):
+    it must outlive the command that deployed it.
+    """
+    import ray
+    if not ray.is_initialized():
+        ray.init(address=address or os.environ.get("RAY_ADDRESS") or "local", logging_level=logging.WARNING)
 
 
 def actor_pool(size: int, max_size: int | None = None):

@@ -107,6 +107,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     from cluster import catalog
     from cluster.evaluate import evaluate
     from cluster.label import load_label_config, run_labelling
+    from cluster.raypool import ensure_ray
     from cluster.teachers import build_teacher
     from cluster.training.launch import run_training
     from cluster.training.sections import load_train_config
@@ -115,13 +116,8 @@ def run_demo(cfg: DemoConfig) -> dict:
     from kd.imageio import decode_image, decode_mask, resize
     from models import read_metadata
 
-    import os
-
-    import ray
     t_start = time.perf_counter()
-    if not ray.is_initialized():
-        # local Ray unless this runs as a submitted job (then RAY_ADDRESS points at the cluster)
-        ray.init(address=os.environ.get("RAY_ADDRESS") or "local", logging_level=logging.WARNING)
+    ensure_ray()   # local Ray unless this runs as a submitted job (then RAY_ADDRESS points at the cluster)
     out = Path(cfg.out).resolve()
     if out.exists():
         shutil.rmtree(out)

@@ -7,7 +7,6 @@ import collections
 import dataclasses
 import json
 import logging
-import os
 import sys
 import time
 from typing import Any, Mapping
@@ -20,6 +19,7 @@ from cluster import storage
 from cluster.label.config import LabelConfig
 from cluster.label.plan import TodoBlocks, plan_run
 from cluster.label.review import Review, review_figure, sample_figure, write_review
+from cluster.raypool import ensure_ray
 from cluster.label.stages import DEFERRED_EXAMPLES, DETAIL_CHARS, TeacherLabeler, load_images, write_label_shards
 from kd import schema as S
 
@@ -81,17 +81,6 @@ class LabelSummary:
                 f"({self.weights_hash})")
 
 
-def _ensure_ray(address: str | None = None) -> None:
-    """Connect to ``address`` (or ``$RAY_ADDRESS``, as set by the Ray Jobs API), else start a local instance.
-
-    A bare ``ray.init()`` would attach to whatever cluster ``ray start`` last left on this machine (even a
-    dead one); a job must not depend on that, so the default is an explicit private local instance.
-    """
-    import ray
-    if not ray.is_initialized():
-        ray.init(address=address or os.environ.get("RAY_ADDRESS") or "local", logging_level=logging.WARNING)
-
-
 def _teacher_info(cfg: LabelConfig) -> tuple[str, str, int]:
     """Load the teacher once on the driver (CPU, fp32): fails fast on a bad spec; gives id, hash, size.
 
@@ -112,7 +101,7 @@ def _no_extra_remote_args() -> dict[str, Any]:
 
 def build_dataset(cfg: LabelConfig, blocks: TodoBlocks, teacher_size: int):
     """The Ray Data pipeline over the inputs of ``blocks`` (lazy: nothing runs until it is consumed)."""
-    _ensure_ray(cfg.ray_address)
+    ensure_ray(cfg.ray_address)
     step = cfg.decode.batch_size
     ds = blocks.dataset()
     decode_kwargs = {"input_uri": cfg.input, "s3": cfg.s3, "size": teacher_size, "retry": cfg.retry}
@@ -157,7 +146,7 @@ def _label(cfg: LabelConfig, summary: LabelSummary) -> Review | None:
 
     def put(table: pa.Table):   # a large job's blocks wait in Ray's object store, not in the driver
         import ray
-        _ensure_ray(cfg.ray_address)
+        ensure_ray(cfg.ray_address)
         return ray.put(table)
     plan = plan_run(cfg, out_fs, out_root, put)
     summary.layout, summary.ignored, summary.total = plan.layout, plan.ignored, plan.total
@@ -178,7 +167,7 @@ def _label(cfg: LabelConfig, summary: LabelSummary) -> Review | None:
              summary.teacher, teacher_size)
     if plan.blocks.rows:
         import ray
-        _ensure_ray(cfg.ray_address)
+        ensure_ray(cfg.ray_address)
         ray.data.DataContext.get_current().enable_progress_bars = cfg.progress
         ds = build_dataset(cfg, plan.blocks, teacher_size)
         finished: collections.Counter = collections.Counter()  # teacher batch end time -> images

@@ -25,6 +25,7 @@ import time
 from typing import Any, Callable, Mapping
 
 from cluster import storage
+from cluster.raypool import ensure_ray
 from cluster.tracking import log_student, mlflow_client, open_job_run, pin_tracking_uri
 from cluster.training.checkpoint import BEST_FILE, LOCAL_CKPT_PREFIX, META_FILE
 from cluster.training.data import build_train_dataset
@@ -56,13 +57,6 @@ class TrainOutcome:
     resumed_from: list[int]
     model_version: str | None = None
     summary: dict[str, Any] = dataclasses.field(default_factory=dict)   # rank 0's train_loop return value
-
-
-def ensure_ray() -> None:
-    """Connect to (or start) Ray when this process is not connected yet (``RAY_ADDRESS`` is honoured)."""
-    import ray
-    if not ray.is_initialized():
-        ray.init(ignore_reinit_error=True, logging_level=logging.WARNING)
 
 
 def launch(train_fn: Callable[[dict], dict], loop_config: dict, cfg: RunConfig, run_id: str | None, *,
