@@ -41,18 +41,13 @@ from cluster.tracking import TrackingConfig
 from kd import schema as S
 from kd.imageio import decode_image, resize
 from models import create_model, save_weights
+from tests.integration.conftest import free_port
 
 pytestmark = pytest.mark.integration
 
 TEACHER_SIZE = 128
 LABEL_SIZE = 64
 BUCKET = "sodkd-faults"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class _Answer:
@@ -96,7 +91,7 @@ class FlakyProxy:
 
     def __init__(self, target_port: int):
         self.target = target_port
-        self.port = _free_port()
+        self.port = free_port()
         self.mode = "up"
         self.requests_refused = 0
         self.label_puts_answered = 0
@@ -215,23 +210,10 @@ class FlakyProxy:
 
 
 @pytest.fixture(scope="module")
-def moto_port():
-    from moto.server import ThreadedMotoServer
-    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-           "AWS_EC2_METADATA_DISABLED": "true"}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    port = _free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    boto3_client(S3Config(endpoint_url=f"http://127.0.0.1:{port}")).create_bucket(Bucket=BUCKET)
-    yield port
-    server.stop()
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+def moto_port(s3_endpoint):
+    """The port of the shared S3 endpoint (tests/integration/conftest.py), with this module's bucket."""
+    boto3_client(S3Config(endpoint_url=s3_endpoint)).create_bucket(Bucket=BUCKET)
+    return int(s3_endpoint.rsplit(":", 1)[1])
 
 
 @pytest.fixture(scope="module")
