@@ -22,7 +22,6 @@ import io
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -32,6 +31,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+
+from tests.integration.conftest import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 IMAGES = REPO / "sample-data" / "ecssd" / "images"
@@ -43,12 +44,6 @@ MAX_PIXELS = 100_000
 SIZE = 64
 STARTUP_S = 420            # Ray + Serve + a replica importing torch, on 2 cores shared with training jobs
 REQUEST_S = 180
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # --- the model, the images and what the model says about them ------------------------------------------------
@@ -133,7 +128,7 @@ class Service:
 def started(weights, tmp_path_factory):
     """``sodkd serve --local`` launched in a subprocess (its own process group); stopped at the end with SIGTERM
     (SIGKILL to its group only if it does not stop)."""
-    port = _free_port()
+    port = free_port()
     log = tmp_path_factory.mktemp("serve-log") / "serve.log"
     cmd = [sys.executable, "-m", "jobs.cli", "serve", "--local", "--local-cpus", "2", "--weights", str(weights),
            "--port", str(port), "--route-prefix", PREFIX, "--name", "sodkd-test", "--num-cpus", "0.25",
