@@ -29,11 +29,11 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from kd.imageio import decode_image, decode_mask, resize  # noqa: E402
 from kd.metrics import SODEvaluator  # noqa: E402
 from kd.step import KDLoss, MaskLoss, mask_loss, soft_loss  # noqa: E402
 from models import create_model  # noqa: E402
@@ -43,8 +43,7 @@ DATA = SHARED / "data"
 OUT = REPO / "runs" / "plain"
 UNLABELED_SETS = ("imagenet-1k", "imagenet-det200", "imagenet-val1300", "coco-mini")
 TEACHER = SHARED / "teachers" / "csnet-L-x2.onnx"
-IMNET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
-IMNET_STD = np.array([0.229, 0.224, 0.225], np.float32)
+CARD = REPO / "jobs" / "cards" / "csnet-L.card.yaml"
 
 
 def split_duts() -> tuple[list[str], list[str]]:
@@ -56,16 +55,12 @@ def split_duts() -> tuple[list[str], list[str]]:
 
 
 def load_rgb(path: Path, size: int) -> np.ndarray:
-    with Image.open(path) as im:
-        return np.asarray(im.convert("RGB").resize((size, size), Image.BILINEAR))
+    return resize(decode_image(path.read_bytes()), (size, size))
 
 
 def load_mask(path: Path, size: int | None = None) -> np.ndarray:
-    with Image.open(path) as im:
-        im = im.convert("L")
-        if size:
-            im = im.resize((size, size), Image.BILINEAR)
-        return np.asarray(im)
+    m = decode_mask(path.read_bytes())
+    return resize(m, (size, size)) if size else m
 
 
 def cached(path: Path, make):
@@ -86,21 +81,15 @@ def kd_pool_paths() -> list[Path]:
 
 
 def teacher_labels(paths: list[Path], size: int, threads: int) -> np.ndarray:
-    """CSNet-L-x2 + h-flip TTA probabilities (card: RGB 0-1, ImageNet mean/std, 224 square), resized to size."""
-    import onnxruntime as ort
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    sess = ort.InferenceSession(str(TEACHER), so, providers=["CPUExecutionProvider"])
+    """CSNet-L-x2 + h-flip TTA through sodkd's teacher machinery and its card (224 px), maps resized to size."""
+    from cluster.teachers import build_teacher
+    t = build_teacher([f"{TEACHER}?card={CARD}"], tta="hflip", device="cpu", precision="fp32", threads=threads)
     out = np.zeros((len(paths), size, size), np.uint8)
     t0 = time.time()
     for i in range(0, len(paths), 16):
-        x = np.stack([load_rgb(p, 224) for p in paths[i:i + 16]]).astype(np.float32) / 255.0
-        x = ((x - IMNET_MEAN) / IMNET_STD).transpose(0, 3, 1, 2).copy()
-        z = sess.run(None, {"image": x})[0]
-        zf = sess.run(None, {"image": x[..., ::-1].copy()})[0][..., ::-1]
-        p = torch.from_numpy(0.5 * (1 / (1 + np.exp(-z)) + 1 / (1 + np.exp(-zf))))
-        p = F.interpolate(p, size=(size, size), mode="bilinear", align_corners=False)
-        out[i:i + len(p)] = np.round(p[:, 0].numpy() * 255).astype(np.uint8)
+        p = torch.from_numpy(t.predict(np.stack([load_rgb(q, t.input_size) for q in paths[i:i + 16]])))
+        p = F.interpolate(p[:, None], size=(size, size), mode="bilinear", align_corners=False)[:, 0]
+        out[i:i + len(p)] = np.round(p.numpy() * 255).astype(np.uint8)
         if i % 800 == 0:
             print(f"teacher labels {i + len(p)}/{len(paths)} {(i + len(p)) / (time.time() - t0):.1f} img/s",
                   flush=True)

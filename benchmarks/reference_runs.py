@@ -74,7 +74,6 @@ CYCLES = {"fs-c2": ("fs", REPO / "weights" / "fs-scfnet_m3.fp16.pt", 0.02, "seco
           "kd-sharp-c2": ("kd-sharp", REPO / "weights" / "kd-scfnet_m3-from-csnet-L-x2.fp16.pt", 0.02, "second"),
           "fs-c3": ("fs", REPO / "weights" / "fs-scfnet_m3.fp16.pt", 0.01, "third"),
           "kd-sharp-c3": ("kd-sharp", REPO / "weights" / "kd-scfnet_m3-from-csnet-L-x2.fp16.pt", 0.01, "third")}
-CYCLE2_LR = 0.02
 for _k, (_base, _w, _lr, _nth) in CYCLES.items():
     RUNS[_k] = (RUNS[_base][0], RUNS[_base][1], RUNS[_base][2] + f"; + a {_nth} cycle (lr {_lr}) from "
                 f"`weights/{_w.name}`")
@@ -221,7 +220,7 @@ def evaluate_all(section: str, results: Path, threads: int, only: str | None = N
              "reference-runs-6": "sixth pass (a third cosine cycle from the fifth pass's weights)"}
     start = {"reference-runs-5": "the fourth pass's weights (FS: the third-pass file, 3,720 steps; KD: `kd-sharp`, 3,703 "
                                  "steps; sha256 f7992f1c0988dcc2 and 36f492c1fe2598b5, the files `weights/` held at commit "
-                                 f"bb205c7) given a second cycle (lr {CYCLE2_LR} warm-up + cosine to {LR / 50:g}; the steps "
+                                 f"bb205c7) given a second cycle (lr {CYCLES['fs-c2'][2]} warm-up + cosine to {LR / 50:g}; the steps "
                                  "below are this cycle's)",
              "reference-runs-6": "the fifth pass's weights (FS: `fs-c2`, 6,510 steps in all; KD: `kd-sharp-c2`, 6,348 "
                                  "steps; sha256 eb52172be757e1a9 and 4fc35932e6403d11, the files `weights/` held at commit "
