@@ -34,7 +34,7 @@ class _ProbsHead(nn.Module):
         self.model = model
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(self.model(x)[0])
+        return self.model.predict(x)
 
 
 def _dynamic_shapes(size: int) -> dict[str, Any]:

@@ -48,7 +48,7 @@ from cluster.export import export_teacher
 from cluster.teachers import (EagerTeacher, Teacher, TeacherSpecError, is_registry_spec, load_teacher,
                               parse_teacher_spec, resolve_registry_spec)
 
-__all__ = ["Predictor", "BACKENDS", "PRECISIONS", "to_uint8", "export_cache_dir"]
+__all__ = ["Predictor", "BACKENDS", "PRECISIONS", "to_uint8", "export_cache_dir", "runtime_teacher"]
 
 BACKENDS = ("auto", "eager", "onnx", "pt2")
 PRECISIONS = ("fp32", "fp16", "bf16")
@@ -159,10 +159,7 @@ class Predictor:
             return cls(runner, "eager", model.name, runner.model)
         if video:
             raise ValueError(f"backend {backend}: {model.name} is a video model (it streams); run it eager")
-        with _export_of(model, eager.weights_hash, int(eager.input_size), backend, onnx_exporter) as path:
-            teacher = load_teacher(str(path), device=device, precision="fp32", threads=threads)
-        teacher.weights_hash = eager.weights_hash        # the weights it runs, not the export
-        return cls(teacher, backend, model.name, None)
+        return cls(_exported(eager, backend, device, threads, onnx_exporter), backend, model.name, None)
 
     def describe(self) -> dict[str, Any]:
         d = {"backend": self.backend, "name": self.name, "size": self.size, **self.teacher.describe()}
@@ -211,6 +208,44 @@ class Predictor:
             if p.shape[-2:] != rgb.shape[:2]:
                 p = F.interpolate(p, size=rgb.shape[:2], mode="bilinear", align_corners=False)
             return p[0, 0].clamp(0, 1).cpu().numpy()
+
+
+def runtime_teacher(teacher: Teacher, backend: str = "auto", threads: int | None = 1,
+                    onnx_exporter: str = "torchscript") -> Teacher:
+    """A loaded teacher moved onto the predictor's backend: how labelling and online distillation run a weights
+    file (:class:`cluster.teacher_actor.TeacherActor`) through the same engine as ``predict``.
+
+    Only a registered model loaded from weights (an :class:`EagerTeacher`) changes: ``auto`` picks ``onnx`` on a
+    CPU and keeps ``eager`` on a GPU or for a video model, as :meth:`Predictor.load` does; ``onnx`` / ``pt2``
+    export it once into the export cache. Exported and carded files already run in their own backend and come
+    back as they are. The id and weights hash stay those of the weights, so label rows name the same teacher
+    whichever backend ran it."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend: expected one of {', '.join(BACKENDS)}, got {backend!r}")
+    if not isinstance(teacher, EagerTeacher):
+        return teacher
+    video = hasattr(teacher.model, "streamer")
+    gpu = teacher.device.type == "cuda"
+    if backend == "auto":
+        backend = "eager" if gpu or video else "onnx"
+    if backend == "eager":
+        return teacher
+    if video:
+        raise ValueError(f"backend {backend}: {teacher.model.name} is a video model (it streams); run it eager")
+    if teacher.half:
+        raise ValueError(f"backend {backend}: {teacher.id} was loaded in half precision; exported files run in "
+                         "fp32 (use precision fp32, or the eager backend)")
+    out = _exported(teacher, backend, str(teacher.device), threads, onnx_exporter)
+    out.id = teacher.id
+    return out
+
+
+def _exported(eager: EagerTeacher, backend: str, device: str, threads: int | None, exporter: str) -> Teacher:
+    """``eager``'s model exported as ``backend`` (through the export cache) and loaded as a teacher."""
+    with _export_of(eager.model, eager.weights_hash, int(eager.input_size), backend, exporter) as path:
+        teacher = load_teacher(str(path), device=device, precision="fp32", threads=threads)
+    teacher.weights_hash = eager.weights_hash        # the weights it runs, not the export
+    return teacher
 
 
 def export_cache_dir() -> Path:

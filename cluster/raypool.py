@@ -75,6 +75,10 @@ class PoolConfig:
         torch_threads: intra-op threads per actor; 0 = one per whole CPU asked for (at least 1).
         device: ``auto`` (CUDA when the actor has a GPU), ``cpu`` or ``cuda``.
         precision: ``auto`` (fp16 on CUDA, fp32 on CPU), ``fp32`` or ``fp16``.
+        backend: how a teacher given as a weights file runs (:func:`cluster.predictor.runtime_teacher`, the
+            engine of ``sodkd predict``): ``auto`` = ONNX Runtime on a CPU (exported once into the export
+            cache), eager PyTorch on a GPU; ``eager``, ``onnx`` or ``pt2`` to choose. Exported and carded
+            files always run in their own runtime.
     """
 
     size: int | None = 1
@@ -86,6 +90,7 @@ class PoolConfig:
     torch_threads: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "fp32", "fp16"] = "auto"
+    backend: Literal["auto", "eager", "onnx", "pt2"] = "auto"
 
     def __post_init__(self) -> None:
         finite_resources("pool", num_cpus=self.num_cpus, num_gpus=self.num_gpus)
@@ -104,6 +109,9 @@ class PoolConfig:
             raise ConfigError(f"pool.batch_size: must be >= 1, got {self.batch_size}")
         if self.torch_threads < 0:
             raise ConfigError(f"pool.torch_threads: must be >= 0, got {self.torch_threads}")
+        if self.backend in ("onnx", "pt2") and self.precision == "fp16":
+            raise ConfigError(f"pool.backend: {self.backend} runs exported fp32 files; use pool.precision fp32 "
+                              "(or auto), or the eager backend for fp16")
 
     def threads(self) -> int:
         return torch_threads(self.torch_threads, self.num_cpus)

@@ -4,7 +4,9 @@ Both Ray Data stages that run a teacher over decoded images -- :class:`cluster.l
 (``sodkd label``: label shards with confidence statistics) and :class:`cluster.training.data.OnlineLabeler`
 (``distill`` with an online teacher: the ``target`` column the trainer reads) -- are this actor with a
 different output. It loads the teacher (:func:`cluster.teachers.build_teacher`: any spec, ensemble, flip TTA)
-once per actor with ``threads`` intra-op threads, and :meth:`TeacherActor.maps` gives the probabilities at the
+once per actor with ``threads`` intra-op threads -- a weights file on the inference engine's backend
+(``backend``, :func:`cluster.predictor.runtime_teacher`: ONNX Runtime on a CPU by default, as ``sodkd predict``) --
+and :meth:`TeacherActor.maps` gives the probabilities at the
 size the caller asks for (bilinear, antialiased when it shrinks) together with the spread of the teacher's
 views, all from one forward pass:
 
@@ -32,14 +34,17 @@ class TeacherActor:
     """A teacher loaded once per Ray actor; :meth:`maps` runs it on a batch of decoded images."""
 
     def __init__(self, teachers: Sequence[str], *, s3: S3Config | None = None, tta: str = "none",
-                 teacher_size: int | None = None, device: str = "auto", precision: str = "auto", threads: int = 1):
+                 teacher_size: int | None = None, device: str = "auto", precision: str = "auto", threads: int = 1,
+                 backend: str = "auto"):
         import torch
 
+        from cluster.predictor import runtime_teacher
         from cluster.teachers import build_teacher
         if threads:
             torch.set_num_threads(int(threads))
         self.teacher = build_teacher(list(teachers), tta=tta, s3=s3, device=device, precision=precision,
-                                     input_size=teacher_size, threads=threads or None)
+                                     input_size=teacher_size, threads=threads or None,
+                                     convert=lambda t: runtime_teacher(t, backend, threads or None))
         self.tta = tta
 
     def maps(self, images: np.ndarray, size: int, views: bool = False):

@@ -168,6 +168,13 @@ class SCFNet(SODModel):
             raise ValueError(f"{self.name}: expected input of shape (N, 3, H, W), got {tuple(x.shape)}")
         return self.side_outputs(self.decode(self.encode(x)), x.shape[-2:])
 
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        """``sigmoid(out2)`` as :meth:`SODModel.predict`, without the three coarser heads and their upsampling
+        (inference reads only the finest map; the exported graphs are traced from here)."""
+        d2 = self.decode(self.encode(x))[0]
+        return torch.sigmoid(F.interpolate(self.heads[0](d2), size=x.shape[-2:], mode="bilinear",
+                                           align_corners=False))
+
 
 # --- registered variants -------------------------------------------------------------------------------
 

@@ -124,6 +124,7 @@ def build_dataset(cfg: LabelConfig, blocks: TodoBlocks, teacher_size: int):
         fn_constructor_kwargs={"teachers": list(cfg.teachers), "s3": cfg.s3, "tta": cfg.tta,
                                "label_size": cfg.label_size, "teacher_size": cfg.teacher_size,
                                "device": device, "precision": pool.precision, "threads": pool.threads(),
+                               "backend": pool.backend,
                                "decode": decode_kwargs if in_actor else None})
     return ds.map_batches(write_label_shards, batch_size=cfg.write.shard_rows, num_cpus=cfg.write.num_cpus,
                           fn_kwargs={"output_uri": cfg.output, "s3": cfg.s3, "retry": cfg.retry})

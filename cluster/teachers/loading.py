@@ -9,7 +9,7 @@ import json
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -235,13 +235,17 @@ def load_teacher(spec: str | TeacherSpec, s3: S3Config | None = None, device: st
 
 def build_teacher(specs: str | Sequence[str], tta: str = "none", s3: S3Config | None = None,
                   device: str = "auto", precision: str = "auto", input_size: int | None = None,
-                  threads: int | None = None) -> Teacher:
-    """One spec -> that teacher; several -> their :class:`Ensemble`; ``tta="hflip"`` wraps in :class:`HFlipTTA`."""
+                  threads: int | None = None, convert: Callable[[Teacher], Teacher] | None = None) -> Teacher:
+    """One spec -> that teacher; several -> their :class:`Ensemble`; ``tta="hflip"`` wraps in :class:`HFlipTTA`.
+    ``convert`` is applied to each network as it is loaded (the teacher actor moves weights files onto the
+    predictor's backend with it: :func:`cluster.predictor.runtime_teacher`)."""
     specs = [specs] if isinstance(specs, str) else list(specs)
     if not specs:
         raise TeacherSpecError("no teacher spec given")
     if tta not in ("none", "hflip"):
         raise ValueError(f"tta: expected 'none' or 'hflip', got {tta!r}")
     members = [load_teacher(s, s3, device, precision, input_size, threads) for s in specs]
+    if convert is not None:
+        members = [convert(m) for m in members]
     teacher = members[0] if len(members) == 1 else Ensemble(members)
     return HFlipTTA(teacher) if tta == "hflip" else teacher

@@ -153,9 +153,10 @@ class OnlineLabeler(TeacherActor):
     """
 
     def __init__(self, teachers: Sequence[str], *, s3: S3Config | None = None, tta: str = "none",
-                 teacher_size: int | None = None, device: str = "cpu", precision: str = "auto", threads: int = 1):
+                 teacher_size: int | None = None, device: str = "cpu", precision: str = "auto", threads: int = 1,
+                 backend: str = "auto"):
         super().__init__(teachers, s3=s3, tta=tta, teacher_size=teacher_size, device=device, precision=precision,
-                         threads=threads)
+                         threads=threads, backend=backend)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         images = np.asarray(batch[S.IMAGE])
@@ -276,7 +277,8 @@ def build_train_dataset(cfg: TrainConfig) -> TrainData:
             num_gpus=pool.num_gpus or None,
             fn_constructor_kwargs={"teachers": list(t.teachers), "s3": s3, "tta": t.tta,
                                    "teacher_size": t.teacher_size, "device": device,
-                                   "precision": pool.precision, "threads": pool.threads()}))
+                                   "precision": pool.precision, "threads": pool.threads(),
+                                   "backend": pool.backend}))
     dataset = parts[0] if len(parts) == 1 else parts[0].union(*parts[1:])
     if not online:   # with an online teacher its input was shuffled above; the labels stream behind it
         dataset = _shuffled_blocks(dataset, cfg)

@@ -95,7 +95,7 @@ def test_teacher_labeler_called_directly(image_dir, teacher_file):
     keys = sorted(p.name for p in image_dir.iterdir())
     batch = LB.load_images(_manifest_batch(keys), input_uri=str(image_dir), s3=None, size=SIZE)
     spec = f"scfnet_m3:{teacher_file}"
-    labeler = LB.TeacherLabeler([spec], teacher_size=SIZE, device="cpu", threads=1)
+    labeler = LB.TeacherLabeler([spec], teacher_size=SIZE, device="cpu", threads=1, backend="eager")
     out = labeler(batch)
     assert S.IMAGE not in out
     ok = out[S.REASON] == ""
@@ -111,7 +111,7 @@ def test_teacher_labeler_called_directly(image_dir, teacher_file):
     assert set(out[S.WEIGHTS_HASH]) == {weights_hash(teacher_file.read_bytes())}
     assert list(out[S.ID]) == list(batch[S.ID]) and list(out[S.REASON]) == list(batch[S.REASON])
     # decode placement "actor": the labeler reads and decodes manifest rows itself, with the same result
-    inline = LB.TeacherLabeler([spec], teacher_size=SIZE, device="cpu", threads=1,
+    inline = LB.TeacherLabeler([spec], teacher_size=SIZE, device="cpu", threads=1, backend="eager",
                                decode={"input_uri": str(image_dir), "s3": None, "size": SIZE})
     out2 = inline(_manifest_batch(keys))
     np.testing.assert_array_equal(out2[S.LABEL], out[S.LABEL])
@@ -120,10 +120,44 @@ def test_teacher_labeler_called_directly(image_dir, teacher_file):
         labeler(_manifest_batch(keys))
 
 
+def test_weights_teachers_label_through_the_predictors_backend(image_dir, teacher_file, other_teacher_file,
+                                                               monkeypatch, tmp_path):
+    """A weights file labels through ONNX Runtime on a CPU by default (the engine of ``sodkd predict``), one
+    export per weights file in the export cache; the labels are the eager ones within one grey level, and the
+    rows name the same teacher and weights hash whichever backend ran it. Ensembles convert each member."""
+    from cluster.teachers import OnnxTeacher
+    monkeypatch.setenv("SODKD_CACHE", str(tmp_path / "cache"))
+    keys = sorted(p.name for p in image_dir.iterdir())
+    batch = LB.load_images(_manifest_batch(keys), input_uri=str(image_dir), s3=None, size=SIZE)
+    ok = batch[S.REASON] == ""
+    specs = [f"scfnet_m3:{teacher_file}", f"scfnet_m3:{other_teacher_file}"]
+    by = {}
+    for backend in ("eager", "auto", "pt2"):
+        labeler = LB.TeacherLabeler(specs, teacher_size=SIZE, device="cpu", threads=1, backend=backend)
+        kinds = {type(m).__name__ for m in labeler.teacher.members}
+        assert kinds == {"eager": {"EagerTeacher"}, "auto": {"OnnxTeacher"}, "pt2": {"ExportTeacher"}}[backend]
+        by[backend] = labeler(batch)
+    assert len(list((tmp_path / "cache" / "exports").glob("*.onnx"))) == 2
+    assert len(list((tmp_path / "cache" / "exports").glob("*.pt2"))) == 2
+    for backend in ("auto", "pt2"):
+        diff = np.abs(by[backend][S.LABEL][ok].astype(int) - by["eager"][S.LABEL][ok].astype(int))
+        assert diff.max() <= 1 and (diff > 0).mean() < 0.01, backend
+        np.testing.assert_allclose(by[backend][S.DISAGREEMENT][ok], by["eager"][S.DISAGREEMENT][ok], atol=1e-4)
+        assert list(by[backend][S.TEACHER]) == list(by["eager"][S.TEACHER])
+        assert list(by[backend][S.WEIGHTS_HASH]) == list(by["eager"][S.WEIGHTS_HASH])
+    # an exported file is already in its own runtime: the backend does not touch it
+    onnx_file = next((tmp_path / "cache" / "exports").glob("*.onnx"))
+    same = LB.TeacherLabeler([str(onnx_file)], device="cpu", threads=1, backend="eager")
+    assert isinstance(same.teacher, OnnxTeacher)
+    with pytest.raises(ValueError, match="backend: expected one of"):
+        LB.TeacherLabeler(specs[:1], teacher_size=SIZE, device="cpu", backend="tensorrt")
+
+
 def test_teacher_labeler_label_size_and_tta(image_dir, teacher_file):
     keys = sorted(p.name for p in image_dir.iterdir() if p.suffix == ".jpg")
     batch = LB.load_images(_manifest_batch(keys), input_uri=str(image_dir), s3=None, size=SIZE)
-    out = LB.TeacherLabeler([f"scfnet_m3:{teacher_file}"], teacher_size=SIZE, label_size=32, tta="hflip",
+    out = LB.TeacherLabeler([f"scfnet_m3:{teacher_file}"], backend="eager", teacher_size=SIZE, label_size=32,
+                            tta="hflip",
                             device="cpu")(batch)
     ok = out[S.REASON] == ""
     assert out[S.LABEL].shape == (len(keys), 32, 32)
@@ -147,7 +181,7 @@ def test_views_average_to_probs_and_give_the_disagreement(image_dir, teacher_fil
             views, p = teacher.views(x), teacher.probs(x)
         assert len(views) == n_views and all(v.shape == p.shape for v in views)
         torch.testing.assert_close(torch.stack(views).mean(0), p)
-        out = LB.TeacherLabeler(specs, tta=tta, teacher_size=SIZE, device="cpu", threads=1)(batch)
+        out = LB.TeacherLabeler(specs, backend="eager", tta=tta, teacher_size=SIZE, device="cpu", threads=1)(batch)
         dis = out[S.DISAGREEMENT]
         assert dis.dtype == np.float32 and np.isfinite(dis[ok]).all() and (dis[ok] > 0).all(), (specs, tta, dis)
         assert np.isnan(dis[~ok]).all()   # rejects: no prediction
@@ -161,7 +195,7 @@ def test_views_average_to_probs_and_give_the_disagreement(image_dir, teacher_fil
         views = single.views(x)
         assert len(views) == 1
         torch.testing.assert_close(views[0], single.probs(x))
-    out = LB.TeacherLabeler([a], teacher_size=SIZE, device="cpu", threads=1)(batch)
+    out = LB.TeacherLabeler([a], backend="eager", teacher_size=SIZE, device="cpu", threads=1)(batch)
     assert np.isnan(out[S.DISAGREEMENT]).all()
 
 
@@ -221,7 +255,7 @@ def test_review_list_worst_first(tmp_path, image_dir, teacher_file, other_teache
     assert all(float(r["score"]) == float(r["disagreement"]) for r in rows)
     # an image labelled by a single teacher (no disagreement) is scored 1 - conf_mean; top keeps the worst
     shutil.copy(image_dir / keys[0], image_dir / "copy.jpg")
-    single = LB.TeacherLabeler([f"scfnet_m3:{teacher_file}"], teacher_size=SIZE, device="cpu")(
+    single = LB.TeacherLabeler([f"scfnet_m3:{teacher_file}"], backend="eager", teacher_size=SIZE, device="cpu")(
         LB.load_images(_manifest_batch(["copy.jpg"]), input_uri=str(image_dir), s3=None, size=SIZE))
     LB.write_label_shards(single, output_uri=str(out), s3=None)
     full = LB.write_review(dataclasses.replace(cfg, review=LB.ReviewConfig(top=None)))
@@ -243,7 +277,7 @@ def test_review_list_worst_first(tmp_path, image_dir, teacher_file, other_teache
 def test_write_shards_and_read_back(tmp_path, image_dir, teacher_file):
     keys = sorted(p.name for p in image_dir.iterdir())
     batch = LB.load_images(_manifest_batch(keys), input_uri=str(image_dir), s3=None, size=SIZE)
-    labelled = LB.TeacherLabeler([f"scfnet_m3:{teacher_file}"], teacher_size=SIZE, device="cpu")(batch)
+    labelled = LB.TeacherLabeler([f"scfnet_m3:{teacher_file}"], backend="eager", teacher_size=SIZE, device="cpu")(batch)
     out_dir = tmp_path / "out"
     counts = LB.write_label_shards(labelled, output_uri=str(out_dir), s3=None)
     assert (counts["labelled"][0], counts["rejected"][0]) == (3, 3)
@@ -406,7 +440,8 @@ def test_reads_that_fail_transiently_are_retried_then_deferred_never_rejected(aw
 def test_shard_writes_that_fail_transiently_defer_their_rows(aws_env, image_dir, teacher_file):
     keys = sorted(p.name for p in image_dir.iterdir())
     batch = LB.load_images(_manifest_batch(keys), input_uri=str(image_dir), s3=None, size=SIZE)
-    labelled = LB.TeacherLabeler([f"scfnet_m3:{teacher_file}"], teacher_size=SIZE, device="cpu", threads=1)(batch)
+    labelled = LB.TeacherLabeler([f"scfnet_m3:{teacher_file}"], backend="eager", teacher_size=SIZE, device="cpu",
+                                 threads=1)(batch)
     s3 = storage.S3Config(endpoint_url=_dead_endpoint(), request_attempts=1)
     counts = LB.write_label_shards(labelled, output_uri="s3://bkt/out", s3=s3, retry=FAST)
     # 3 labels + 3 rejects, neither shard could be written: all 6 deferred, none counted as done
