@@ -73,7 +73,10 @@ RUNS = {
 CYCLES = {"fs-c2": ("fs", REPO / "weights" / "fs-scfnet_m3.fp16.pt", 0.02, "second"),
           "kd-sharp-c2": ("kd-sharp", REPO / "weights" / "kd-scfnet_m3-from-csnet-L-x2.fp16.pt", 0.02, "second"),
           "fs-c3": ("fs", REPO / "weights" / "fs-scfnet_m3.fp16.pt", 0.01, "third"),
-          "kd-sharp-c3": ("kd-sharp", REPO / "weights" / "kd-scfnet_m3-from-csnet-L-x2.fp16.pt", 0.01, "third")}
+          "kd-sharp-c3": ("kd-sharp", REPO / "weights" / "kd-scfnet_m3-from-csnet-L-x2.fp16.pt", 0.01, "third"),
+          "fs-c4": ("fs", REPO / "weights" / "fs-scfnet_m3.fp16.pt", 0.01, "fourth (longer)"),
+          "kd-sharp-c4": ("kd-sharp", REPO / "weights" / "kd-scfnet_m3-from-csnet-L-x2.fp16.pt", 0.01,
+                          "fourth (longer)")}
 for _k, (_base, _w, _lr, _nth) in CYCLES.items():
     RUNS[_k] = (RUNS[_base][0], RUNS[_base][1], RUNS[_base][2] + f"; + a {_nth} cycle (lr {_lr}) from "
                 f"`weights/{_w.name}`")
@@ -217,7 +220,8 @@ def evaluate_all(section: str, results: Path, threads: int, only: str | None = N
     fs = next((ev for st, ev in rows if st["mode"] == "supervised" and st["name"].startswith("fs")), None)
     title = {"reference-runs-3": "third pass", "reference-runs-4": "fourth pass (block-shuffled epochs)",
              "reference-runs-5": "fifth pass (a second cosine cycle from the fourth pass's weights)",
-             "reference-runs-6": "sixth pass (a third cosine cycle from the fifth pass's weights)"}
+             "reference-runs-6": "sixth pass (a third cosine cycle from the fifth pass's weights)",
+             "reference-runs-7": "seventh pass (a fourth, longer cosine cycle from the sixth pass's weights)"}
     start = {"reference-runs-5": "the fourth pass's weights (FS: the third-pass file, 3,720 steps; KD: `kd-sharp`, 3,703 "
                                  "steps; sha256 f7992f1c0988dcc2 and 36f492c1fe2598b5, the files `weights/` held at commit "
                                  f"bb205c7) given a second cycle (lr {CYCLES['fs-c2'][2]} warm-up + cosine to {LR / 50:g}; the steps "
@@ -225,7 +229,11 @@ def evaluate_all(section: str, results: Path, threads: int, only: str | None = N
              "reference-runs-6": "the fifth pass's weights (FS: `fs-c2`, 6,510 steps in all; KD: `kd-sharp-c2`, 6,348 "
                                  "steps; sha256 eb52172be757e1a9 and 4fc35932e6403d11, the files `weights/` held at commit "
                                  f"975a5ff) given a third cycle (lr {CYCLES['fs-c3'][2]} warm-up + cosine to {LR / 50:g}; "
-                                 "the steps below are this cycle's)"}
+                                 "the steps below are this cycle's)",
+             "reference-runs-7": "the sixth pass's weights (FS: `fs-c3`, 8,680 steps in all; KD: `kd-sharp-c3`, 8,464 "
+                                 "steps; sha256 7838823b4bc28958 and 0f15f90c80d38ea6, the files `weights/` held at commit "
+                                 f"f8626c2) given a fourth cycle, about three times as long (lr {CYCLES['fs-c4'][2]} "
+                                 f"warm-up + cosine to {LR / 50:g}; the steps below are this cycle's)"}
     lines = [f"## Reference runs, {title.get(section, section)}: {TEACHER_NAME} as teacher, students at {SIZE} px", "",
              f"Machine: {os.cpu_count()} shared CPU cores, no GPU. Every student is `scfnet_m3` (0.80 M params) from "
              + start.get(section, "random weights") + ", trained by `sodkd`'s Ray Train core (1 worker, 1 torch thread; runs side by side) with "
