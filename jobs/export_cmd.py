@@ -93,7 +93,7 @@ def image_model(model_spec: str):
     if spec.kind != "registered":
         raise ValueError(f"--model {model_spec}: give MODEL:WEIGHTS (an exported file is already exported)")
     model = load_weights(spec.path)
-    if getattr(model, "name", spec.model) != spec.model:
+    if spec.model is not None and getattr(model, "name", spec.model) != spec.model:
         raise ValueError(f"--model {model_spec}: the weights file holds {model.name}, not {spec.model}")
     if hasattr(model, "streamer"):
         raise ValueError(f"--model {model_spec}: {model.name} is a video model (it streams state between frames); "

@@ -49,12 +49,14 @@ def _load_registered(spec: TeacherSpec, data: bytes, device: torch.device, half:
         except WeightsFormatError as e:
             if "no sodkd metadata header" not in str(e):
                 raise
+            if spec.model is None:
+                raise WeightsFormatError(f"{e}; for a bare state dict give MODEL:{spec.path}") from e
             model = load_state(create_model(spec.model), io.BytesIO(data))  # a bare state dict
     except (WeightsFormatError, RuntimeError, ValueError) as e:
         raise TeacherSpecError(f"teacher spec {spec}: {e}") from e
-    if model.name != spec.model:
+    if spec.model is not None and model.name != spec.model:
         raise TeacherSpecError(f"teacher spec {spec}: the weights file holds {model.name!r}, not {spec.model!r}")
-    return EagerTeacher(model, spec.model, weights_hash(data), device, half, input_size)
+    return EagerTeacher(model, model.name, weights_hash(data), device, half, input_size)
 
 
 def _find_card(spec: TeacherSpec, s3: S3Config | None):

@@ -20,6 +20,7 @@ METADATA_KEY = "sodkd_teacher"          # TorchScript extra file "<key>.json", O
 EXPORT_FORMAT = "sodkd-teacher"
 EXPORT_FORMAT_VERSION = 1
 TORCHSCRIPT_SUFFIXES = (".ts", ".torchscript")
+WEIGHTS_SUFFIXES = (".pt", ".pth")
 ONNX_SUFFIXES = (".onnx",)
 EXPORT_SUFFIXES = (".pt2",)
 CARD_QUERY = "?card="
@@ -49,7 +50,9 @@ class TeacherSpec:
 
 
 def parse_teacher_spec(spec: str) -> TeacherSpec:
-    """``"scfnet_r50:w.pt"`` / ``"t.ts"`` / ``"t.onnx"`` / ``"t.pt2"`` -> :class:`TeacherSpec` (no file is read).
+    """``"scfnet_r50:w.pt"`` / ``"w.pt"`` / ``"t.ts"`` / ``"t.onnx"`` / ``"t.pt2"`` -> :class:`TeacherSpec` (no file is
+    read). A bare ``w.pt`` is a registered model whose name the weights file's header gives (``model`` None until
+    it is loaded); ``MODEL:w.pt`` also takes a bare state dict.
 
     A model file may name its teacher card: ``"t.onnx?card=t-card.yaml"`` (else ``t.onnx.card.yaml`` is
     looked for beside it when the file carries no sodkd metadata)."""
@@ -88,8 +91,11 @@ def parse_teacher_spec(spec: str) -> TeacherSpec:
         return TeacherSpec("onnx", text, None, full, card)
     if lower.endswith(EXPORT_SUFFIXES):
         return TeacherSpec("export", text, None, full, card)
+    if lower.endswith(WEIGHTS_SUFFIXES):      # a sodkd weights file names its model in its header
+        return TeacherSpec("registered", text, None, full)
     raise TeacherSpecError(
-        f"teacher spec {text!r}: expected MODEL:WEIGHTS (e.g. scfnet_r50:weights.pt), a TorchScript file "
+        f"teacher spec {text!r}: expected a sodkd weights file (*.pt), MODEL:WEIGHTS (e.g. scfnet_r50:weights.pt), "
+        "a TorchScript file "
         f"(*{', *'.join(TORCHSCRIPT_SUFFIXES)}), an ONNX file (*.onnx) or a torch.export program (*.pt2)")
 
 

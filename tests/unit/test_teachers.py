@@ -77,13 +77,27 @@ def test_parse_specs():
 
 @pytest.mark.parametrize("spec, words", [
     ("", "empty"),
-    ("weights.pt", "expected MODEL:WEIGHTS"),
+    ("weights.bin", "expected a sodkd weights file"),
     ("scfnet_r99:w.pt", "unknown model 'scfnet_r99'"),
     ("scfnet_r50:t.onnx", "give the file alone"),
 ])
 def test_bad_specs_name_the_spec(spec, words):
     with pytest.raises(T.TeacherSpecError, match=words):
         T.parse_teacher_spec(spec)
+
+
+def test_a_bare_weights_file_names_its_model(files, real_images):
+    """``w.pt`` alone (as ``sodkd predict --weights`` takes it) is the model its header names; a bare state dict
+    has no header and needs ``MODEL:``, which the error says."""
+    s = T.parse_teacher_spec(str(files / "m3.pt"))
+    assert (s.kind, s.model) == ("registered", None)
+    bare, named = T.load_teacher(str(files / "m3.pt"), device="cpu"), T.load_teacher(f"scfnet_m3:{files / 'm3.pt'}",
+                                                                                     device="cpu")
+    assert (bare.id, bare.weights_hash) == (named.id, named.weights_hash) == ("scfnet_m3", named.weights_hash)
+    np.testing.assert_array_equal(bare.predict(real_images), named.predict(real_images))
+    with pytest.raises(T.TeacherSpecError, match=r"give MODEL:.*bare\.pt"):
+        T.load_teacher(str(files / "bare.pt"), device="cpu")
+    T.load_teacher(f"scfnet_m3:{files / 'bare.pt'}", device="cpu")       # with the name it loads
 
 
 def test_missing_file_is_a_clear_error(tmp_path):
