@@ -170,7 +170,10 @@ class SCFNet(SODModel):
 
     def predict(self, x: torch.Tensor) -> torch.Tensor:
         """``sigmoid(out2)`` as :meth:`SODModel.predict`, without the three coarser heads and their upsampling
-        (inference reads only the finest map; the exported graphs are traced from here)."""
+        (inference reads only the finest map; the exported graphs are traced from here). A subclass with its own
+        ``forward`` (the video student) keeps the sigmoid of that forward's first output."""
+        if type(self).forward is not SCFNet.forward:
+            return super().predict(x)
         d2 = self.decode(self.encode(x))[0]
         return torch.sigmoid(F.interpolate(self.heads[0](d2), size=x.shape[-2:], mode="bilinear",
                                            align_corners=False))
