@@ -5,8 +5,10 @@ free_port``, as test_serve imports ``tests.conftest``)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
+from typing import Iterator, Mapping
 
 import pytest
 
@@ -22,6 +24,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@contextlib.contextmanager
+def environ(values: Mapping[str, str], restore: tuple[str, ...] = ()) -> Iterator[None]:
+    """Set ``values`` in ``os.environ`` for the block, then put those keys and ``restore`` (keys that code in
+    the block may set, e.g. Ray's) back as they were, unset ones unset. Usable in fixtures of any scope."""
+    saved = {k: os.environ.get(k) for k in (*values, *restore)}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 @pytest.fixture(scope="module")
 def s3_endpoint():
     """A real S3 HTTP endpoint (moto's ThreadedMotoServer on 127.0.0.1), one per module, with no bucket yet.
@@ -29,15 +47,9 @@ def s3_endpoint():
     back afterwards."""
     from moto.server import ThreadedMotoServer
 
-    saved = {k: os.environ.get(k) for k in S3_ENV}
-    os.environ.update(S3_ENV)
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    yield f"http://127.0.0.1:{port}"
-    server.stop()
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    with environ(S3_ENV):
+        port = free_port()
+        server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+        server.start()
+        yield f"http://127.0.0.1:{port}"
+        server.stop()

@@ -43,6 +43,7 @@ from cluster.training.launch import run_training
 from cluster.training.sections import load_train_config
 from kd import schema as S
 from models import create_model, save_weights
+from tests.integration.conftest import environ
 
 pytestmark = pytest.mark.integration
 
@@ -60,20 +61,14 @@ _FAST_FAILURE_DETECTION = {"RAY_health_check_initial_delay_ms": "0", "RAY_health
 @pytest.fixture(scope="module")
 def cluster():
     """A head node (1 CPU) this process drives; each test adds and kills its own worker nodes."""
-    saved = {k: os.environ.get(k) for k in _FAST_FAILURE_DETECTION}
-    os.environ.update(_FAST_FAILURE_DETECTION)   # before the GCS and raylets start: they read it then
-    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
-    ray.init(address=c.address, logging_level="ERROR", log_to_driver=False)
-    try:
-        yield c
-    finally:
-        ray.shutdown()
-        c.shutdown()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    with environ(_FAST_FAILURE_DETECTION):   # before the GCS and raylets start: they read it then
+        c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+        ray.init(address=c.address, logging_level="ERROR", log_to_driver=False)
+        try:
+            yield c
+        finally:
+            ray.shutdown()
+            c.shutdown()
 
 
 def _add_node(c: Cluster, num_cpus: float):

@@ -13,7 +13,6 @@ by id (not by order) and online labels made by the teacher actor pool inside the
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -36,6 +35,7 @@ from kd import schema as S
 from kd.imageio import decode_image, decode_mask, encode_png, resize
 from kd.schedule import WarmupCosine
 from models import create_model, load_weights, read_metadata, save_weights
+from tests.integration.conftest import environ
 
 pytestmark = pytest.mark.integration
 
@@ -57,16 +57,10 @@ def ray_cluster(s3_endpoint):
     import ray
 
     from cluster.raylocal import start_private_ray
-    saved = {k: os.environ.get(k) for k in ("RAY_API_SERVER_ADDRESS", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S")}
-    os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = "0.5"
-    start_private_ray(4, log_to_driver=False)   # 4 logical CPUs: 2 workers + decode tasks + teacher actors
-    yield
-    ray.shutdown()
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    with environ({"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}, restore=("RAY_API_SERVER_ADDRESS",)):
+        start_private_ray(4, log_to_driver=False)   # 4 logical CPUs: 2 workers + decode tasks + teacher actors
+        yield
+        ray.shutdown()
 
 
 @pytest.fixture(scope="module")
