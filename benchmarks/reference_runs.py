@@ -4,6 +4,10 @@
     .venv/bin/python benchmarks/reference_runs.py prepare
     sodkd label --input runs/ref/data/kd-pool --output runs/ref/labels-csnet-x2-hflip \\
         --teacher "../shared/teachers/csnet-L-x2.onnx?card=jobs/cards/csnet-L.card.yaml" tta=hflip label_size=224
+    # (eighth pass) 4,000 synthetic views of the pool, labelled by the same teacher
+    .venv/bin/python benchmarks/reference_runs.py prepare-views --count 4000
+    sodkd label --input runs/ref/data/kd-views --output runs/ref/labels-views-csnet-x2-hflip \
+        --teacher "../shared/teachers/csnet-L-x2.onnx?card=jobs/cards/csnet-L.card.yaml" tta=hflip label_size=224
     # one training per process (run them side by side, one torch thread each); resumable by name
     .venv/bin/python benchmarks/reference_runs.py train fs --steps 4000
     .venv/bin/python benchmarks/reference_runs.py train kd-dice-bce --steps 4000
@@ -64,6 +68,9 @@ RUNS = {
                          "teacher labels; dice + BCE x teacher confidence"),
     "kd-sharp": ("distill", {"kd": {"structure": "dice", "pixel": "bce", "confidence": "teacher", "sharpen": 0.5}},
                  "teacher labels sharpened (s = 0.5); dice + BCE x teacher confidence"),
+    "kd-views": ("distill", {"kd": {"structure": "dice", "pixel": "bce", "confidence": "teacher", "sharpen": 0.5}},
+                 "as kd-sharp, the pool + synthetic views of it (zoomed crops, pasted object cut-outs) the teacher "
+                 "labelled"),
 }
 
 # further cosine cycles from the weights a previous cycle left (the same extra steps for both): does a longer
@@ -76,7 +83,10 @@ CYCLES = {"fs-c2": ("fs", REPO / "weights" / "fs-scfnet_m3.fp16.pt", 0.02, "seco
           "kd-sharp-c3": ("kd-sharp", REPO / "weights" / "kd-scfnet_m3-from-csnet-L-x2.fp16.pt", 0.01, "third"),
           "fs-c4": ("fs", REPO / "weights" / "fs-scfnet_m3.fp16.pt", 0.01, "fourth (longer)"),
           "kd-sharp-c4": ("kd-sharp", REPO / "weights" / "kd-scfnet_m3-from-csnet-L-x2.fp16.pt", 0.01,
-                          "fourth (longer)")}
+                          "fourth (longer)"),
+          "fs-c5": ("fs", REPO / "weights" / "fs-scfnet_m3.fp16.pt", 0.005, "fifth"),
+          "kd-sharp-c5": ("kd-sharp", REPO / "weights" / "kd-scfnet_m3-from-csnet-L-x2.fp16.pt", 0.005, "fifth"),
+          "kd-views-c5": ("kd-views", REPO / "weights" / "kd-scfnet_m3-from-csnet-L-x2.fp16.pt", 0.005, "fifth")}
 for _k, (_base, _w, _lr, _nth) in CYCLES.items():
     RUNS[_k] = (RUNS[_base][0], RUNS[_base][1], RUNS[_base][2] + f"; + a {_nth} cycle (lr {_lr}) from "
                 f"`weights/{_w.name}`")
@@ -114,9 +124,25 @@ def prepare() -> None:
     print(f"duts-train {len(train)} pairs, duts-val {len(val)} pairs, kd-pool {n} images under {root}")
 
 
+VIEWS = OUT / "data" / "kd-views"
+VIEW_LABELS = OUT / "labels-views-csnet-x2-hflip"
+
+
+def prepare_views(count: int, seed: int = 0) -> None:
+    """``count`` synthetic views of the KD pool under runs/ref/data/kd-views: what ``sodkd views --input
+    runs/ref/data/kd-pool --labels runs/ref/labels-csnet-x2-hflip --output runs/ref/data/kd-views --count N``
+    writes (zoomed crops; objects cut out along the teacher's pool labels and pasted on other pool images). The
+    teacher then labels the folder like the pool (the label command in the module docstring, with ``--input``
+    this folder and ``--output`` ``runs/ref/labels-views-csnet-x2-hflip``)."""
+    from cluster.views import make_views
+    s = make_views(str(OUT / "data" / "kd-pool"), str(VIEWS), count, labels_uri=str(LABELS), seed=seed)
+    print(f"{s.written} views written, {s.existing} already there ({dict(s.kinds)}) under {VIEWS}")
+
+
 def train_config(name: str, steps: int) -> dict:
     mode, loss, _ = RUNS[name]
-    rows = 4966 if mode == "supervised" else 8475
+    views = RUNS[name][2].startswith("as kd-sharp, the pool + synthetic views")
+    rows = 4966 if mode == "supervised" else 8475 + (len(list(VIEWS.glob("*.jpg"))) if views else 0)
     per_epoch = rows // BATCH
     epochs = max(1, math.ceil(steps / per_epoch))
     cfg = {
@@ -142,6 +168,8 @@ def train_config(name: str, steps: int) -> dict:
         cfg["data"]["paired"] = [{"uri": str(OUT / "data" / "duts-train")}]
     else:
         cfg["data"]["unlabeled"] = [{"uri": str(OUT / "data" / "kd-pool"), "labels": str(LABELS)}]
+        if views:
+            cfg["data"]["unlabeled"].append({"uri": str(VIEWS), "labels": str(VIEW_LABELS)})
     return cfg
 
 
@@ -221,7 +249,9 @@ def evaluate_all(section: str, results: Path, threads: int, only: str | None = N
     title = {"reference-runs-3": "third pass", "reference-runs-4": "fourth pass (block-shuffled epochs)",
              "reference-runs-5": "fifth pass (a second cosine cycle from the fourth pass's weights)",
              "reference-runs-6": "sixth pass (a third cosine cycle from the fifth pass's weights)",
-             "reference-runs-7": "seventh pass (a fourth, longer cosine cycle from the sixth pass's weights)"}
+             "reference-runs-7": "seventh pass (a fourth, longer cosine cycle from the sixth pass's weights)",
+             "reference-runs-8": "eighth pass (a fifth cycle from the seventh pass's weights: does a pool grown with "
+                                 "synthetic views widen KD's margin?)"}
     start = {"reference-runs-5": "the fourth pass's weights (FS: the third-pass file, 3,720 steps; KD: `kd-sharp`, 3,703 "
                                  "steps; sha256 f7992f1c0988dcc2 and 36f492c1fe2598b5, the files `weights/` held at commit "
                                  f"bb205c7) given a second cycle (lr {CYCLES['fs-c2'][2]} warm-up + cosine to {LR / 50:g}; the steps "
@@ -233,7 +263,13 @@ def evaluate_all(section: str, results: Path, threads: int, only: str | None = N
              "reference-runs-7": "the sixth pass's weights (FS: `fs-c3`, 8,680 steps in all; KD: `kd-sharp-c3`, 8,464 "
                                  "steps; sha256 7838823b4bc28958 and 0f15f90c80d38ea6, the files `weights/` held at commit "
                                  f"f8626c2) given a fourth cycle, about three times as long (lr {CYCLES['fs-c4'][2]} "
-                                 f"warm-up + cosine to {LR / 50:g}; the steps below are this cycle's)"}
+                                 f"warm-up + cosine to {LR / 50:g}; the steps below are this cycle's)",
+             "reference-runs-8": "the seventh pass's weights (FS: `fs-c4`, 14,880 steps in all; KD: `kd-sharp-c4`, "
+                                 "14,812 steps; sha256 802ebe2cad41dde8 and 019d4ff08b02c2c4, the files `weights/` held "
+                                 f"at commit 37ec3b5) given a fifth cycle (lr {CYCLES['fs-c5'][2]} warm-up + cosine to "
+                                 f"{LR / 50:g}; the steps below are this cycle's). `kd-views-c5` learns from the KD pool "
+                                 "plus 4,000 synthetic views of it (`kd.views`: about half zoomed crops, half objects cut out "
+                                 "along the teacher's pool labels and pasted on other pool images, `benchmarks/reference_runs.py prepare-views`) labelled by the same teacher"}
     lines = [f"## Reference runs, {title.get(section, section)}: {TEACHER_NAME} as teacher, students at {SIZE} px", "",
              f"Machine: {os.cpu_count()} shared CPU cores, no GPU. Every student is `scfnet_m3` (0.80 M params) from "
              + start.get(section, "random weights") + ", trained by `sodkd`'s Ray Train core (1 worker, 1 torch thread; runs side by side) with "
@@ -270,6 +306,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     sub.add_parser("prepare")
+    v = sub.add_parser("prepare-views")
+    v.add_argument("--count", type=int, default=4000)
     t = sub.add_parser("train")
     t.add_argument("name", choices=sorted(RUNS))
     t.add_argument("--steps", type=int, default=4000)
@@ -282,6 +320,8 @@ def main() -> None:
     args = ap.parse_args()
     if args.cmd == "prepare":
         prepare()
+    elif args.cmd == "prepare-views":
+        prepare_views(args.count)
     elif args.cmd == "train":
         train(args.name, args.steps)
     else:
