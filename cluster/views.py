@@ -27,7 +27,7 @@ from PIL import Image
 
 from cluster import storage
 from cluster.catalog import image_folder
-from cluster.labels import decode_label, read_labels
+from cluster.labels import decode_label, read_labels, write_file_atomic
 from kd import schema as S
 from kd.imageio import ImageDecodeError, decode_image
 from kd.views import ViewConfig, synthesize
@@ -123,8 +123,7 @@ def make_views(input_uri: str, output_uri: str, count: int, labels_uri: str | No
         return None if png is None else decode_label(png)
 
     fs, out = storage.get_filesystem(output_uri, s3)
-    fs.create_dir(out, recursive=True)
-    done = {storage.join(out, p.rsplit("/", 1)[-1]) for p in storage.list_files(fs, out, [".jpg"], recursive=False)}
+    done = set(storage.list_files(fs, out, [".jpg"], recursive=False)) if storage.is_dir(fs, out) else set()
     rows = []
     for k, (kind, src, img) in enumerate(synthesize(len(keys), count, load, load_alpha if maps else None,
                                                     seed=seed, cfg=cfg.view)):
@@ -135,15 +134,15 @@ def make_views(input_uri: str, output_uri: str, count: int, labels_uri: str | No
         else:
             buf = io.BytesIO()
             Image.fromarray(img).save(buf, format="JPEG", quality=cfg.quality)
-            storage.write_bytes(fs, path, buf.getvalue())
+            write_file_atomic(fs, path, buf.getvalue())     # whole or absent: a killed run resumes cleanly
             summary.written += 1
         summary.kinds[kind] += 1
         rows.append([name, kind, " ".join(keys[i] for i in src)])
         if cfg.progress_every and (k + 1) % cfg.progress_every == 0:
             progress(f"views: {k + 1}/{count} ({time.perf_counter() - t0:.0f} s)")
-    storage.write_bytes(fs, storage.join(out, "sources.csv"), _csv([["view", "kind", "sources"], *rows]))
+    write_file_atomic(fs, storage.join(out, "sources.csv"), _csv([["view", "kind", "sources"], *rows]))
     if summary.rejected:
-        storage.write_bytes(fs, storage.join(out, "rejects.csv"),
+        write_file_atomic(fs, storage.join(out, "rejects.csv"),
                             _csv([["key", "reason"], *sorted(summary.rejected.items())]))
     summary.wall_s = time.perf_counter() - t0
     return summary

@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "jobs": ("jobs.jobs_cmd", "list, follow or stop submitted jobs"),
     "local": ("jobs.local_cmd", "start or stop a local Ray + MLflow + S3 stack on 127.0.0.1"),
     "label": ("jobs.label_cmd", "soft-label images with a teacher into Parquet shards (Ray Data)"),
+    "views": ("jobs.views_cmd", "grow an unlabeled pool with synthetic views of it (zoomed crops, pasted objects)"),
     "train-teacher": ("jobs.train_cmd", "train a teacher on image/mask pairs (Ray Train)"),
     "train": ("jobs.train_cmd", "train a student on labels: `sodkd train --supervised` (the FS baseline)"),
     "distill": ("jobs.train_cmd", "distil a student from a teacher's soft labels on unlabeled images"),

@@ -236,6 +236,59 @@ def test_s3_input_to_parquet_in_the_same_bucket(ray_address, teacher, shared_dat
     assert (again.labelled, again.skipped_done) == (0, 6)
 
 
+def test_views_of_a_labelled_bucket_are_written_resumed_and_labelled(ray_address, teacher, shared_data,
+                                                                    s3_endpoint, tmp_path):
+    """`sodkd views` (the real CLI) on a bucket and its labels: zoom and paste views from real pixels, a corrupt
+    image skipped and listed, a rerun that writes nothing, and the views labelled by the same job as any pool."""
+    from cli_helpers import sodkd    # tests/cli_helpers.py (tests/ is on sys.path, as for conftest)
+    spec, _ = teacher
+    s3 = S3Config(endpoint_url=s3_endpoint)
+    client = boto3_client(s3)
+    bucket = "sodkd-views"
+    client.create_bucket(Bucket=bucket)
+    src = _images(shared_data, 5, start=40)
+    for p in src:
+        client.put_object(Bucket=bucket, Key=f"pool/{p.name}", Body=p.read_bytes())
+    client.put_object(Bucket=bucket, Key="pool/zz-broken.jpg", Body=b"\xff\xd8 not a jpeg")
+    summary = run_labelling(_cfg(f"s3://{bucket}/pool", f"s3://{bucket}/pool-labels", spec, s3=s3), samples=0)
+    assert (summary.labelled, summary.rejected) == (5, 1)
+
+    # a random teacher's maps are faint: take every label as an object map, cut at 0.45 (its top pixels)
+    argv = ["views", "--input", f"s3://{bucket}/pool", "--labels", f"s3://{bucket}/pool-labels",
+            "--output", f"s3://{bucket}/views", "--count", "12", "--seed", "3", "objects.min_fg=0",
+            "objects.max_fg=1", "objects.min_conf=0", "view.alpha_cut=0.45"]
+    env = {"AWS_ENDPOINT_URL": s3_endpoint}
+    out = sodkd(*argv, tmp=tmp_path, env=env)
+    assert out.returncode == 1, out.stderr             # the broken image was drawn, skipped and listed
+    assert "12 written, 0 already there" in out.stdout and "1 unreadable" in out.stdout, out.stdout
+    keys = sorted(o["Key"] for o in client.list_objects_v2(Bucket=bucket, Prefix="views/")["Contents"])
+    views = [k for k in keys if k.endswith(".jpg")]
+    assert len(views) == 12 and keys == sorted(views + ["views/rejects.csv", "views/sources.csv"])
+    rejects = client.get_object(Bucket=bucket, Key="views/rejects.csv")["Body"].read().decode().splitlines()
+    assert rejects[0] == "key,reason" and len(rejects) == 2 and rejects[1].startswith("zz-broken.jpg,")
+    rows = list(csv.DictReader(io.StringIO(
+        client.get_object(Bucket=bucket, Key="views/sources.csv")["Body"].read().decode())))
+    assert sorted(r["view"] for r in rows) == [k[len("views/"):] for k in views]
+    kinds = collections.Counter(r["kind"] for r in rows)
+    assert set(kinds) == {"zoom", "paste"}, kinds
+    pool = {p.name: decode_image(p.read_bytes()) for p in src}
+    for r in rows:
+        used = r["sources"].split()
+        assert len(used) == (2 if r["kind"] == "paste" else 1) and set(used) <= set(pool)
+        view = decode_image(client.get_object(Bucket=bucket, Key=f"views/{r['view']}")["Body"].read())
+        if r["kind"] == "paste":
+            assert view.shape == pool[used[0]].shape    # B's object on A: A's frame
+        else:
+            h, w = view.shape[:2]
+            a = pool[used[0]]
+            assert h * w < a.shape[0] * a.shape[1] and h <= a.shape[0] and w <= a.shape[1]
+
+    again = sodkd(*argv, tmp=tmp_path, env=env)
+    assert "0 written, 12 already there" in again.stdout, again.stdout
+    labelled = run_labelling(_cfg(f"s3://{bucket}/views", f"s3://{bucket}/views-labels", spec, s3=s3), samples=0)
+    assert (labelled.labelled, labelled.rejected) == (12, 0)     # sources.csv and rejects.csv are not images
+
+
 def test_limit_labels_part_then_the_rest_exactly_once(ray_address, teacher, shared_data, tmp_path):
     spec, _ = teacher
     src = _images(shared_data, 7, start=40)
