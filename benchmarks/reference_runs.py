@@ -6,7 +6,7 @@
         --teacher "../shared/teachers/csnet-L-x2.onnx?card=jobs/cards/csnet-L.card.yaml" tta=hflip label_size=224
     # (eighth pass) 4,000 synthetic views of the pool, labelled by the same teacher
     .venv/bin/python benchmarks/reference_runs.py prepare-views --count 4000
-    sodkd label --input runs/ref/data/kd-views --output runs/ref/labels-views-csnet-x2-hflip \
+    sodkd label --input runs/ref/data/kd-views --output runs/ref/labels-views-csnet-x2-hflip \\
         --teacher "../shared/teachers/csnet-L-x2.onnx?card=jobs/cards/csnet-L.card.yaml" tta=hflip label_size=224
     # one training per process (run them side by side, one torch thread each); resumable by name
     .venv/bin/python benchmarks/reference_runs.py train fs --steps 4000
@@ -68,10 +68,9 @@ RUNS = {
                          "teacher labels; dice + BCE x teacher confidence"),
     "kd-sharp": ("distill", {"kd": {"structure": "dice", "pixel": "bce", "confidence": "teacher", "sharpen": 0.5}},
                  "teacher labels sharpened (s = 0.5); dice + BCE x teacher confidence"),
-    "kd-views": ("distill", {"kd": {"structure": "dice", "pixel": "bce", "confidence": "teacher", "sharpen": 0.5}},
-                 "as kd-sharp, the pool + synthetic views of it (zoomed crops, pasted object cut-outs) the teacher "
-                 "labelled"),
 }
+RUNS["kd-views"] = ("distill", RUNS["kd-sharp"][1], "as kd-sharp, the pool + synthetic views of it (zoomed crops, "
+                    "pasted object cut-outs) the teacher labelled")
 
 # further cosine cycles from the weights a previous cycle left (the same extra steps for both): does a longer
 # budget widen KD's margin over FS? name -> (the run whose recipe it repeats, the weights file it starts from,
@@ -141,7 +140,7 @@ def prepare_views(count: int, seed: int = 0) -> None:
 
 def train_config(name: str, steps: int) -> dict:
     mode, loss, _ = RUNS[name]
-    views = RUNS[name][2].startswith("as kd-sharp, the pool + synthetic views")
+    views = name == "kd-views" or CYCLES.get(name, ("",))[0] == "kd-views"     # its rows: the pool + the views
     rows = 4966 if mode == "supervised" else 8475 + (len(list(VIEWS.glob("*.jpg"))) if views else 0)
     per_epoch = rows // BATCH
     epochs = max(1, math.ceil(steps / per_epoch))
@@ -268,8 +267,9 @@ def evaluate_all(section: str, results: Path, threads: int, only: str | None = N
                                  "14,812 steps; sha256 802ebe2cad41dde8 and 019d4ff08b02c2c4, the files `weights/` held "
                                  f"at commit 37ec3b5) given a fifth cycle (lr {CYCLES['fs-c5'][2]} warm-up + cosine to "
                                  f"{LR / 50:g}; the steps below are this cycle's). `kd-views-c5` learns from the KD pool "
-                                 "plus 4,000 synthetic views of it (`kd.views`: about half zoomed crops, half objects cut out "
-                                 "along the teacher's pool labels and pasted on other pool images, `benchmarks/reference_runs.py prepare-views`) labelled by the same teacher"}
+                                 "plus 4,000 synthetic views of it (`kd.views`: about half zoomed crops, half objects "
+                                 "cut out along the teacher's pool labels and pasted on other pool images, "
+                                 "`benchmarks/reference_runs.py prepare-views`) labelled by the same teacher"}
     lines = [f"## Reference runs, {title.get(section, section)}: {TEACHER_NAME} as teacher, students at {SIZE} px", "",
              f"Machine: {os.cpu_count()} shared CPU cores, no GPU. Every student is `scfnet_m3` (0.80 M params) from "
              + start.get(section, "random weights") + ", trained by `sodkd`'s Ray Train core (1 worker, 1 torch thread; runs side by side) with "
