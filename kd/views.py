@@ -94,10 +94,11 @@ def paste_view(a: np.ndarray, b: np.ndarray, alpha: np.ndarray, rng: np.random.G
                cfg: ViewConfig = ViewConfig()) -> np.ndarray:
     """``a`` with the object of ``b`` blended onto it: ``out = a (1 - m) + b m`` inside the pasted box.
 
-    ``alpha`` (float in [0, 1], or uint8 0-255; resized to ``b`` if its size differs) marks ``b``'s object; its box (pixels above
-    ``cfg.alpha_cut``) is scaled, aspect kept, to cover ``U[cfg.paste_area)`` of ``a``'s area (clipped to fit),
-    and lands at a uniform position. The matte ``m`` is ``alpha`` stretched so that ``alpha_cut`` maps to 0 and
-    ``1 - alpha_cut`` to 1: a soft map's faint halo does not carry ``b``'s background along.
+    ``alpha`` (float in [0, 1], or uint8 0-255; resized to ``b`` if its size differs) marks ``b``'s object; its
+    box (pixels above ``cfg.alpha_cut``) is scaled, aspect kept, to cover ``U[cfg.paste_area)`` of ``a``'s area
+    (clipped to fit), and lands at a uniform position. The matte ``m`` is ``alpha`` stretched so that
+    ``alpha_cut`` maps to 0 and ``1 - alpha_cut`` to 1: a soft map's faint halo does not carry ``b``'s background
+    along.
     """
     alpha = _unit(alpha)
     if alpha.shape != b.shape[:2]:
