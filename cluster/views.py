@@ -7,6 +7,10 @@ draws ``count`` views with :func:`kd.views.synthesize` and writes them as JPEG u
 (salient share in ``[min_fg, max_fg]``, mean confidence at least ``min_conf``). Without labels only zoom views are
 made.
 
+:func:`run_views` (what ``sodkd views`` calls) does the same inside an MLflow run: the settings as params, the
+counts and rate as metrics, ``sources.csv`` / ``rejects.csv`` and a contact sheet of the first views
+(``views/sheet.png``, each titled with its kind and source keys) as artifacts.
+
 The draw is seeded: a rerun with the same input, labels, seed and settings makes the same views and skips the
 files already written (a killed run resumes). An image that cannot be read or decoded is skipped, never drawn
 again, and listed in ``rejects.csv`` with the reason.
@@ -27,6 +31,7 @@ from PIL import Image
 
 from cluster import storage
 from cluster.catalog import image_folder
+from cluster.tracking import TrackingConfig
 from cluster.labels import decode_label, read_labels, write_file_atomic
 from kd import schema as S
 from kd.imageio import ImageDecodeError, decode_image
@@ -34,7 +39,7 @@ from kd.views import ViewConfig, synthesize
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ObjectFilter", "ViewsConfig", "ViewsSummary", "object_maps", "make_views"]
+__all__ = ["ObjectFilter", "ViewsConfig", "ViewsSummary", "object_maps", "make_views", "run_views", "views_figure"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,12 +60,23 @@ class ObjectFilter:
 
 @dataclasses.dataclass(frozen=True)
 class ViewsConfig:
-    """``sodkd views`` settings (dotted overrides: ``view.paste_p=0.3``, ``objects.min_conf=0.8``, ...)."""
+    """``sodkd views`` settings (dotted overrides: ``view.paste_p=0.3``, ``objects.min_conf=0.8``, ...).
+
+    Attributes:
+        sheet: views on the MLflow contact sheet ``views/sheet.png`` (the first ones drawn; 0 = no sheet).
+        tracking: where :func:`run_views` records its MLflow run (``tracking.enabled=false``: none).
+    """
 
     view: ViewConfig = dataclasses.field(default_factory=ViewConfig)
     objects: ObjectFilter = dataclasses.field(default_factory=ObjectFilter)
     quality: int = 92
     progress_every: int = 500
+    sheet: int = 24
+    tracking: TrackingConfig = dataclasses.field(default_factory=lambda: TrackingConfig(experiment="sodkd-views"))
+
+    def __post_init__(self):
+        if self.sheet < 0:
+            raise ValueError(f"sheet: must be >= 0, got {self.sheet}")
 
 
 @dataclasses.dataclass
@@ -73,6 +89,9 @@ class ViewsSummary:
     objects: int = 0
     rejected: dict[str, str] = dataclasses.field(default_factory=dict)
     wall_s: float = 0.0
+    samples: list[tuple[str, str, np.ndarray]] = dataclasses.field(default_factory=list)   # (name, sources, view)
+    sources_csv: bytes = b""
+    rejects_csv: bytes = b""
 
 
 def object_maps(labels_uri: str, keys: set[str], objects: ObjectFilter,
@@ -138,12 +157,15 @@ def make_views(input_uri: str, output_uri: str, count: int, labels_uri: str | No
             summary.written += 1
         summary.kinds[kind] += 1
         rows.append([name, kind, " ".join(keys[i] for i in src)])
+        if len(summary.samples) < cfg.sheet:
+            summary.samples.append((name, rows[-1][2], img))
         if cfg.progress_every and (k + 1) % cfg.progress_every == 0:
             progress(f"views: {k + 1}/{count} ({time.perf_counter() - t0:.0f} s)")
-    write_file_atomic(fs, storage.join(out, "sources.csv"), _csv([["view", "kind", "sources"], *rows]))
+    summary.sources_csv = _csv([["view", "kind", "sources"], *rows])
+    write_file_atomic(fs, storage.join(out, "sources.csv"), summary.sources_csv)
     if summary.rejected:
-        write_file_atomic(fs, storage.join(out, "rejects.csv"),
-                            _csv([["key", "reason"], *sorted(summary.rejected.items())]))
+        summary.rejects_csv = _csv([["key", "reason"], *sorted(summary.rejected.items())])
+        write_file_atomic(fs, storage.join(out, "rejects.csv"), summary.rejects_csv)
     summary.wall_s = time.perf_counter() - t0
     return summary
 
@@ -152,3 +174,52 @@ def _csv(rows: list[list[str]]) -> bytes:
     buf = io.StringIO()
     csv.writer(buf).writerows(rows)
     return buf.getvalue().encode()
+
+
+def run_views(input_uri: str, output_uri: str, count: int, labels_uri: str | None = None, seed: int = 0,
+              cfg: ViewsConfig = ViewsConfig(), s3: storage.S3Config | None = None,
+              progress: Callable[[str], None] = print) -> tuple[ViewsSummary, str | None]:
+    """:func:`make_views` recorded as an MLflow run (see the module docstring); returns the summary and the run
+    id (None with ``cfg.tracking.enabled`` false). The run is FAILED when the job raises."""
+    if not cfg.tracking.enabled:
+        return make_views(input_uri, output_uri, count, labels_uri, seed, cfg, s3, progress), None
+    import mlflow
+
+    from cluster import tracking
+    tags = {"sodkd.job": "views", "sodkd.output": tracking.sanitize_params({"o": output_uri})["o"]}
+    with tracking.start_run(cfg.tracking, run_name=cfg.tracking.run_name or "views", tags=tags) as run:
+        tracking.log_params(cfg)
+        tracking.log_params({"input": input_uri, "output": output_uri, "labels": labels_uri, "count": count,
+                             "seed": seed}, prefix="job")
+        s = make_views(input_uri, output_uri, count, labels_uri, seed, cfg, s3, progress)
+        tracking.log_metrics({"views/written": s.written, "views/existing": s.existing, "views/pool": s.pool,
+                              "views/objects": s.objects, "views/rejected": len(s.rejected),
+                              "views/wall_s": s.wall_s, "views/written_per_s": s.written / max(s.wall_s, 1e-9),
+                              **{f"views/kind.{k}": n for k, n in s.kinds.items()}})
+        mlflow.log_text(s.sources_csv.decode(), "views/sources.csv")
+        if s.rejects_csv:
+            mlflow.log_text(s.rejects_csv.decode(), "views/rejects.csv")
+        if s.samples:
+            tracking.log_figure(views_figure(s.samples, output_uri), "views/sheet.png")
+        return s, run.info.run_id
+
+
+def views_figure(samples: list[tuple[str, str, np.ndarray]], where: str, per_row: int = 6):
+    """A matplotlib contact sheet of views (name, source keys, RGB array), each titled with its name and sources."""
+    import matplotlib
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    n_rows = -(-len(samples) // per_row)
+    cols = min(per_row, len(samples))
+    fig, axes = plt.subplots(n_rows, cols, figsize=(1.9 * cols, 2.1 * n_rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for j, (name, sources, img) in enumerate(samples):
+        ax = axes[j // per_row, j % per_row]
+        ax.imshow(img)
+        ax.set_title(f"{name[:-4]}\n{' + '.join(k[-18:] for k in sources.split())}", fontsize=5)
+    where = where if len(where) <= 70 else "..." + where[-67:]
+    fig.suptitle(f"views: the first {len(samples)} of {where}", fontsize=8)
+    fig.tight_layout()
+    return fig

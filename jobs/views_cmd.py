@@ -11,7 +11,8 @@ pasted on other pool images (:mod:`kd.views`, :mod:`cluster.views`). Settings: `
 paste share, matte cut) and ``objects.*`` (which labels count as one clear object) as dotted ``KEY=VALUE``
 overrides, validated like every config. The same command again resumes: the draw is seeded, and the views
 already written are skipped. Unreadable images are skipped and listed in ``OUTPUT/rejects.csv``; the exit code
-is then 1.
+is then 1. Each run is recorded in MLflow (``tracking.*``: uri, experiment; ``tracking.enabled=false`` for none)
+with a contact sheet of the first ``sheet`` views.
 """
 
 from __future__ import annotations
@@ -31,16 +32,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from cluster.views import ViewsConfig, make_views
+    from cluster.views import ViewsConfig, run_views
     from jobs.errors import naming
     from kd.config import load_config
 
     cfg = load_config(ViewsConfig, None, args.overrides)
     with naming(input=args.input, output=args.output, labels=args.labels):
-        s = make_views(args.input, args.output, args.count, labels_uri=args.labels, seed=args.seed, cfg=cfg)
+        s, run_id = run_views(args.input, args.output, args.count, labels_uri=args.labels, seed=args.seed,
+                              cfg=cfg)
     kinds = ", ".join(f"{n} {k}" for k, n in sorted(s.kinds.items()))
     print(f"views: {s.written} written, {s.existing} already there ({kinds}) under {s.output} in {s.wall_s:.1f} s; "
           f"sources.csv names each view's images")
+    if run_id:
+        print(f"mlflow run {run_id} (experiment {cfg.tracking.experiment}): counts, sources.csv, views/sheet.png")
     if s.rejected:
         print(f"views: {len(s.rejected)} unreadable image(s) skipped, listed in rejects.csv")
         return 1

@@ -12,6 +12,7 @@ import collections
 import csv
 import io
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -256,11 +257,24 @@ def test_views_of_a_labelled_bucket_are_written_resumed_and_labelled(ray_address
     # a random teacher's maps are faint: take every label as an object map, cut at 0.45 (its top pixels)
     argv = ["views", "--input", f"s3://{bucket}/pool", "--labels", f"s3://{bucket}/pool-labels",
             "--output", f"s3://{bucket}/views", "--count", "12", "--seed", "3", "objects.min_fg=0",
-            "objects.max_fg=1", "objects.min_conf=0", "view.alpha_cut=0.45"]
+            "objects.max_fg=1", "objects.min_conf=0", "view.alpha_cut=0.45", "sheet=8",
+            f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}", "tracking.experiment=views-test"]
     env = {"AWS_ENDPOINT_URL": s3_endpoint}
     out = sodkd(*argv, tmp=tmp_path, env=env)
     assert out.returncode == 1, out.stderr             # the broken image was drawn, skipped and listed
     assert "12 written, 0 already there" in out.stdout and "1 unreadable" in out.stdout, out.stdout
+    # the MLflow run: counts as metrics, the draw's settings as params, sources and a contact sheet
+    ml = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run_id = re.search(r"mlflow run (\w+)", out.stdout).group(1)
+    run = ml.get_run(run_id)
+    m = run.data.metrics
+    assert (m["views/written"], m["views/existing"], m["views/rejected"], m["views/pool"]) == (12, 0, 1, 6), m
+    assert m["views/kind.zoom"] + m["views/kind.paste"] == 12
+    assert run.data.params["job.seed"] == "3" and run.data.params["view.alpha_cut"] == "0.45"
+    arts = {a.path for a in ml.list_artifacts(run_id, "views")}
+    assert arts == {"views/sources.csv", "views/rejects.csv", "views/sheet.png"}, arts
+    sheet = Image.open(ml.download_artifacts(run_id, "views/sheet.png", str(tmp_path)))
+    assert sheet.size[0] > 400 and np.asarray(sheet.convert("L")).std() > 10     # a picture, not a blank page
     keys = sorted(o["Key"] for o in client.list_objects_v2(Bucket=bucket, Prefix="views/")["Contents"])
     views = [k for k in keys if k.endswith(".jpg")]
     assert len(views) == 12 and keys == sorted(views + ["views/rejects.csv", "views/sources.csv"])
