@@ -268,7 +268,9 @@ def evaluate_all(section: str, results: Path, threads: int, only: str | None = N
              "reference-runs-6": "sixth pass (a third cosine cycle from the fifth pass's weights)",
              "reference-runs-7": "seventh pass (a fourth, longer cosine cycle from the sixth pass's weights)",
              "reference-runs-8": "eighth pass (a fifth cycle from the seventh pass's weights: does a pool grown with "
-                                 "synthetic views widen KD's margin?)"}
+                                 "synthetic views widen KD's margin?)",
+             "reference-runs-9": "ninth pass (a sixth cycle from the eighth pass's weights, views and no views at equal "
+                                 "steps)"}
     start = {"reference-runs-5": "the fourth pass's weights (FS: the third-pass file, 3,720 steps; KD: `kd-sharp`, 3,703 "
                                  "steps; sha256 f7992f1c0988dcc2 and 36f492c1fe2598b5, the files `weights/` held at commit "
                                  f"bb205c7) given a second cycle (lr {CYCLES['fs-c2'][2]} warm-up + cosine to {LR / 50:g}; the steps "
@@ -287,7 +289,15 @@ def evaluate_all(section: str, results: Path, threads: int, only: str | None = N
                                  f"{LR / 50:g}; the steps below are this cycle's). `kd-views-c5` learns from the KD pool "
                                  "plus 4,000 synthetic views of it (`kd.views`: about half zoomed crops, half objects "
                                  "cut out along the teacher's pool labels and pasted on other pool images, "
-                                 "`benchmarks/reference_runs.py prepare-views`) labelled by the same teacher"}
+                                 "`benchmarks/reference_runs.py prepare-views`) labelled by the same teacher",
+             "reference-runs-9": "the eighth pass's weights (FS: `fs-c5`, 18,600 steps in all; KD: `kd-sharp-c5`, "
+                                 "18,515 steps; sha256 18ad24b3d04a6a37 and 1b128e863090923b, the files `weights/` held "
+                                 f"at commit 24f22e2) given a sixth cycle (lr {CYCLES['fs-c6'][2]} warm-up + cosine to "
+                                 f"{LR / 50:g}; the steps below are this cycle's). `kd-views-c6` starts from the same KD "
+                                 f"file as `kd-sharp-c6` and learns from the KD pool plus the first "
+                                 f"{VIEW_SUBSET['kd-views-c6']:,} of the eighth pass's 4,000 synthetic views (by draw "
+                                 "index: the same mix of zooms and pastes), so that whole epochs give it the others' "
+                                 "steps"}
     lines = [f"## Reference runs, {title.get(section, section)}: {TEACHER_NAME} as teacher, students at {SIZE} px", "",
              f"Machine: {os.cpu_count()} shared CPU cores, no GPU. Every student is `scfnet_m3` (0.80 M params) from "
              + start.get(section, "random weights") + ", trained by `sodkd`'s Ray Train core (1 worker, 1 torch thread; runs side by side) with "
