@@ -149,11 +149,7 @@ def main() -> None:
     (R.OUT / "state" / "kd-gap.json").write_text(json.dumps({"students": students, "result": res}, indent=1))
     print(f"{time.perf_counter() - t0:.0f} s")
     if args.section:
-        import importlib.util     # benchmarks/models.py (not the models package): the RESULTS.md section writer
-        spec = importlib.util.spec_from_file_location("bench_models", REPO / "benchmarks" / "models.py")
-        bm = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(bm)
-        bm.write_section(REPO / "benchmarks" / "RESULTS.md", args.section, "\n".join(lines))
+        R.write_results(args.section, "\n".join(lines))
 
 
 if __name__ == "__main__":

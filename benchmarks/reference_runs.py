@@ -233,6 +233,16 @@ def score_teacher(spec, cat, size: int | None, tta: str = "none", threads: int =
     return {**out, "samples": r.samples} if keep_samples else out
 
 
+def write_results(section: str, body: str, results: Path = REPO / "benchmarks" / "RESULTS.md") -> None:
+    """Replace (or append) the ``section`` block of ``results`` with benchmarks/models.py's writer, loaded by path
+    (the repository's ``models`` package owns that module name)."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("bench_models", REPO / "benchmarks" / "models.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    bench.write_section(results, section, body)
+
+
 def evaluate_all(section: str, results: Path, threads: int, only: str | None = None) -> None:
     import numpy as np
 
@@ -322,11 +332,7 @@ def evaluate_all(section: str, results: Path, threads: int, only: str | None = N
                      f"{ev['fg_frac']:.3f} | {ratio} |")
     lines += ["", f"Salient px: mean share of each map above 0.5 (ECSSD masks: {gt_fg:.3f}). CSNet-L-x2 alone, the "
               "public peer: MAE .068, S .887 (card preprocessing), .067 / .892 with flip TTA."]
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("bench_models", REPO / "benchmarks" / "models.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    bench.write_section(results, section, "\n".join(x for x in lines if x is not None))
+    write_results(section, "\n".join(x for x in lines if x is not None), results)
     print("\n".join(lines))
 
 

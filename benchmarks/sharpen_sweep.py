@@ -12,7 +12,6 @@ reference runs' validation set), never on ECSSD, which is the test set.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import sys
 from pathlib import Path
 
@@ -22,7 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from reference_runs import DATA, OUT, TEACHER_NAME, TEACHERS, score_teacher  # noqa: E402
+from reference_runs import DATA, OUT, TEACHER_NAME, TEACHERS, score_teacher, write_results  # noqa: E402
 
 SHARPNESS = (1.0, 0.75, 0.5, 0.33, 0.25, 0.0)
 SETS = {"duts-val": OUT / "data" / "duts-val", "ecssd": DATA / "ecssd"}
@@ -68,10 +67,7 @@ def main() -> None:
              "| s | MAE | S | max F | mean E |", "|---|---|---|---|---|"]
     for s, m in rows:
         lines.append(f"| {s:g} | {m['mae']:.4f} | {m['sm']:.4f} | {m['fm_max']:.4f} | {m['em_mean']:.4f} |")
-    spec = importlib.util.spec_from_file_location("bench_models", REPO / "benchmarks" / "models.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    bench.write_section(REPO / "benchmarks" / "RESULTS.md", args.section, "\n".join(lines))
+    write_results(args.section, "\n".join(lines))
 
 
 if __name__ == "__main__":
