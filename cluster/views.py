@@ -31,8 +31,8 @@ from PIL import Image
 
 from cluster import storage
 from cluster.catalog import image_folder
-from cluster.tracking import TrackingConfig
 from cluster.labels import decode_label, read_labels, write_file_atomic
+from cluster.tracking import TrackingConfig
 from kd import schema as S
 from kd.imageio import ImageDecodeError, decode_image
 from kd.views import ViewConfig, synthesize
