@@ -88,7 +88,13 @@ CYCLES = {"fs-c2": ("fs", REPO / "weights" / "fs-scfnet_m3.fp16.pt", 0.02, "seco
           "kd-views-c5": ("kd-views", REPO / "weights" / "kd-scfnet_m3-from-csnet-L-x2.fp16.pt", 0.005, "fifth"),
           "fs-c6": ("fs", REPO / "weights" / "fs-scfnet_m3.fp16.pt", 0.005, "sixth"),
           "kd-sharp-c6": ("kd-sharp", REPO / "weights" / "kd-scfnet_m3-from-csnet-L-x2.fp16.pt", 0.005, "sixth"),
-          "kd-views-c6": ("kd-views", REPO / "weights" / "kd-scfnet_m3-from-csnet-L-x2.fp16.pt", 0.005, "sixth")}
+          "kd-views-c6": ("kd-views", REPO / "weights" / "kd-scfnet_m3-from-csnet-L-x2.fp16.pt", 0.005, "sixth"),
+          "fs-w32": ("fs", REPO / "weights" / "fs-scfnet_m3.fp16.pt", 0.01, "seventh (decoder widened to c = 32)"),
+          "kd-sharp-w32": ("kd-sharp", REPO / "weights" / "kd-scfnet_m3-from-csnet-L-x2.fp16.pt", 0.01,
+                           "seventh (decoder widened to c = 32)")}
+# (tenth pass) the capacity route: the cycle starts from its file with the decoder widened function-preservingly
+# (models.scfnet.widen_decoder, Net2WiderNet; noise 0.01 breaks the copies' symmetry): name -> decoder width
+WIDEN = {"fs-w32": 32, "kd-sharp-w32": 32}
 # a views run that learns from the first N views only (by their draw index, so the mix of kinds is the draw's):
 # with 3,370 views an epoch is 740 steps and five of them make 3,700, against KD's 7 x 529 and FS's 12 x 310
 VIEW_SUBSET = {"kd-views-c6": 3370}
@@ -155,6 +161,18 @@ def views_subset(count: int) -> Path:
     return d
 
 
+def widened(init: Path, channels: int, name: str) -> Path:
+    """``init`` with its decoder widened to ``channels`` (written once per run, so a resumed run reuses it)."""
+    from models import load_weights, save_weights
+    from models.scfnet import widen_decoder
+    out = OUT / "weights" / "widened" / f"{name}-from-{init.stem.split('.')[0]}-c{channels}.pt"
+    if not out.exists():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        save_weights(widen_decoder(load_weights(init).float(), channels), out,
+                     extra_meta={"widened_from": str(init), "decoder_channels": channels})
+    return out
+
+
 def train_config(name: str, steps: int) -> dict:
     mode, loss, _ = RUNS[name]
     views = name == "kd-views" or CYCLES.get(name, ("",))[0] == "kd-views"     # its rows: the pool + the views
@@ -179,6 +197,9 @@ def train_config(name: str, steps: int) -> dict:
     }
     if name in CYCLES:
         _, init, lr, _ = CYCLES[name]
+        if name in WIDEN:
+            init = widened(init, WIDEN[name], name)
+            cfg["model"]["kwargs"] = {"channels": WIDEN[name]}
         cfg["model"]["init_weights"] = str(init)
         cfg["optim"].update(lr=lr, lr_start=lr / 10, lr_final=LR / 50)
     if mode == "supervised":

@@ -33,7 +33,7 @@ from .mobilenetv3 import MobileNetV3Large
 from .registry import config_with_overrides, register_model
 from .resnet import RESNET_DEPTHS, ResNetEncoder
 
-__all__ = ["SCFNet", "SCFNetConfig", "SCFM", "build_backbone", "BACKBONES"]
+__all__ = ["SCFNet", "SCFNetConfig", "SCFM", "build_backbone", "widen_decoder", "BACKBONES"]
 
 BACKBONES = ("mobilenetv3_large", *(f"resnet{d}" for d in sorted(RESNET_DEPTHS)))
 
@@ -177,6 +177,49 @@ class SCFNet(SODModel):
         d2 = self.decode(self.encode(x))[0]
         return torch.sigmoid(F.interpolate(self.heads[0](d2), size=x.shape[-2:], mode="bilinear",
                                            align_corners=False))
+
+
+def widen_decoder(model: SCFNet, channels: int, noise: float = 0.01, seed: int = 0) -> SCFNet:
+    """A copy of ``model`` whose decoder width ``c`` is ``channels``, computing the same maps (Net2WiderNet).
+
+    Every width-c tensor of the decoder (mapping, context, the SCFMs, the heads' inputs) shares one channel
+    map ``g``: new channel ``j`` repeats old channel ``g(j) = j`` for ``j < c`` and ``(j - c) mod c`` above,
+    so old channel ``i`` appears ``n(i)`` times. A conv's output rows and every BatchNorm entry are copied
+    through ``g``; its input columns are copied and divided by ``n(g(j))``, so each layer's sum over the
+    copies equals the old sum. The products and sums inside an SCFM act channel by channel, so they keep
+    the map too; the encoder is copied as is. With ``noise = 0`` the widened model's outputs equal the old
+    ones (up to rounding) in eval *and* train mode (a copy has its source's batch statistics).
+
+    Copies of one channel would get equal gradients forever; ``noise`` (a fraction of each conv's weight
+    std) is added to the rows of the new output channels to break that symmetry, at a small cost in the
+    initial function.
+    """
+    c = model.channels
+    if channels < c:
+        raise ValueError(f"widen_decoder: channels must be >= the model's {c}, got {channels}")
+    g = torch.tensor([j if j < c else (j - c) % c for j in range(channels)])
+    n = torch.bincount(g, minlength=c).float()
+    wide = type(model)(SCFNetConfig(**{**model.config, "channels": channels}))
+    wide.name, wide.input_size = model.name, model.input_size
+    gen = torch.Generator().manual_seed(seed)
+    state = {}
+    decoder = ("mapping.", "context.", "scfm4.", "scfm3.", "scfm2.", "heads.")
+    for key, old in model.state_dict().items():
+        new = old.clone()
+        if key.startswith(decoder):
+            if old.ndim == 4:                                       # conv weight (out, in, kh, kw)
+                if not key.startswith("mapping."):                  # input columns in c-space
+                    new = new[:, g] / n[g].view(1, -1, 1, 1)
+                if not key.startswith("heads."):                    # output rows in c-space
+                    new = new[g]
+                    if noise > 0 and channels > c:
+                        std = float(old.float().std())
+                        new[c:] += noise * std * torch.randn(new[c:].shape, generator=gen).to(new.dtype)
+            elif old.ndim == 1 and old.numel() == c and not key.startswith("heads."):
+                new = new[g]                                        # BatchNorm weight/bias/running stats
+        state[key] = new
+    wide.load_state_dict(state)
+    return wide
 
 
 # --- registered variants -------------------------------------------------------------------------------

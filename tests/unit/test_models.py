@@ -244,6 +244,38 @@ def test_save_load_roundtrip_outputs_identical(tmp_path, real_batch):
         assert torch.equal(a, b), k
 
 
+def test_widen_decoder_keeps_the_maps_and_trains_the_new_channels(tmp_path, real_batch):
+    from models.scfnet import widen_decoder
+    torch.manual_seed(3)
+    model = _trained_bn(create_model("scfnet_m3", channels=8), torch.randn(2, 3, 64, 64))
+    model.input_size = 224
+    x = model.normalize(real_batch)
+    exact = widen_decoder(model, 20, noise=0.0)      # 8 -> 20: channels 0-3 appear three times, 4-7 twice
+    assert exact.config["channels"] == 20 and exact.input_size == 224 and exact.name == "scfnet_m3"
+    assert count_params(exact) > count_params(model)
+    for train in (False, True):                       # eval (running stats) and train (batch stats) alike
+        model.train(train), exact.train(train)
+        with torch.no_grad():
+            for a, b in zip(model(x), exact(x)):
+                torch.testing.assert_close(b, a, atol=2e-5, rtol=1e-4)
+    # the encoder is untouched; the saved file names its width and loads back as the wide model
+    assert all(torch.equal(a, b) for a, b in zip(model.backbone.state_dict().values(),
+                                                 exact.backbone.state_dict().values()))
+    save_weights(exact, tmp_path / "wide.pt")
+    assert load_weights(tmp_path / "wide.pt").config["channels"] == 20
+    # with noise the copies differ, so one step moves a copy and its source apart (the symmetry is broken)
+    noisy = widen_decoder(model, 16, noise=0.05, seed=1).train()
+    w = noisy.scfm2.cv3[0].weight
+    gap0 = (w[8:] - w[:8]).abs().sum().item()
+    assert gap0 > 0
+    torch.optim.SGD(noisy.parameters(), lr=0.1).zero_grad()
+    sum(o.mean() for o in noisy(x)).backward()
+    grad = noisy.scfm2.cv3[0].weight.grad
+    assert not torch.allclose(grad[8:], grad[:8])
+    with pytest.raises(ValueError, match="channels must be >= the model's 8"):
+        widen_decoder(model, 4)
+
+
 def test_fp16_file_is_smaller_and_loads_into_float32(tmp_path, real_batch):
     torch.manual_seed(2)
     model = _trained_bn(create_model("scfnet_m3"), torch.randn(2, 3, 64, 64))
