@@ -3,7 +3,8 @@
 In ONE process, in interleaved rounds (every runner once per configuration per round, the order rotated
 each round), at 352 and 224 px, batch 1 and 8, 1 and 2 threads:
 
-- ``scfnet_m3`` (the committed KD student, ``weights/kd-scfnet_m3-from-csnet-L-x2.fp16.pt``) and
+- ``scfnet_m3`` (the committed fast KD student, decoder c = 16,
+  ``weights/kd-scfnet_m3-c16-from-csnet-L-x2.fp16.pt``) and
   ``dedecoder_m3`` (no committed weights: seeded random init, speed only) through each backend -- eager
   (PyTorch, BatchNorm folded), ONNX fp32, ONNX INT8 (``cluster.quantize``: QDQ for both, QOperator too for
   scfnet_m3) and torch.export ``.pt2`` -- all exported the way ``sodkd export`` does;
@@ -51,7 +52,7 @@ sys.path.insert(0, str(REPO))
 RESULTS = REPO / "benchmarks" / "RESULTS.md"
 SECTION = "inference"
 TEACHERS = REPO.parent / "shared" / "teachers"
-KD_WEIGHTS = REPO / "weights" / "kd-scfnet_m3-from-csnet-L-x2.fp16.pt"
+KD_WEIGHTS = REPO / "weights" / "kd-scfnet_m3-c16-from-csnet-L-x2.fp16.pt"   # the fast student (c = 16)
 PEERS = {"CSNet-L-x1": "csnet-L-x1.onnx", "CSNet-L-x2": "csnet-L-x2.onnx", "U2Net-p": "u2netp-random-weights.onnx"}
 
 

@@ -91,16 +91,19 @@ CYCLES = {"fs-c2": ("fs", REPO / "weights" / "fs-scfnet_m3.fp16.pt", 0.02, "seco
           "kd-views-c6": ("kd-views", REPO / "weights" / "kd-scfnet_m3-from-csnet-L-x2.fp16.pt", 0.005, "sixth"),
           "fs-w32": ("fs", REPO / "weights" / "fs-scfnet_m3.fp16.pt", 0.01, "seventh (decoder widened to c = 32)"),
           "kd-sharp-w32": ("kd-sharp", REPO / "weights" / "kd-scfnet_m3-from-csnet-L-x2.fp16.pt", 0.01,
-                           "seventh (decoder widened to c = 32)")}
+                           "seventh (decoder widened to c = 32)"),
+          "fs-w48": ("fs", OUT / "weights" / "fs-w32.fp16.pt", 0.01, "eighth (decoder widened again, to c = 48)"),
+          "kd-sharp-w48": ("kd-sharp", OUT / "weights" / "kd-sharp-w32.fp16.pt", 0.01,
+                           "eighth (decoder widened again, to c = 48)")}
 # (tenth pass) the capacity route: the cycle starts from its file with the decoder widened function-preservingly
 # (models.scfnet.widen_decoder, Net2WiderNet; noise 0.01 breaks the copies' symmetry): name -> decoder width
-WIDEN = {"fs-w32": 32, "kd-sharp-w32": 32}
+WIDEN = {"fs-w32": 32, "kd-sharp-w32": 32, "fs-w48": 48, "kd-sharp-w48": 48}
 # a views run that learns from the first N views only (by their draw index, so the mix of kinds is the draw's):
 # with 3,370 views an epoch is 740 steps and five of them make 3,700, against KD's 7 x 529 and FS's 12 x 310
 VIEW_SUBSET = {"kd-views-c6": 3370}
 for _k, (_base, _w, _lr, _nth) in CYCLES.items():
-    RUNS[_k] = (RUNS[_base][0], RUNS[_base][1], RUNS[_base][2] + f"; + a {_nth} cycle (lr {_lr}) from "
-                f"`weights/{_w.name}`")
+    RUNS[_k] = (RUNS[_base][0], RUNS[_base][1], RUNS[_base][2] + f"; + {'an' if _nth[0] in 'aeio' else 'a'} {_nth} cycle (lr {_lr}) from "
+                f"`{_w.relative_to(REPO)}`")
 
 # the KD-loss ablation at a shorter budget (all four rows at the same steps): abl-dice, abl-bce, ...
 RUNS.update({"abl-" + k[3:]: v for k, v in list(RUNS.items()) if k.startswith("kd-")})
@@ -301,7 +304,11 @@ def evaluate_all(section: str, results: Path, threads: int, only: str | None = N
              "reference-runs-8": "eighth pass (a fifth cycle from the seventh pass's weights: does a pool grown with "
                                  "synthetic views widen KD's margin?)",
              "reference-runs-9": "ninth pass (a sixth cycle from the eighth pass's weights, views and no views at equal "
-                                 "steps)"}
+                                 "steps)",
+             "reference-runs-10": "tenth pass (a seventh cycle from the ninth pass's weights with the decoder widened "
+                                  "from c = 16 to 32: does capacity widen KD's margin?)",
+             "reference-runs-11": "eleventh pass (an eighth cycle from the tenth pass's weights with the decoder "
+                                  "widened again, from c = 32 to 48)"}
     start = {"reference-runs-5": "the fourth pass's weights (FS: the third-pass file, 3,720 steps; KD: `kd-sharp`, 3,703 "
                                  "steps; sha256 f7992f1c0988dcc2 and 36f492c1fe2598b5, the files `weights/` held at commit "
                                  f"bb205c7) given a second cycle (lr {CYCLES['fs-c2'][2]} warm-up + cosine to {LR / 50:g}; the steps "
@@ -328,7 +335,21 @@ def evaluate_all(section: str, results: Path, threads: int, only: str | None = N
                                  f"file as `kd-sharp-c6` and learns from the KD pool plus the first "
                                  f"{VIEW_SUBSET['kd-views-c6']:,} of the eighth pass's 4,000 synthetic views (by draw "
                                  "index: the same mix of zooms and pastes), so that whole epochs give it the others' "
-                                 "steps"}
+                                 "steps",
+             "reference-runs-10": "the ninth pass's weights (FS: `fs-c6`, 22,320 steps in all; KD: `kd-sharp-c6`, "
+                                  "22,218 steps; sha256 258450b1b9e74c8b and 8417b93debc48a68, the files `weights/` "
+                                  "held at commit e41b036) with the decoder widened from c = 16 to 32 "
+                                  "(`models.scfnet.widen_decoder`: each channel copied, the next layer's weights "
+                                  "halved, so the wider model starts with the same maps; 1% noise on the copies "
+                                  "breaks their symmetry; 0.89 M params, 0.17 GMACs at 224 against 0.10) and given "
+                                  f"a seventh cycle (lr {CYCLES['fs-w32'][2]} warm-up + cosine to {LR / 50:g}; the "
+                                  "steps below are this cycle's)",
+             "reference-runs-11": "the tenth pass's files (FS: `fs-w32`, 25,110 steps in all; KD: `kd-sharp-w32`, "
+                                  "24,863 steps; c = 32) with the decoder widened again by the same function-"
+                                  "preserving copy, to c = 48 (1.03 M params, 0.29 GMACs at 224, inside the 0.3 the "
+                                  "issue allows), and given an eighth cycle (lr "
+                                  f"{CYCLES['fs-w48'][2]} warm-up + cosine to {LR / 50:g}; the steps below are this "
+                                  "cycle's)"}
     lines = [f"## Reference runs, {title.get(section, section)}: {TEACHER_NAME} as teacher, students at {SIZE} px", "",
              f"Machine: {os.cpu_count()} shared CPU cores, no GPU. Every student is `scfnet_m3` (0.80 M params) from "
              + start.get(section, "random weights") + ", trained by `sodkd`'s Ray Train core (1 worker, 1 torch thread; runs side by side) with "

@@ -29,7 +29,7 @@ from cluster.raypool import ensure_ray
 from cluster.tracking import log_student, mlflow_client, open_job_run, pin_tracking_uri
 from cluster.training.checkpoint import BEST_FILE, LOCAL_CKPT_PREFIX, META_FILE
 from cluster.training.data import build_train_dataset
-from cluster.training.image import apply_start_weights
+from cluster.training.image import apply_start_weights, config_from_init_weights
 from cluster.training.loop import CKPT_PREFIX, train_loop
 from cluster.training.sections import RunConfig, TrainConfig
 from kd import schema as S
@@ -203,6 +203,7 @@ def run_training(cfg: TrainConfig) -> TrainOutcome:
     t0 = time.perf_counter()
     if cfg.model.init_weights or cfg.model.backbone_weights:   # a wrong file fails here, in seconds
         from models import create_model
+        cfg = config_from_init_weights(cfg)
         apply_start_weights(create_model(cfg.model.name, **cfg.model.kwargs), cfg)
     ensure_ray()
     data = build_train_dataset(cfg)

@@ -300,3 +300,27 @@ def test_start_weights_from_config_and_clear_errors(tmp_path):
                                  "model": {"init_weights": str(tmp_path / "nope.pt")}})
     with pytest.raises(ConfigError, match=r"model\.init_weights: file not found"):
         apply_start_weights(create_model("scfnet_m3"), missing)
+
+
+def test_init_weights_of_a_widened_model_train_as_themselves(tmp_path):
+    from cluster.training.image import apply_start_weights, config_from_init_weights
+    from models import save_weights
+    from models.scfnet import widen_decoder
+    wide = widen_decoder(create_model("scfnet_m3", channels=8), 12)
+    save_weights(wide, tmp_path / "wide.pt")
+    base = {"mode": "supervised", "data": {"paired": [{"uri": "/x"}]}}
+    cfg = load_train_config({**base, "model": {"name": "scfnet_m3", "init_weights": str(tmp_path / "wide.pt")}})
+    with pytest.raises(ConfigError, match=r"(?s)model\.init_weights: .*wide\.pt.*size mismatch"):
+        apply_start_weights(create_model("scfnet_m3"), cfg)           # the default c = 16 does not fit
+    done = config_from_init_weights(cfg)
+    assert done.model.kwargs["channels"] == 12 and cfg.model.kwargs == {}
+    model = create_model(done.model.name, **done.model.kwargs)
+    apply_start_weights(model, done)
+    for k, v in wide.state_dict().items():
+        assert torch.equal(model.state_dict()[k], v), k
+    given = load_train_config({**base, "model": {"init_weights": str(tmp_path / "wide.pt"),
+                                                 "kwargs": {"dilation": 3}}})
+    assert config_from_init_weights(given).model.kwargs["dilation"] == 3   # explicit keys win
+    torch.save(wide.state_dict(), tmp_path / "bare.pt")                     # no header: left as it is
+    bare = load_train_config({**base, "model": {"init_weights": str(tmp_path / "bare.pt")}})
+    assert config_from_init_weights(bare).model.kwargs == {}
