@@ -102,31 +102,6 @@ def panel(cfg: TrainConfig, module, val: ValSet, probs: np.ndarray, teacher) -> 
     return make_panel(rows)
 
 
-def config_from_init_weights(cfg: TrainConfig) -> TrainConfig:
-    """``cfg`` with ``model.kwargs`` completed from ``model.init_weights``' header: a file of the same model with
-    another config (a widened decoder, ``models.scfnet.widen_decoder``) trains as itself, without restating its
-    config; keys given in ``model.kwargs`` win. Bare state dicts and files of another model are left to
-    :func:`apply_start_weights`, whose errors name them."""
-    import io
-
-    from models import WeightsFormatError, read_metadata
-    m = cfg.model
-    if not m.init_weights:
-        return cfg
-    fs, path = storage.get_filesystem(m.init_weights, cfg.s3)
-    if not storage.exists(fs, path):
-        raise ConfigError(f"model.init_weights: file not found: {m.init_weights}")
-    try:
-        meta = read_metadata(io.BytesIO(storage.read_bytes(fs, path)))
-    except (WeightsFormatError, ValueError, RuntimeError):
-        return cfg
-    kwargs = {**meta.get("config", {}), **m.kwargs}
-    if meta.get("model") != m.name or kwargs == m.kwargs:
-        return cfg
-    log.info("model.kwargs from %s: %s", m.init_weights, {k: v for k, v in kwargs.items() if k not in m.kwargs})
-    return dataclasses.replace(cfg, model=dataclasses.replace(m, kwargs=kwargs))
-
-
 def apply_start_weights(model, cfg: TrainConfig, verbose: bool = True) -> None:
     """``model.backbone_weights`` then ``model.init_weights`` into ``model`` (files local or on S3).
 

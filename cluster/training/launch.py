@@ -29,11 +29,11 @@ from cluster.raypool import ensure_ray
 from cluster.tracking import log_student, mlflow_client, open_job_run, pin_tracking_uri
 from cluster.training.checkpoint import BEST_FILE, LOCAL_CKPT_PREFIX, META_FILE
 from cluster.training.data import build_train_dataset
-from cluster.training.image import apply_start_weights, config_from_init_weights
+from cluster.training.image import apply_start_weights
 from cluster.training.loop import CKPT_PREFIX, train_loop
 from cluster.training.sections import RunConfig, TrainConfig
 from kd import schema as S
-from kd.config import to_dict
+from kd.config import ConfigError, to_dict
 
 log = logging.getLogger(__name__)
 
@@ -194,6 +194,35 @@ def train_and_export(cfg: RunConfig, steps: int, *, data_metrics: Mapping[str, f
         mlflow_client(cfg.mlflow).set_terminated(run_id, status="FINISHED")
     return Trained(checkpoint_uri(cfg, result, meta["epoch"]), weights, metrics, meta, run_id, version,
                    dict(getattr(result, "return_value", None) or {}), extra)
+
+
+def config_from_init_weights(cfg):
+    """``cfg`` (an image or video training config) with ``model.kwargs`` completed from ``model.init_weights``'
+    header: a file with another config than the defaults (a widened decoder, ``models.scfnet.widen_decoder``)
+    trains as itself without restating it, and so does a video student started from such an image student.
+    Keys given in ``model.kwargs`` win. Taken over only from a file of the same model, or one whose every config
+    key the target model has (image -> video SCFNet); bare state dicts and other models are left to the loaders,
+    whose errors name them."""
+    import io
+
+    from models import WeightsFormatError, create_model, read_metadata
+    m = cfg.model
+    if not m.init_weights:
+        return cfg
+    fs, path = storage.get_filesystem(m.init_weights, cfg.s3)
+    if not storage.exists(fs, path):
+        raise ConfigError(f"model.init_weights: file not found: {m.init_weights}")
+    try:
+        meta = read_metadata(io.BytesIO(storage.read_bytes(fs, path)))
+    except (WeightsFormatError, ValueError, RuntimeError):
+        return cfg
+    config = meta.get("config", {})
+    fits = meta.get("model") == m.name or set(config) <= set(create_model(m.name, **m.kwargs).config)
+    kwargs = {**config, **m.kwargs}
+    if not fits or kwargs == m.kwargs:
+        return cfg
+    log.info("model.kwargs from %s: %s", m.init_weights, {k: v for k, v in kwargs.items() if k not in m.kwargs})
+    return dataclasses.replace(cfg, model=dataclasses.replace(m, kwargs=kwargs))
 
 
 def run_training(cfg: TrainConfig) -> TrainOutcome:

@@ -39,7 +39,7 @@ import numpy as np
 from cluster import storage, tracking
 from cluster.storage import S3Config
 from cluster.tracking import TrainTracking
-from cluster.training.launch import steps_per_epoch, train_and_export
+from cluster.training.launch import config_from_init_weights, steps_per_epoch, train_and_export
 from cluster.training.loop import Task
 from cluster.training.sections import (DebugConfig, ModelConfig, OptimConfig, OutputConfig, RunSection,
                                        ScalingSection)
@@ -343,6 +343,7 @@ def run_video_distill(cfg: VideoTrainConfig) -> VideoTrainOutcome:
     :class:`VideoTask` under ``TorchTrainer`` (or in-process); the last validation's per-sequence figures go
     to MLflow."""
     t0 = time.perf_counter()
+    cfg = config_from_init_weights(cfg)
     n_clips, n_frames = count_clips(cfg)
     spe = steps_per_epoch(n_clips, cfg.optim.batch_size, cfg.scaling.num_workers)
     log.info("%d clips of %d frames from %d labelled frames; %d steps per epoch", n_clips, cfg.data.clip.length,

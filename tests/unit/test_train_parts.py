@@ -303,7 +303,8 @@ def test_start_weights_from_config_and_clear_errors(tmp_path):
 
 
 def test_init_weights_of_a_widened_model_train_as_themselves(tmp_path):
-    from cluster.training.image import apply_start_weights, config_from_init_weights
+    from cluster.training.image import apply_start_weights
+    from cluster.training.launch import config_from_init_weights
     from models import save_weights
     from models.scfnet import widen_decoder
     wide = widen_decoder(create_model("scfnet_m3", channels=8), 12)
@@ -324,3 +325,12 @@ def test_init_weights_of_a_widened_model_train_as_themselves(tmp_path):
     torch.save(wide.state_dict(), tmp_path / "bare.pt")                     # no header: left as it is
     bare = load_train_config({**base, "model": {"init_weights": str(tmp_path / "bare.pt")}})
     assert config_from_init_weights(bare).model.kwargs == {}
+    # a video student started from the widened image student takes its width too
+    from cluster.training.video import build_student, load_video_config
+    video = load_video_config({"data": {"labels": "/l", "images": "/i"},
+                               "model": {"name": "video_scfnet_m3", "init_weights": str(tmp_path / "wide.pt")}})
+    vdone = config_from_init_weights(video)
+    assert vdone.model.kwargs["channels"] == 12
+    student = build_student(vdone)
+    assert student.config["channels"] == 12
+    torch.testing.assert_close(student.state_dict()["scfm2.cv3.0.weight"], wide.state_dict()["scfm2.cv3.0.weight"])
