@@ -200,9 +200,8 @@ def train_config(name: str, steps: int) -> dict:
     }
     if name in CYCLES:
         _, init, lr, _ = CYCLES[name]
-        if name in WIDEN:
+        if name in WIDEN:   # the widened file's header gives the model its width (config_from_init_weights)
             init = widened(init, WIDEN[name], name)
-            cfg["model"]["kwargs"] = {"channels": WIDEN[name]}
         cfg["model"]["init_weights"] = str(init)
         cfg["optim"].update(lr=lr, lr_start=lr / 10, lr_final=LR / 50)
     if mode == "supervised":
