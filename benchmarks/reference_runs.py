@@ -94,10 +94,17 @@ CYCLES = {"fs-c2": ("fs", REPO / "weights" / "fs-scfnet_m3.fp16.pt", 0.02, "seco
                            "seventh (decoder widened to c = 32)"),
           "fs-w48": ("fs", OUT / "weights" / "fs-w32.fp16.pt", 0.01, "eighth (decoder widened again, to c = 48)"),
           "kd-sharp-w48": ("kd-sharp", OUT / "weights" / "kd-sharp-w32.fp16.pt", 0.01,
-                           "eighth (decoder widened again, to c = 48)")}
+                           "eighth (decoder widened again, to c = 48)"),
+          "fs-slim": ("fs", REPO / "weights" / "fs-scfnet_m3.fp16.pt", 0.02, "ninth (slimmed to x0.3, c = 8)"),
+          "kd-sharp-slim": ("kd-sharp", REPO / "weights" / "kd-scfnet_m3-from-csnet-L-x2.fp16.pt", 0.02,
+                            "ninth (slimmed to x0.3, c = 8)")}
 # (tenth pass) the capacity route: the cycle starts from its file with the decoder widened function-preservingly
 # (models.scfnet.widen_decoder, Net2WiderNet; noise 0.01 breaks the copies' symmetry): name -> decoder width
 WIDEN = {"fs-w32": 32, "kd-sharp-w32": 32, "fs-w48": 48, "kd-sharp-w48": 48}
+# (twelfth pass, issue 12) the fast student: the c = 48 files slimmed (models.scfnet.slim: the encoder to
+# MobileNetV3 x0.3, the decoder to c = 8, keeping each layer's largest-|BN gamma| channels), then a cycle of
+# fine-tuning: name -> (width_mult, decoder width)
+SLIM = {"fs-slim": (0.3, 8), "kd-sharp-slim": (0.3, 8)}
 # a views run that learns from the first N views only (by their draw index, so the mix of kinds is the draw's):
 # with 3,370 views an epoch is 740 steps and five of them make 3,700, against KD's 7 x 529 and FS's 12 x 310
 VIEW_SUBSET = {"kd-views-c6": 3370}
@@ -164,15 +171,20 @@ def views_subset(count: int) -> Path:
     return d
 
 
-def widened(init: Path, channels: int, name: str) -> Path:
-    """``init`` with its decoder widened to ``channels`` (written once per run, so a resumed run reuses it)."""
+def reshaped(init: Path, name: str) -> Path:
+    """``init`` with its decoder widened (``WIDEN``) or the whole model slimmed (``SLIM``) for run ``name``,
+    written once per run, so a resumed run reuses it; the file's header gives the model its widths
+    (config_from_init_weights)."""
     from models import load_weights, save_weights
-    from models.scfnet import widen_decoder
-    out = OUT / "weights" / "widened" / f"{name}-from-{init.stem.split('.')[0]}-c{channels}.pt"
+    from models.scfnet import slim, widen_decoder
+    if name in WIDEN:
+        kind, tag, how = "widened", f"c{WIDEN[name]}", lambda m: widen_decoder(m, WIDEN[name])
+    else:
+        kind, tag, how = "slimmed", "x{}-c{}".format(*SLIM[name]), lambda m: slim(m, *SLIM[name])
+    out = OUT / "weights" / kind / f"{name}-from-{init.stem.split('.')[0]}-{tag}.pt"
     if not out.exists():
         out.parent.mkdir(parents=True, exist_ok=True)
-        save_weights(widen_decoder(load_weights(init).float(), channels), out,
-                     extra_meta={"widened_from": str(init), "decoder_channels": channels})
+        save_weights(how(load_weights(init).float()), out, extra_meta={f"{kind}_from": str(init)})
     return out
 
 
@@ -200,8 +212,8 @@ def train_config(name: str, steps: int) -> dict:
     }
     if name in CYCLES:
         _, init, lr, _ = CYCLES[name]
-        if name in WIDEN:   # the widened file's header gives the model its width (config_from_init_weights)
-            init = widened(init, WIDEN[name], name)
+        if name in WIDEN or name in SLIM:
+            init = reshaped(init, name)
         cfg["model"]["init_weights"] = str(init)
         cfg["optim"].update(lr=lr, lr_start=lr / 10, lr_final=LR / 50)
     if mode == "supervised":

@@ -9,6 +9,9 @@ Stages (each skipped when its output already exists in ``OUT/state.json``, so a 
 2. video    ``video_scfnet_m3`` initialised from the image student, distilled with the spatiotemporal loss
             (per-frame soft dice + change consistency + inter-frame relation) on the clips of the TRAIN
             sequences (``sodkd distill --task video``'s core);
+   With ``--stills LABELS IMAGES`` every step also gets ``--stills-per-step`` still clips (three copies of one
+            image the teacher labelled, e.g. the image reference run's KD pool): rehearsal of single-image
+            saliency while the student fits five sequences;
 3. spatial  the same with the temporal terms off (``loss.change=0 loss.relation=0``): the ablation that
             separates the temporal distillation from the extra training and the architecture;
 4. eval     teacher and image student frame by frame, both video students in streaming mode, on all ten
@@ -65,11 +68,13 @@ def reference_info(reference: Path) -> list[str]:
             f"{_f(r[k].get('best_val_mae'))}" for k in ("teacher", "kd") if k in r]
 
 
-def distill(out: Path, name: str, teacher_labels: Path, init: str | None, loss: dict, log) -> dict:
+def distill(out: Path, name: str, teacher_labels: Path, init: str | None, loss: dict, log,
+            stills: dict | None = None) -> dict:
     from cluster.training.video import load_video_config, run_video_distill
     cfg = load_video_config({
         "model": {"name": "video_scfnet_m3", "init_weights": init},
-        "data": {"labels": str(teacher_labels), "images": str(DAVIS), "size": SIZE, "sequences": list(TRAIN_SEQS)},
+        "data": {"labels": str(teacher_labels), "images": str(DAVIS), "size": SIZE, "sequences": list(TRAIN_SEQS),
+                 "stills": stills or {}},
         "loss": loss,
         "optim": {"epochs": EPOCHS, "batch_size": BATCH, "lr": LR, "lr_start": LR / 100, "lr_final": LR / 100,
                   "warmup_epochs": 0.3},
@@ -85,6 +90,7 @@ def distill(out: Path, name: str, teacher_labels: Path, init: str | None, loss: 
              res.history)
     return {"name": name, "weights": res.weights[0], "clips": res.clips, "frames": res.frames,
             "steps": res.steps_per_epoch * EPOCHS, "epochs": EPOCHS, "wall_s": wall, "history": res.history,
+            "stills": stills,
             "mlflow_run_id": res.mlflow_run_id}
 
 
@@ -140,7 +146,13 @@ def main() -> None:
     ap.add_argument("--section", default="video-reference", help="RESULTS.md section to (re)write")
     ap.add_argument("--reference", default=str(REPO / "runs" / "reference"),
                     help="output folder of benchmarks/reference_runs.py the weights come from (its state.json)")
+    ap.add_argument("--stills", nargs=2, metavar=("LABELS", "IMAGES"), default=None,
+                    help="rehearsal: an image label job's output and input (e.g. runs/ref/labels-csnet-x2-hflip "
+                         "runs/ref/data/kd-pool); --stills-per-step still clips join every step of both video runs")
+    ap.add_argument("--stills-per-step", type=int, default=2)
     args = ap.parse_args()
+    stills = ({"labels": str(Path(args.stills[0]).resolve()), "images": str(Path(args.stills[1]).resolve()),
+               "per_step": args.stills_per_step} if args.stills else None)
     DAVIS, EPOCHS = Path(args.data), args.epochs
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -195,11 +207,11 @@ def main() -> None:
     state["image_student_weights"] = student
     save()
     if "video" not in state:
-        state["video"] = distill(out, "kdvideo-video_scfnet_m3", labels, student, {}, log)
+        state["video"] = distill(out, "kdvideo-video_scfnet_m3", labels, student, {}, log, stills)
         save()
     if "spatial" not in state:
         state["spatial"] = distill(out, "kdvideo-spatial-only", labels, student, {"change": 0.0, "relation": 0.0},
-                                   log)
+                                   log, stills)
         save()
 
     if "eval" not in state:
@@ -253,7 +265,11 @@ def write_results(state: dict, results: Path, section: str = "video-reference") 
         "",
         f"Both video students start from the image student's weights and train {v['epochs']} epochs on the clips "
         f"(3 frames, stride 2) of the TRAIN sequences {', '.join(TRAIN_SEQS)} ({v['clips']} clips, {v['steps']} "
-        f"steps of {BATCH} clips, {SIZE} px, SGD lr {LR}, warm-up + cosine), in {v['wall_s'] / 60:.1f} and "
+        f"steps of {BATCH} clips, {SIZE} px, SGD lr {LR}, warm-up + cosine)"
+        + (f", each step with {v['stills']['per_step']} still clips beside them (rehearsal: 3 copies of one "
+           f"image of `{os.path.relpath(v['stills']['images'], REPO)}` with its teacher label from "
+           f"`{os.path.relpath(v['stills']['labels'], REPO)}`)"
+           if v.get("stills") else "") + f", in {v['wall_s'] / 60:.1f} and "
         f"{state['spatial']['wall_s'] / 60:.1f} min on 2 shared CPU cores. HELD-OUT sequences: "
         f"{', '.join(HELD_OUT)}. Everything is evaluated at {SIZE} px against the DAVIS masks (PySODMetrics, "
         "per-frame min-max normalisation), averaged per sequence then over the sequences of each split; "

@@ -30,9 +30,11 @@ from kd.videoio import VideoDecodeError, count_frames, frame_key, parse_frame_ke
 
 log = logging.getLogger(__name__)
 
-__all__ = ["expand_videos", "read_video_frames", "load_sequences", "FrameReader", "ClipSet", "select_sequences", "LABEL_COLUMNS"]
+__all__ = ["expand_videos", "read_video_frames", "load_sequences", "FrameReader", "ClipSet", "select_sequences",
+           "LABEL_COLUMNS", "STILL_COLUMNS"]
 
 LABEL_COLUMNS = [S.ID, S.KEY, S.SEQUENCE, S.FRAME, S.LABEL_H, S.LABEL_W, S.LABEL_PNG]
+STILL_COLUMNS = [S.KEY, S.LABEL_PNG]
 
 
 def expand_videos(fs, items: Sequence[catalog.Item]) -> tuple[list[catalog.Item], list[catalog.Item]]:
@@ -156,24 +158,32 @@ class ClipSet:
 
     def __init__(self, table: pa.Table, reader: FrameReader, clip: ClipConfig = ClipConfig(),
                  augment: AugmentConfig | None = AugmentConfig(), cache: bool = True,
-                 sequences: Sequence[str] | None = None):
-        missing = [c for c in LABEL_COLUMNS if c not in table.column_names]
+                 sequences: Sequence[str] | None = None, stills: bool = False):
+        needed = STILL_COLUMNS if stills else LABEL_COLUMNS
+        missing = [c for c in needed if c not in table.column_names]
         if missing:
             raise ValueError(f"label table lacks columns {missing} (has {table.column_names})")
-        table = select_sequences(table, sequences)
+        table = table if stills else select_sequences(table, sequences)
         self.table = table
         self.reader = reader
         self.clip = clip
         self.augmenter = Augmenter(augment) if augment is not None else None
         self.keys = table.column(S.KEY).to_pylist()
-        self.clips = assemble_clips(table.column(S.SEQUENCE).to_pylist(), table.column(S.FRAME).to_pylist(), clip)
+        if stills:      # each row a clip of clip.length copies of itself: a scene that does not move
+            self.clips = [[i] * clip.length for i in range(table.num_rows)]
+        else:
+            self.clips = assemble_clips(table.column(S.SEQUENCE).to_pylist(), table.column(S.FRAME).to_pylist(),
+                                        clip)
         self._png = table.column(S.LABEL_PNG)
         self._cache: dict[int, tuple[np.ndarray, np.ndarray]] | None = {} if cache else None
 
     @classmethod
     def from_labels(cls, labels_uri: str, images_uri: str, s3: S3Config | None = None, **kwargs) -> "ClipSet":
-        """Read the label shards of ``labels_uri`` and the frames under ``images_uri``."""
-        return cls(read_labels(labels_uri, s3, columns=LABEL_COLUMNS), FrameReader(images_uri, s3), **kwargs)
+        """Read the label shards of ``labels_uri`` and the frames under ``images_uri``. With ``stills=True``
+        the shards are an image labelling job's (no sequence or frame columns) and every image becomes a clip of
+        ``clip.length`` identical frames, augmented once (rehearsal of single-image saliency)."""
+        columns = STILL_COLUMNS if kwargs.get("stills") else LABEL_COLUMNS
+        return cls(read_labels(labels_uri, s3, columns=columns), FrameReader(images_uri, s3), **kwargs)
 
     def __len__(self) -> int:
         return len(self.clips)

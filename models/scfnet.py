@@ -29,11 +29,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import SODModel
-from .mobilenetv3 import MobileNetV3Large
+from .mobilenetv3 import TAP_AFTER, MobileNetV3Large
 from .registry import config_with_overrides, register_model
 from .resnet import RESNET_DEPTHS, ResNetEncoder
 
-__all__ = ["SCFNet", "SCFNetConfig", "SCFM", "build_backbone", "widen_decoder", "BACKBONES"]
+__all__ = ["SCFNet", "SCFNetConfig", "SCFM", "build_backbone", "widen_decoder", "slim", "BACKBONES"]
 
 BACKBONES = ("mobilenetv3_large", *(f"resnet{d}" for d in sorted(RESNET_DEPTHS)))
 
@@ -220,6 +220,107 @@ def widen_decoder(model: SCFNet, channels: int, noise: float = 0.01, seed: int =
         state[key] = new
     wide.load_state_dict(state)
     return wide
+
+
+def _top(importance: torch.Tensor, k: int) -> torch.Tensor:
+    """The indices of the ``k`` largest entries, in their original order."""
+    return importance.topk(k).indices.sort().values
+
+
+def _take_conv(dst: nn.Conv2d, src: nn.Conv2d, rows: torch.Tensor, cols: torch.Tensor | None) -> None:
+    """``dst``'s weight (and bias) := ``src``'s at output channels ``rows`` and input channels ``cols``
+    (``None``: all, or a depthwise conv, whose input is its output channel)."""
+    w = src.weight.detach()[rows]
+    dst.weight.data.copy_(w if cols is None else w[:, cols])
+    if dst.bias is not None:
+        dst.bias.data.copy_(src.bias.detach()[rows])
+
+
+def _take_bn(dst: nn.BatchNorm2d, src: nn.BatchNorm2d, rows: torch.Tensor) -> None:
+    for name in ("weight", "bias", "running_mean", "running_var"):
+        getattr(dst, name).data.copy_(getattr(src, name).detach()[rows])
+
+
+def _gamma(bn: nn.BatchNorm2d) -> torch.Tensor:
+    return bn.weight.detach().abs().float()
+
+
+def slim(model: SCFNet, width_mult: float, channels: int) -> SCFNet:
+    """A narrower copy of a MobileNetV3 ``model``: encoder at ``width_mult``, decoder width ``channels``,
+    each layer keeping the source's most important channels (network slimming, Liu et al. 2017).
+
+    A channel's importance is the magnitude of the BatchNorm scale that writes it: ``|gamma|`` of the stem and
+    project BNs for the blocks' output stream (summed over every block that adds into one residual stream, so
+    a stream keeps one set of channels end to end), of the depthwise BN for a block's hidden channels, the L1
+    norm of the squeeze-excitation's first conv rows for its hidden units, and ``|gamma|`` summed over all
+    decoder BNs for the decoder's shared width-c space (the SCFMs multiply and add width-c tensors channel by
+    channel, so they must keep the same channels). Every kept weight is copied from the source; what the
+    dropped channels contributed is lost, so the slim model computes a different (worse) map and needs
+    fine-tuning (distillation) before use -- far less of it than a model of that size from random weights.
+    Slimming to the source's own widths returns an exact copy. The result's config records the new widths,
+    so its saved file fine-tunes as the slim model.
+    """
+    cfg = model.config
+    if cfg["backbone"] != "mobilenetv3_large":
+        raise ValueError(f"slim: only MobileNetV3 encoders can be slimmed, not {cfg['backbone']!r}")
+    if channels > model.channels:
+        raise ValueError(f"slim: channels must be <= the model's {model.channels}, got {channels}")
+    out = type(model)(SCFNetConfig(**{**cfg, "width_mult": width_mult, "channels": channels}))
+    out.name, out.input_size = model.name, model.input_size
+    src, dst = model.backbone, out.backbone
+    if any(d.use_residual != s.use_residual or isinstance(d.expand, nn.Identity) != isinstance(s.expand, nn.Identity)
+           for s, d in zip(src.blocks, dst.blocks)):
+        raise ValueError(f"slim: width_mult {width_mult} changes the encoder's topology (expand / residual) "
+                         f"from {cfg['width_mult']}")
+    for a, b in zip(src.modules(), dst.modules()):
+        if isinstance(a, nn.Conv2d) and (b.out_channels > a.out_channels or b.in_channels > a.in_channels):
+            raise ValueError(f"slim: width_mult {width_mult} is wider than the model's {cfg['width_mult']}")
+    # the blocks' output streams: a residual block adds into its input's stream
+    stream, importance = [0], [_gamma(src.stem[1])]
+    for blk in src.blocks:
+        if blk.use_residual:
+            importance[stream[-1]] = importance[stream[-1]] + _gamma(blk.project[1])
+            stream.append(stream[-1])
+        else:
+            importance.append(_gamma(blk.project[1]))
+            stream.append(len(importance) - 1)
+    widths = [dst.stem[0].out_channels] + [blk.project[0].out_channels for blk in dst.blocks]
+    keep = {sid: _top(importance[sid], widths[i]) for i, sid in enumerate(stream)}
+    _take_conv(dst.stem[0], src.stem[0], keep[stream[0]], None)
+    _take_bn(dst.stem[1], src.stem[1], keep[stream[0]])
+    taps = []
+    for i, (s, d) in enumerate(zip(src.blocks, dst.blocks), start=1):
+        cin, cout = keep[stream[i - 1]], keep[stream[i]]
+        hidden = cin if isinstance(s.expand, nn.Identity) else _top(_gamma(s.depthwise[1]), d.depthwise[0].out_channels)
+        if not isinstance(s.expand, nn.Identity):
+            _take_conv(d.expand[0], s.expand[0], hidden, cin)
+            _take_bn(d.expand[1], s.expand[1], hidden)
+        _take_conv(d.depthwise[0], s.depthwise[0], hidden, None)
+        _take_bn(d.depthwise[1], s.depthwise[1], hidden)
+        if not isinstance(s.se, nn.Identity):
+            se = _top(s.se.fc1.weight.detach()[:, hidden].abs().sum(dim=(1, 2, 3)).float(), d.se.fc1.out_channels)
+            _take_conv(d.se.fc1, s.se.fc1, se, hidden)
+            _take_conv(d.se.fc2, s.se.fc2, hidden, se)
+        _take_conv(d.project[0], s.project[0], cout, hidden)
+        _take_bn(d.project[1], s.project[1], cout)
+        if i in TAP_AFTER:
+            taps.append(cout)
+    # the decoder: one shared selection of the width-c space
+    bns = [m for part in (model.mapping, model.context, model.scfm4, model.scfm3, model.scfm2)
+           for m in part.modules() if isinstance(m, nn.BatchNorm2d)]
+    dec = _top(sum(_gamma(bn) for bn in bns), channels)
+    for s, d, cols in zip(model.mapping, out.mapping, taps):
+        _take_conv(d[0], s[0], dec, cols)
+        _take_bn(d[1], s[1], dec)
+    for part in ("context", "scfm4", "scfm3", "scfm2"):
+        for s, d in zip(getattr(model, part).modules(), getattr(out, part).modules()):
+            if isinstance(s, nn.Conv2d):
+                _take_conv(d, s, dec, dec)
+            elif isinstance(s, nn.BatchNorm2d):
+                _take_bn(d, s, dec)
+    for s, d in zip(model.heads, out.heads):
+        _take_conv(d, s, torch.arange(1), dec)
+    return out.train(model.training)
 
 
 # --- registered variants -------------------------------------------------------------------------------

@@ -51,7 +51,7 @@ from kd.temporal import HintAdapter, VideoKDConfig, video_kd_loss
 
 log = logging.getLogger(__name__)
 
-__all__ = ["VideoDataSection", "VideoValConfig", "VideoTrainConfig", "load_video_config", "count_clips",
+__all__ = ["VideoDataSection", "StillsConfig", "VideoValConfig", "VideoTrainConfig", "load_video_config", "count_clips",
            "build_student", "VideoTask", "run_video_distill", "VideoTrainOutcome", "VAL_FLICKER"]
 
 VAL_FLICKER = "val/flicker"
@@ -59,6 +59,28 @@ VAL_FILE = "val.json"   # in a checkpoint: the last per-sequence validation (kd.
 
 
 # --- configuration ---------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class StillsConfig:
+    """Still images mixed into every step (rehearsal): ``per_step`` clips of ``clip.length`` copies of one image.
+
+    A video student fine-tuned on a few sequences fits them and loses saliency on scenes it has not seen; still
+    images labelled by the teacher (an image ``sodkd label`` job's ``labels`` over ``images``) keep it learning
+    single-image saliency while it learns the sequences. A still clip does not move, so the temporal terms
+    ask for no change on it. ``per_step`` counts clips per worker, *added* to the step's video clips.
+    """
+
+    labels: str | None = None
+    images: str | None = None
+    per_step: int = 0
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.per_step, int) and self.per_step >= 0):
+            raise ConfigError(f"data.stills.per_step: must be an int >= 0, got {self.per_step!r}")
+        if self.per_step and not (self.labels and self.images):
+            raise ConfigError("data.stills.labels and data.stills.images: both are required when "
+                              "data.stills.per_step > 0 (an image label job's output and input)")
+
 
 @dataclasses.dataclass(frozen=True)
 class VideoDataSection:
@@ -72,6 +94,7 @@ class VideoDataSection:
         augment: KD-SCFNet's augmentation, replayed identically on every frame of a clip.
         cache: keep decoded frames in worker memory (right for a few thousand frames).
         sequences: train on these sequences only (hold the others out); None = every labelled sequence.
+        stills: still images mixed into every step (:class:`StillsConfig`; off by default).
     """
 
     labels: str = ""
@@ -81,6 +104,7 @@ class VideoDataSection:
     size: int = 224
     augment: AugmentConfig = dataclasses.field(default_factory=AugmentConfig)
     cache: bool = True
+    stills: StillsConfig = dataclasses.field(default_factory=StillsConfig)
 
     def __post_init__(self) -> None:
         if not self.labels or not self.images:
@@ -276,6 +300,9 @@ class VideoTask(Task):
         self.clips = ClipSet.from_labels(cfg.data.labels, cfg.data.images, cfg.s3, clip=cfg.data.clip,
                                          augment=cfg.data.augment, cache=cfg.data.cache,
                                          sequences=cfg.data.sequences)
+        st = cfg.data.stills
+        self.stills = ClipSet.from_labels(st.labels, st.images, cfg.s3, clip=cfg.data.clip, augment=cfg.data.augment,
+                                          cache=cfg.data.cache, stills=True) if st.per_step else None
         batch = cfg.per_worker_batch
         if len(self.clips) < steps * batch * world:
             raise RuntimeError(f"{cfg.data.labels}: the worker sees {len(self.clips)} clips, the driver counted "
@@ -287,10 +314,15 @@ class VideoTask(Task):
     def batches(self, epoch: int, rank: int, world: int):
         cfg, batch = self.cfg, self.cfg.per_worker_batch
         order = np.random.default_rng([cfg.run.seed, epoch]).permutation(len(self.clips))
+        n_still = cfg.data.stills.per_step if self.stills is not None else 0
+        still_order = np.random.default_rng([cfg.run.seed, epoch, 1]).permutation(len(self.stills)) if n_still else []
         for it in range(self.steps):
             first = (it * world + rank) * batch
             rng = np.random.default_rng([cfg.run.seed, epoch, it, rank])
-            yield [self.clips.sample(int(i), rng, cfg.data.size) for i in order[first:first + batch]]
+            clips = [self.clips.sample(int(i), rng, cfg.data.size) for i in order[first:first + batch]]
+            start = (it * world + rank) * n_still       # the stills cycle when the epoch needs more than there are
+            yield clips + [self.stills.sample(int(still_order[(start + j) % len(still_order)]), rng, cfg.data.size)
+                           for j in range(n_still)]
 
     def loss(self, net, module, batch, device, dtype):
         import torch

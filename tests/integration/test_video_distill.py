@@ -132,6 +132,44 @@ def test_clip_augmentation_is_identical_across_frames(labelled, davis):
     assert np.abs(frames.astype(int) - p.astype(int)).mean() > 5
 
 
+def test_stills_are_unmoving_clips_mixed_into_every_step(labelled, davis, tmp_path):
+    """Rehearsal: an image label job's rows (here the frames' own shards, read as images: key + label only)
+    become clips of identical frames, and ``data.stills.per_step`` of them join every step's video clips."""
+    from cluster.training.video import VideoTask
+    from kd.augment import AugmentConfig
+    from kd.config import ConfigError
+
+    aug = AugmentConfig(crop_frac=0.3, hflip_p=0.5)
+    stills = ClipSet.from_labels(str(labelled), str(davis), clip=ClipConfig(3, 2, 1), augment=aug, stills=True)
+    assert len(stills) == len(SEQUENCES) * FRAMES
+    frames, labels = stills.sample(5, np.random.default_rng(3), SIZE)
+    assert frames.shape == (3, SIZE, SIZE, 3) and labels.std() > 0.01
+    assert all(np.array_equal(frames[0], f) for f in frames) and all(np.array_equal(labels[0], m) for m in labels)
+
+    base = {"data": {"labels": str(labelled), "images": str(davis), "size": SIZE,
+                     "stills": {"labels": str(labelled), "images": str(davis), "per_step": 1}},
+            "optim": {"epochs": 2, "batch_size": 2, "lr": 0.05, "warmup_epochs": 0.5},
+            "run": {"name": "kdvideo-stills", "storage": str(tmp_path / "runs")},
+            "mlflow": {"uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "log_every": 1},
+            "scaling": {"num_workers": 0, "torch_threads": 1}}
+    task = VideoTask(base)
+    task.open(0, 1, 3, None)
+    batches = list(task.batches(0, 0, 1))
+    assert [len(b) for b in batches] == [3, 3, 3]        # 2 video clips + 1 still per step
+    for b in batches:
+        still_frames = b[-1][0]
+        assert all(np.array_equal(still_frames[0], f) for f in still_frames)
+        assert not all(np.array_equal(b[0][0][0], f) for f in b[0][0])     # a video clip moves
+    out = run_video_distill(load_video_config(base))
+    assert len(out.history) == 2 and all(np.isfinite(h[S.TRAIN_LOSS]) for h in out.history)
+    run = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(out.mlflow_run_id)
+    assert run.data.params["data.stills.per_step"] == "1"
+    with pytest.raises(ConfigError, match="data.stills.labels and data.stills.images"):
+        load_video_config({"data": {"labels": "/l", "images": "/i", "stills": {"per_step": 2}}})
+    with pytest.raises(ConfigError, match="data.stills.per_step"):
+        load_video_config({"data": {"labels": "/l", "images": "/i", "stills": {"per_step": -1}}})
+
+
 def test_frames_of_video_files_are_read_by_frame_key(tmp_path, davis):
     frames = [np.asarray(Image.open(p).convert("RGB")) for p in sorted((davis / "blackswan" / "images").glob("*.jpg"))]
     (tmp_path / "clips").mkdir()

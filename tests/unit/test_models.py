@@ -276,6 +276,52 @@ def test_widen_decoder_keeps_the_maps_and_trains_the_new_channels(tmp_path, real
         widen_decoder(model, 4)
 
 
+def test_slim_keeps_the_most_important_channels_and_its_widths(tmp_path, real_batch):
+    from models.scfnet import slim
+    torch.manual_seed(4)
+    model = create_model("scfnet_m3")
+    for m in model.modules():      # distinct BN scales, so the channels' importance is not a tie
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.weight.data.uniform_(0.1, 2.0)
+    model = _trained_bn(model, torch.randn(2, 3, 64, 64))
+    model.input_size = 224
+    x = model.normalize(real_batch)
+    # to the model's own widths: an exact copy, in eval and train mode alike
+    same = slim(model, 0.5, 16)
+    for train in (False, True):
+        model.train(train), same.train(train)
+        with torch.no_grad():
+            for a, b in zip(model(x), same(x)):
+                torch.testing.assert_close(b, a)
+    model.eval()
+    # to x0.3 / c = 8: the architecture create_model builds for those widths, a quarter of the parameters
+    thin = slim(model, 0.3, 8)
+    ref = create_model("scfnet_m3", width_mult=0.3, channels=8)
+    assert [(k, v.shape) for k, v in thin.state_dict().items()] == [(k, v.shape) for k, v in ref.state_dict().items()]
+    assert count_params(thin) < 0.4 * count_params(model) and not thin.training
+    # the stem keeps its 8 channels; a residual stream keeps the channels with the largest summed |gamma|
+    # over the blocks that add into it (blocks 4-6, 24 -> 16 channels), with their weights copied as they are
+    blocks = model.backbone.blocks
+    gamma = sum(blocks[i].project[1].weight.abs() for i in (3, 4, 5))
+    kept = gamma.topk(16).indices.sort().values
+    torch.testing.assert_close(thin.backbone.blocks[4].project[1].weight, blocks[4].project[1].weight[kept])
+    dec = model.scfm2.cv3[0].weight
+    assert any(torch.equal(thin.scfm2.cv3[0].weight[0, 0], dec[i, j]) for i in range(16) for j in range(16))
+    # it runs, differs from the source (what the dropped channels did is lost) and saves as the slim model
+    with torch.no_grad():
+        p_thin, p_src = thin.predict(x), model.predict(x)
+    assert p_thin.shape == p_src.shape and not torch.allclose(p_thin, p_src)
+    save_weights(thin, tmp_path / "thin.pt")
+    cfg = load_weights(tmp_path / "thin.pt").config
+    assert (cfg["width_mult"], cfg["channels"]) == (0.3, 8)
+    with pytest.raises(ValueError, match="channels must be <= the model's 16"):
+        slim(model, 0.3, 32)
+    with pytest.raises(ValueError, match="wider than the model's 0.5"):
+        slim(model, 0.75, 8)
+    with pytest.raises(ValueError, match="only MobileNetV3 encoders"):
+        slim(create_model("scfnet_r18"), 0.5, 8)
+
+
 def test_fp16_file_is_smaller_and_loads_into_float32(tmp_path, real_batch):
     torch.manual_seed(2)
     model = _trained_bn(create_model("scfnet_m3"), torch.randn(2, 3, 64, 64))
