@@ -303,7 +303,7 @@ def write_results(state: dict, results: Path, section: str = "video-reference") 
                           for k in ("spatial", "video")) + "."]
     if state.get("reference_info"):
         lines += ["", "The image reference run's weights used here: " + "; ".join(state["reference_info"]) + "."]
-    lines += ["", f"Reading: minutes-long CPU runs from from-scratch weights at {SIZE} px, so every figure is far from "
+    lines += ["", f"Reading: minutes of CPU fine-tuning on five sequences at {SIZE} px, so every figure is far from "
               "the paper's DAVIS regime (SSAV reference: S .893, max F .861, MAE .028); what the run shows is the "
               "video pipeline end to end (label -> clips -> spatiotemporal KD -> streaming evaluation) and, under "
               "equal training, what the temporal terms change: compare the two video rows (same data, steps and "
