@@ -3,11 +3,13 @@
 In ONE process, in interleaved rounds (every runner once per configuration per round, the order rotated
 each round), at 352 and 224 px, batch 1 and 8, 1 and 2 threads:
 
-- ``scfnet_m3`` (the committed fast KD student, decoder c = 16,
-  ``weights/kd-scfnet_m3-c16-from-csnet-L-x2.fp16.pt``) and
+- ``scfnet_m3`` (``--weights``, by default the committed fast KD student,
+  ``weights/kd-scfnet_m3-x0.3-c8-from-csnet-L-x2.fp16.pt``) and
   ``dedecoder_m3`` (no committed weights: seeded random init, speed only) through each backend -- eager
-  (PyTorch, BatchNorm folded), ONNX fp32, ONNX INT8 (``cluster.quantize``: QDQ for both, QOperator too for
-  scfnet_m3) and torch.export ``.pt2`` -- all exported the way ``sodkd export`` does;
+  (PyTorch, BatchNorm folded), ONNX fp32 (free height and width, as ``sodkd export`` writes it, and
+  ``onnx-fp32-fixed``: fixed at each measured size, the graph a predictor exports and runs), ONNX INT8
+  (``cluster.quantize``: QDQ for both, QOperator too for scfnet_m3) and torch.export ``.pt2`` -- all exported
+  the way ``sodkd export`` and the predictor do;
 - the peers of ``../shared/teachers``: CSNet-L-x1, CSNet-L-x2 and U2Net-p (random weights), through the same
   ONNX Runtime.
 
@@ -52,7 +54,7 @@ sys.path.insert(0, str(REPO))
 RESULTS = REPO / "benchmarks" / "RESULTS.md"
 SECTION = "inference"
 TEACHERS = REPO.parent / "shared" / "teachers"
-KD_WEIGHTS = REPO / "weights" / "kd-scfnet_m3-c16-from-csnet-L-x2.fp16.pt"   # the fast student (c = 16)
+KD_WEIGHTS = REPO / "weights" / "kd-scfnet_m3-x0.3-c8-from-csnet-L-x2.fp16.pt"   # the fast student
 PEERS = {"CSNet-L-x1": "csnet-L-x1.onnx", "CSNet-L-x2": "csnet-L-x2.onnx", "U2Net-p": "u2netp-random-weights.onnx"}
 
 
@@ -89,6 +91,17 @@ class TorchRunner(Runner):
             self.module(torch.from_numpy(x))
 
 
+class FixedOnnxRunner(Runner):
+    """One ONNX file per input size (graphs fixed at their size), picked by the input's width."""
+
+    def __init__(self, name, backend, paths: dict[int, Path], threads: list[int]):
+        super().__init__(name, backend, "student")
+        self.by_size = {size: OnnxRunner(name, backend, "student", path, threads) for size, path in paths.items()}
+
+    def run(self, x, threads):
+        self.by_size[x.shape[-1]].run(x, threads)
+
+
 class OnnxRunner(Runner):
     def __init__(self, name, backend, kind, path: Path, threads: list[int]):
         import onnxruntime as ort
@@ -104,14 +117,17 @@ class OnnxRunner(Runner):
         self.sessions[threads].run(None, {self.input: x})
 
 
-def build_exports(workdir: Path, calibration: str, count: int, exporter: str) -> dict[str, dict[str, Path]]:
-    """The students' exported files (cached): {model: {backend: path}} and the eager modules."""
+def build_exports(workdir: Path, calibration: str, count: int, exporter: str, weights: Path = KD_WEIGHTS,
+                  sizes: tuple[int, ...] = ()) -> tuple[dict[str, dict[str, Path]], dict, dict[int, Path]]:
+    """The students' exported files (cached per weights file): {model: {backend: path}}, the eager modules, and
+    scfnet_m3 exported at a fixed size for each of ``sizes`` and its own (what a predictor runs): {size: path}."""
     from cluster.quantize import calibration_inputs, quantize_onnx
     from cluster.export import export_teacher
     from models import create_model, load_weights
+    workdir = workdir / weights.name.split(".")[0]
     workdir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
-    students = {"scfnet_m3": load_weights(KD_WEIGHTS).float().eval(),
+    students = {"scfnet_m3": load_weights(weights).float().eval(),
                 "dedecoder_m3": create_model("dedecoder_m3").eval()}
     students["dedecoder_m3"].input_size = 224
     files: dict[str, dict[str, Path]] = {}
@@ -133,16 +149,23 @@ def build_exports(workdir: Path, calibration: str, count: int, exporter: str) ->
                 t = time.perf_counter()
                 quantize_onnx(f["onnx-fp32"], out, calib, fmt)
                 print(f"quantised {out.name} in {time.perf_counter() - t:.0f} s", flush=True)
-    return files, students
+    model, fixed = students["scfnet_m3"], {}
+    for size in sorted({*sizes, int(model.input_size)}):
+        fixed[size] = workdir / f"scfnet_m3.fixed{size}.onnx"
+        if not fixed[size].exists():
+            export_teacher(model, fixed[size], "onnx", input_size=size, onnx_exporter=exporter, fixed_size=True)
+    return files, students, fixed
 
 
-def build_runners(files, students, threads) -> list[Runner]:
+def build_runners(files, students, threads, fixed: dict[int, Path]) -> list[Runner]:
     from models.fuse import fold_batchnorm
     runners: list[Runner] = []
     for name, f in files.items():
         folded = fold_batchnorm(students[name]).eval()
         runners.append(TorchRunner(name, "eager", folded.predict))
         runners.append(OnnxRunner(name, "onnx-fp32", "student", f["onnx-fp32"], threads))
+        if name == "scfnet_m3":
+            runners.append(FixedOnnxRunner(name, "onnx-fp32-fixed", fixed, threads))
         for key in sorted(k for k in f if k.startswith("onnx-int8")):
             runners.append(OnnxRunner(name, key, "student", f[key], threads))
         runners.append(TorchRunner(name, "pt2", torch.export.load(str(f["pt2"])).module()))
@@ -181,7 +204,8 @@ def measure(runners, configs, rounds: int, min_s: float, deadline: float):
     return out, done
 
 
-def accuracy(files, eval_set: str, limit: int) -> dict[str, float]:
+def accuracy(files, eval_set: str, limit: int, weights: Path = KD_WEIGHTS,
+             fixed: dict[int, Path] | None = None) -> dict[str, float]:
     """MAE (py_sod_metrics, per-image min-max normalised) of each scfnet_m3 backend and of fp32 eager."""
     import py_sod_metrics as psm
 
@@ -191,12 +215,14 @@ def accuracy(files, eval_set: str, limit: int) -> dict[str, float]:
     from cluster.teachers import build_teacher
     from kd.imageio import decode_mask, resize
     from cluster import storage
-    spec = f"scfnet_m3:{KD_WEIGHTS}"
+    spec = f"scfnet_m3:{weights}"
     torch.set_num_threads(1)
     teachers = {"fp32 eager (reference)": build_teacher(spec, device="cpu", precision="fp32"),
                 "eager": Predictor.load(spec, backend="eager").teacher}
     for key, path in files["scfnet_m3"].items():
         teachers[key] = Predictor.load(path, threads=1).teacher
+    if fixed:
+        teachers["onnx-fp32-fixed"] = Predictor.load(fixed[int(teachers["eager"].input_size)], threads=1).teacher
     catalog = paired_folder(eval_set, limit=limit)
     gts = [decode_mask(storage.read_bytes(catalog.fs, it.mask_path)) for it in catalog.items]
     maes = {}
@@ -251,6 +277,12 @@ def _load_note(machine) -> str:
             f"**on a loaded machine** (other jobs on the {cores} cores: absolute img/s are low and noisy)")
 
 
+def _shown(path: Path) -> str:
+    """``path`` relative to the repository when it is inside it."""
+    path = Path(path).resolve()
+    return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
+
+
 def render(res, rounds_done, args, configs, maes, n_eval, kernels, machine) -> str:
     labels = list(dict.fromkeys(lab for lab, _ in res))
     students = [lab for lab in labels if lab not in PEERS]
@@ -263,7 +295,7 @@ def render(res, rounds_done, args, configs, maes, n_eval, kernels, machine) -> s
     head = (352, 1, 1)
     ref = maes["fp32 eager (reference)"]
     backend_of = {"eager": "eager", "onnx-fp32": "onnx-fp32", "pt2": "pt2", "onnx-int8-qdq": "onnx-int8-qdq",
-                  "onnx-int8-qoperator": "onnx-int8-qoperator"}
+                  "onnx-int8-qoperator": "onnx-int8-qoperator", "onnx-fp32-fixed": "onnx-fp32-fixed"}
     lines = [
         "### Inference engines: students vs. peers on this CPU (benchmarks/inference.py)",
         "",
@@ -274,8 +306,11 @@ def render(res, rounds_done, args, configs, maes, n_eval, kernels, machine) -> s
         "",
         f"Command: `.venv/bin/python {machine['command']}`"
         f" ({machine['wall_s']:.0f} s). Network only (seeded normalised input, no decode/resize); img/s = images / "
-        "wall s, img/CPU-s = images / CPU s of the process. scfnet_m3 = the committed KD student; dedecoder_m3 = "
-        f"random init (speed only). INT8 = ONNX Runtime static quantisation, per-channel int8 weights (7-bit range), uint8 "
+        "wall s, img/CPU-s = images / CPU s of the process. scfnet_m3 = the KD student "
+        f"`{_shown(args.weights)}` ({machine['student']}); dedecoder_m3 = "
+        "random init (speed only). onnx-fp32-fixed = the graph a predictor runs (`sodkd predict`, `serve`: "
+        "exported at its working size, height and width fixed); onnx-fp32 = `sodkd export`'s, free height and "
+        f"width. INT8 = ONNX Runtime static quantisation, per-channel int8 weights (7-bit range), uint8 "
         f"activations, MinMax calibration on {args.calibration_count} images of {args.calibration}.",
         "",
         f"#### scfnet_m3 at {head[0]} px, batch {head[1]}, {head[2]} thread (the issue's target: >= 60x U2Net-p, "
@@ -318,6 +353,7 @@ START = time.perf_counter()
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--weights", type=Path, default=KD_WEIGHTS, help="the scfnet_m3 student's weights file")
     p.add_argument("--sizes", type=int, nargs="+", default=[352, 224])
     p.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
@@ -339,14 +375,19 @@ def main(argv: list[str] | None = None) -> int:
                "load_before": bm.load_average(), "command": " ".join(["benchmarks/inference.py", *(
                    sys.argv[1:] if argv is None else argv)]),
                "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
-    files, students = build_exports(args.workdir, args.calibration, args.calibration_count, args.onnx_exporter)
+    files, students, fixed = build_exports(args.workdir, args.calibration, args.calibration_count,
+                                           args.onnx_exporter, args.weights, tuple(args.sizes))
+    from models import count_macs, count_params
+    m = students["scfnet_m3"]
+    machine["student"] = (f"width x{m.config['width_mult']:g}, decoder c = {m.config['channels']}, "
+                          f"{count_params(m) / 1e6:.2f} M params, {count_macs(m, 352) / 1e9:.3f} GMACs at 352")
     if args.setup_only:
         return 0
     t0 = time.perf_counter()
     configs = [(s, b, t) for s in args.sizes for b in args.batches for t in args.threads]
-    runners = build_runners(files, students, args.threads)
+    runners = build_runners(files, students, args.threads, fixed)
     res, done = measure(runners, configs, args.rounds, args.min_s, t0 + 60 * args.max_minutes)
-    maes, n_eval = accuracy(files, args.eval_set, args.eval_limit)
+    maes, n_eval = accuracy(files, args.eval_set, args.eval_limit, args.weights, fixed)
     kernels = int8_kernels(files, args.workdir)
     machine["load_after"], machine["wall_s"] = bm.load_average(), time.perf_counter() - t0
     text = render(res, done, args, configs, maes, n_eval, kernels, machine)

@@ -97,7 +97,9 @@ CYCLES = {"fs-c2": ("fs", REPO / "weights" / "fs-scfnet_m3.fp16.pt", 0.02, "seco
                            "eighth (decoder widened again, to c = 48)"),
           "fs-slim": ("fs", REPO / "weights" / "fs-scfnet_m3.fp16.pt", 0.02, "ninth (slimmed to x0.3, c = 8)"),
           "kd-sharp-slim": ("kd-sharp", REPO / "weights" / "kd-scfnet_m3-from-csnet-L-x2.fp16.pt", 0.02,
-                            "ninth (slimmed to x0.3, c = 8)")}
+                            "ninth (slimmed to x0.3, c = 8)"),
+          "fs-slim2": ("fs", OUT / "weights" / "fs-slim.fp16.pt", 0.01, "tenth (at x0.3, c = 8)"),
+          "kd-sharp-slim2": ("kd-sharp", OUT / "weights" / "kd-sharp-slim.fp16.pt", 0.01, "tenth (at x0.3, c = 8)")}
 # (tenth pass) the capacity route: the cycle starts from its file with the decoder widened function-preservingly
 # (models.scfnet.widen_decoder, Net2WiderNet; noise 0.01 breaks the copies' symmetry): name -> decoder width
 WIDEN = {"fs-w32": 32, "kd-sharp-w32": 32, "fs-w48": 48, "kd-sharp-w48": 48}
@@ -319,7 +321,9 @@ def evaluate_all(section: str, results: Path, threads: int, only: str | None = N
              "reference-runs-10": "tenth pass (a seventh cycle from the ninth pass's weights with the decoder widened "
                                   "from c = 16 to 32: does capacity widen KD's margin?)",
              "reference-runs-11": "eleventh pass (an eighth cycle from the tenth pass's weights with the decoder "
-                                  "widened again, from c = 32 to 48)"}
+                                  "widened again, from c = 32 to 48)",
+             "reference-runs-12": "twelfth pass (the fast student: the eleventh pass's files slimmed to x0.3, c = 8, "
+                                  "then a ninth cycle)"}
     start = {"reference-runs-5": "the fourth pass's weights (FS: the third-pass file, 3,720 steps; KD: `kd-sharp`, 3,703 "
                                  "steps; sha256 f7992f1c0988dcc2 and 36f492c1fe2598b5, the files `weights/` held at commit "
                                  f"bb205c7) given a second cycle (lr {CYCLES['fs-c2'][2]} warm-up + cosine to {LR / 50:g}; the steps "
@@ -360,9 +364,20 @@ def evaluate_all(section: str, results: Path, threads: int, only: str | None = N
                                   "preserving copy, to c = 48 (1.03 M params, 0.29 GMACs at 224, inside the 0.3 the "
                                   "issue allows), and given an eighth cycle (lr "
                                   f"{CYCLES['fs-w48'][2]} warm-up + cosine to {LR / 50:g}; the steps below are this "
+                                  "cycle's)",
+             "reference-runs-12": "the eleventh pass's files (FS: `fs-w48`, 27,280 steps in all; KD: `kd-sharp-w48`, "
+                                  "26,979 steps; c = 48; sha256 564c32d5d190fecf and 6db039c0c8785c60, the files "
+                                  "`weights/` held at commit 7db26b8) slimmed by `models.scfnet.slim` to a MobileNetV3 "
+                                  "x0.3 encoder and a c = 8 decoder (each layer keeps its largest-|BN gamma| channels; "
+                                  "0.04 GMACs at 224 against 0.29) and given a ninth cycle (lr "
+                                  f"{CYCLES['fs-slim'][2]} warm-up + cosine to {LR / 50:g}; the steps below are this "
                                   "cycle's)"}
+    from models import count_params, load_weights
+    sizes = sorted({count_params(load_weights(next(w for w in st["weights"] if w.endswith(".fp16.pt"))))
+                    for st, _ in rows})
+    params = " / ".join(f"{n / 1e6:.2f}" for n in sizes) + " M params"
     lines = [f"## Reference runs, {title.get(section, section)}: {TEACHER_NAME} as teacher, students at {SIZE} px", "",
-             f"Machine: {os.cpu_count()} shared CPU cores, no GPU. Every student is `scfnet_m3` (0.80 M params) from "
+             f"Machine: {os.cpu_count()} shared CPU cores, no GPU. Every student is `scfnet_m3` ({params}) from "
              + start.get(section, "random weights") + ", trained by `sodkd`'s Ray Train core (1 worker, 1 torch thread; runs side by side) with "
              f"the recipe in `benchmarks/reference_runs.py`: {SIZE}x{SIZE}, batch {BATCH}, SGD Nesterov, lr {LR} "
              "warm-up + cosine, every epoch in a new random order of 32-row blocks (`data.shuffle_blocks`) under a "
