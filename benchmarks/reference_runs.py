@@ -323,7 +323,8 @@ def evaluate_all(section: str, results: Path, threads: int, only: str | None = N
              "reference-runs-11": "eleventh pass (an eighth cycle from the tenth pass's weights with the decoder "
                                   "widened again, from c = 32 to 48)",
              "reference-runs-12": "twelfth pass (the fast student: the eleventh pass's files slimmed to x0.3, c = 8, "
-                                  "then a ninth cycle)"}
+                                  "then a ninth cycle)",
+             "reference-runs-13": "thirteenth pass (the fast student's second cycle at x0.3, c = 8)"}
     start = {"reference-runs-5": "the fourth pass's weights (FS: the third-pass file, 3,720 steps; KD: `kd-sharp`, 3,703 "
                                  "steps; sha256 f7992f1c0988dcc2 and 36f492c1fe2598b5, the files `weights/` held at commit "
                                  f"bb205c7) given a second cycle (lr {CYCLES['fs-c2'][2]} warm-up + cosine to {LR / 50:g}; the steps "
@@ -371,6 +372,10 @@ def evaluate_all(section: str, results: Path, threads: int, only: str | None = N
                                   "x0.3 encoder and a c = 8 decoder (each layer keeps its largest-|BN gamma| channels; "
                                   "0.04 GMACs at 224 against 0.29) and given a ninth cycle (lr "
                                   f"{CYCLES['fs-slim'][2]} warm-up + cosine to {LR / 50:g}; the steps below are this "
+                                  "cycle's)",
+             "reference-runs-13": "the twelfth pass's slim files (FS: `fs-slim`, 5,580 steps at x0.3 / c = 8; KD: "
+                                  "`kd-sharp-slim`, 5,290 steps) given a tenth cycle (lr "
+                                  f"{CYCLES['fs-slim2'][2]} warm-up + cosine to {LR / 50:g}; the steps below are this "
                                   "cycle's)"}
     from models import count_params, load_weights
     sizes = sorted({count_params(load_weights(next(w for w in st["weights"] if w.endswith(".fp16.pt"))))

@@ -22,8 +22,8 @@ fastest backend measured for the device (``benchmarks/RESULTS.md``, section ``in
 size, batch and thread count measured), ``eager`` on a GPU, and ``eager`` for a video model (it streams its own
 state). The exports a predictor makes from weights are kept in an export cache (:func:`export_cache_dir`:
 ``$SODKD_CACHE/exports``, else ``$XDG_CACHE_HOME/sodkd/exports``, ``~/.cache/sodkd/exports``), one file per
-weights hash, size, format and exporter, fixed at that size (no free height and width: about 10% faster in
-ONNX Runtime), so only the first run of a weights file pays for the export; where
+weights hash, size, format and exporter, fixed at that size (no free height and width: no shape arithmetic
+left for ONNX Runtime), so only the first run of a weights file pays for the export; where
 no cache folder is writable, a temporary folder per predictor is used. The engine is the teacher machinery of :mod:`cluster.teachers`
 (same loaders, same preprocessing, same cards), with images of any size in and maps at each image's size out:
 each image is resized to the working size ``S`` (PIL bilinear, as :func:`kd.augment.preprocess`), normalised
