@@ -62,10 +62,10 @@ def export_teacher(model: nn.Module, path: str | os.PathLike, fmt: Literal["onnx
     (N, 1, H, W); N is dynamic, and so are H and W in multiples of 32 when ``input_size`` (default
     ``model.input_size``) is one and ``fixed_size`` is false (``meta["dynamic_hw"]``), else they are fixed at it:
     a fixed-size graph skips the shape arithmetic of the resizes (7-12% faster in ONNX Runtime in one side-by-side
-    probe, within the noise in ``benchmarks/inference.py``'s loaded runs); predictors export at their working size. The metadata (model name
-    and config, mean, std, working size, I/O description, ``extra_meta``) is stored as JSON under
-    ``sodkd_teacher`` in the ONNX ``metadata_props`` / the ``.pt2`` extra files. The file is written atomically
-    (temporary name + rename). Returns the metadata.
+    probe, within the noise in ``benchmarks/inference.py``'s loaded runs); predictors export at their working
+    size. The metadata (model name and config, mean, std, working size, I/O description, ``extra_meta``) is
+    stored as JSON under ``sodkd_teacher`` in the ONNX ``metadata_props`` / the ``.pt2`` extra files. The file is
+    written atomically (temporary name + rename). Returns the metadata.
 
     ``onnx_exporter``: ``dynamo`` (``torch.export``, the supported path) or ``torchscript`` (the older,
     faster tracer-based ONNX exporter; it writes ONNX, not TorchScript). sodkd no longer writes TorchScript

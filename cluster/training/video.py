@@ -51,8 +51,8 @@ from kd.temporal import HintAdapter, VideoKDConfig, video_kd_loss
 
 log = logging.getLogger(__name__)
 
-__all__ = ["VideoDataSection", "StillsConfig", "VideoValConfig", "VideoTrainConfig", "load_video_config", "count_clips",
-           "build_student", "VideoTask", "run_video_distill", "VideoTrainOutcome", "VAL_FLICKER"]
+__all__ = ["VideoDataSection", "StillsConfig", "VideoValConfig", "VideoTrainConfig", "load_video_config",
+           "count_clips", "build_student", "VideoTask", "run_video_distill", "VideoTrainOutcome", "VAL_FLICKER"]
 
 VAL_FLICKER = "val/flicker"
 VAL_FILE = "val.json"   # in a checkpoint: the last per-sequence validation (kd.video_eval results)
