@@ -7,7 +7,7 @@ each round), at 352 and 224 px, batch 1 and 8, 1 and 2 threads:
   ``weights/kd-scfnet_m3-x0.3-c8-from-csnet-L-x2.fp16.pt``) and
   ``dedecoder_m3`` (no committed weights: seeded random init, speed only) through each backend -- eager
   (PyTorch, BatchNorm folded), ONNX fp32 (free height and width, as ``sodkd export`` writes it, and
-  ``onnx-fp32-fixed``: fixed at each measured size, the graph a predictor exports and runs), ONNX INT8
+  ``onnx-fp32-fixed``: fixed at each measured size, to compare), ONNX INT8
   (``cluster.quantize``: QDQ for both, QOperator too for scfnet_m3) and torch.export ``.pt2`` -- all exported
   the way ``sodkd export`` and the predictor do;
 - the peers of ``../shared/teachers``: CSNet-L-x1, CSNet-L-x2 and U2Net-p (random weights), through the same
@@ -120,7 +120,7 @@ class OnnxRunner(Runner):
 def build_exports(workdir: Path, calibration: str, count: int, exporter: str, weights: Path = KD_WEIGHTS,
                   sizes: tuple[int, ...] = ()) -> tuple[dict[str, dict[str, Path]], dict, dict[int, Path]]:
     """The students' exported files (cached per weights file): {model: {backend: path}}, the eager modules, and
-    scfnet_m3 exported at a fixed size for each of ``sizes`` and its own (what a predictor runs): {size: path}."""
+    scfnet_m3 exported at a fixed size for each of ``sizes`` and its own: {size: path}."""
     from cluster.quantize import calibration_inputs, quantize_onnx
     from cluster.export import export_teacher
     from models import create_model, load_weights
@@ -308,9 +308,9 @@ def render(res, rounds_done, args, configs, maes, n_eval, kernels, machine) -> s
         f" ({machine['wall_s']:.0f} s). Network only (seeded normalised input, no decode/resize); img/s = images / "
         "wall s, img/CPU-s = images / CPU s of the process. scfnet_m3 = the KD student "
         f"`{_shown(args.weights)}` ({machine['student']}); dedecoder_m3 = "
-        "random init (speed only). onnx-fp32-fixed = the graph a predictor runs (`sodkd predict`, `serve`: "
-        "exported at its working size, height and width fixed); onnx-fp32 = `sodkd export`'s, free height and "
-        f"width. INT8 = ONNX Runtime static quantisation, per-channel int8 weights (7-bit range), uint8 "
+        "random init (speed only). onnx-fp32 = the graph `sodkd export` writes and a predictor runs (free "
+        "height and width); onnx-fp32-fixed = the same exported at each measured size (height and width fixed). "
+        f"INT8 = ONNX Runtime static quantisation, per-channel int8 weights (7-bit range), uint8 "
         f"activations, MinMax calibration on {args.calibration_count} images of {args.calibration}.",
         "",
         f"#### scfnet_m3 at {head[0]} px, batch {head[1]}, {head[2]} thread (the issue's target: >= 60x U2Net-p, "

@@ -61,9 +61,9 @@ def export_teacher(model: nn.Module, path: str | os.PathLike, fmt: Literal["onnx
     graph maps the normalised image ``(x - mean) / std``, float32 (N, 3, H, W), to probabilities
     (N, 1, H, W); N is dynamic, and so are H and W in multiples of 32 when ``input_size`` (default
     ``model.input_size``) is one and ``fixed_size`` is false (``meta["dynamic_hw"]``), else they are fixed at it:
-    a fixed-size graph skips the shape arithmetic of the resizes (7-12% faster in ONNX Runtime in one side-by-side
-    probe, within the noise in ``benchmarks/inference.py``'s loaded runs); predictors export at their working
-    size. The metadata (model name and config, mean, std, working size, I/O description, ``extra_meta``) is
+    in ``benchmarks/inference.py`` (row ``onnx-fp32-fixed``) a fixed-size graph was 5-6% *slower* in ONNX
+    Runtime than the free-size one on this project's AVX2 CPU (7-12% faster in one earlier probe), so predictors
+    keep the free-size export and ``fixed_size`` is there to measure it. The metadata (model name and config, mean, std, working size, I/O description, ``extra_meta``) is
     stored as JSON under ``sodkd_teacher`` in the ONNX ``metadata_props`` / the ``.pt2`` extra files. The file is
     written atomically (temporary name + rename). Returns the metadata.
 

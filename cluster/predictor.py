@@ -22,8 +22,7 @@ fastest backend measured for the device (``benchmarks/RESULTS.md``, section ``in
 size, batch and thread count measured), ``eager`` on a GPU, and ``eager`` for a video model (it streams its own
 state). The exports a predictor makes from weights are kept in an export cache (:func:`export_cache_dir`:
 ``$SODKD_CACHE/exports``, else ``$XDG_CACHE_HOME/sodkd/exports``, ``~/.cache/sodkd/exports``), one file per
-weights hash, size, format and exporter, fixed at that size (no free height and width: no shape arithmetic
-left for ONNX Runtime), so only the first run of a weights file pays for the export; where
+weights hash, size, format and exporter, so only the first run of a weights file pays for the export; where
 no cache folder is writable, a temporary folder per predictor is used. The engine is the teacher machinery of :mod:`cluster.teachers`
 (same loaders, same preprocessing, same cards), with images of any size in and maps at each image's size out:
 each image is resized to the working size ``S`` (PIL bilinear, as :func:`kd.augment.preprocess`), normalised
@@ -264,13 +263,13 @@ def _export_of(model: torch.nn.Module, weights_hash: str, size: int, fmt: str, e
     the weights hash, model config, size, format, exporter, export format version and torch version."""
     from cluster.teachers import EXPORT_FORMAT_VERSION
     key = repr((weights_hash, getattr(model, "config", {}), size, fmt, exporter if fmt == "onnx" else "",
-                EXPORT_FORMAT_VERSION, str(torch.__version__), "fixed"))
+                EXPORT_FORMAT_VERSION, str(torch.__version__)))
     name = f"{model.name}-{size}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.{fmt}"
     path: Path | None = export_cache_dir() / name
     try:
         if not path.is_file():   # export_teacher writes atomically: a concurrent reader sees all or nothing
             path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-            export_teacher(model, path, fmt, input_size=size, onnx_exporter=exporter, fixed_size=True)
+            export_teacher(model, path, fmt, input_size=size, onnx_exporter=exporter)
     except OSError:              # no writable cache: export for this predictor only
         path = None
     if path is not None:
@@ -278,7 +277,7 @@ def _export_of(model: torch.nn.Module, weights_hash: str, size: int, fmt: str, e
         return
     with tempfile.TemporaryDirectory(prefix="sodkd-predictor-") as tmp:
         path = Path(tmp) / name
-        export_teacher(model, path, fmt, input_size=size, onnx_exporter=exporter, fixed_size=True)
+        export_teacher(model, path, fmt, input_size=size, onnx_exporter=exporter)
         yield path
 
 

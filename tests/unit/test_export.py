@@ -45,3 +45,23 @@ def test_export_rejects_mismatched_spec_torchscript_and_exported_input(tmp_path,
     res = subprocess.run([sys.executable, "-m", "jobs.cli", "export", "--model", str(tmp_path / "nope.onnx"),
                           "--output", str(tmp_path / "y.onnx")], capture_output=True, text=True)
     assert res.returncode == 2 and "already exported" in res.stderr
+
+
+def test_fixed_size_export_pins_height_and_width_and_keeps_the_maps(tmp_path, weights):
+    import onnx
+    import onnxruntime as ort
+
+    from cluster.export import export_teacher
+    from models import load_weights
+    model = load_weights(weights)
+    x = np.random.default_rng(0).standard_normal((2, 3, 64, 64)).astype(np.float32)
+    out = {}
+    for fixed in (False, True):
+        path = tmp_path / f"m3-{fixed}.onnx"
+        meta = export_teacher(model, path, "onnx", input_size=64, onnx_exporter="torchscript", fixed_size=fixed)
+        assert meta["dynamic_hw"] is (not fixed) and read_export_metadata(str(path))["dynamic_hw"] is (not fixed)
+        dims = onnx.load(str(path)).graph.input[0].type.tensor_type.shape.dim
+        assert [d.dim_value or d.dim_param for d in dims][2:] == ([64, 64] if fixed else ["height", "width"])
+        assert dims[0].dim_param                                  # the batch stays free either way
+        out[fixed] = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"image": x})[0]
+    np.testing.assert_allclose(out[True], out[False], atol=1e-5)

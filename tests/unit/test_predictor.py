@@ -75,12 +75,6 @@ def test_auto_runs_weights_on_cpu_through_a_cached_onnx_export(files, images, mo
     cached = sorted(export_cache_dir().iterdir())
     assert [p.suffix for p in cached] == [".onnx"] and cached[0].name.startswith(f"scfnet_m3-{SIZE}-")
     stamp = cached[0].stat().st_mtime_ns
-    # the export is fixed at the working size (batch free, height and width not): the faster graph
-    import onnx
-    from cluster.export import read_export_metadata
-    dims = onnx.load(str(cached[0])).graph.input[0].type.tensor_type.shape.dim
-    assert [d.dim_value or d.dim_param for d in dims][1:] == [3, SIZE, SIZE] and dims[0].dim_param
-    assert read_export_metadata(str(cached[0]))["dynamic_hw"] is False
     ref = Predictor.load(files / "m3.pt", backend="eager", fold_bn=False).predict(images)
     again = Predictor.load(files / "m3.pt")                     # the second load reuses the export
     assert sorted(export_cache_dir().iterdir()) == cached and cached[0].stat().st_mtime_ns == stamp
