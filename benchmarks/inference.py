@@ -294,8 +294,6 @@ def render(res, rounds_done, args, configs, maes, n_eval, kernels, machine) -> s
 
     head = (352, 1, 1)
     ref = maes["fp32 eager (reference)"]
-    backend_of = {"eager": "eager", "onnx-fp32": "onnx-fp32", "pt2": "pt2", "onnx-int8-qdq": "onnx-int8-qdq",
-                  "onnx-int8-qoperator": "onnx-int8-qoperator", "onnx-fp32-fixed": "onnx-fp32-fixed"}
     lines = [
         "### Inference engines: students vs. peers on this CPU (benchmarks/inference.py)",
         "",
@@ -324,7 +322,7 @@ def render(res, rounds_done, args, configs, maes, n_eval, kernels, machine) -> s
         if not lab.startswith("scfnet_m3"):
             continue
         b = lab.split(" ", 1)[1]
-        mae = maes.get(backend_of.get(b, b))
+        mae = maes.get(b)       # accuracy() names each backend as the runners do
         lines.append(f"| {b} | {ips[(lab, head)]:.1f} | {ipcs[(lab, head)]:.1f} | {ratio(lab, 'U2Net-p', head):.1f} "
                      f"| {ratio(lab, 'CSNet-L-x1', head):.2f} | {ratio(lab, 'CSNet-L-x2', head):.2f} | "
                      f"{mae:.4f} | {mae - ref:+.4f} |")

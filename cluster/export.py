@@ -63,9 +63,10 @@ def export_teacher(model: nn.Module, path: str | os.PathLike, fmt: Literal["onnx
     ``model.input_size``) is one and ``fixed_size`` is false (``meta["dynamic_hw"]``), else they are fixed at it:
     in ``benchmarks/inference.py`` (row ``onnx-fp32-fixed``) a fixed-size graph was 5-6% *slower* in ONNX
     Runtime than the free-size one on this project's AVX2 CPU (7-12% faster in one earlier probe), so predictors
-    keep the free-size export and ``fixed_size`` is there to measure it. The metadata (model name and config, mean, std, working size, I/O description, ``extra_meta``) is
-    stored as JSON under ``sodkd_teacher`` in the ONNX ``metadata_props`` / the ``.pt2`` extra files. The file is
-    written atomically (temporary name + rename). Returns the metadata.
+    keep the free-size export and ``fixed_size`` is there to measure it. The metadata (model name and config,
+    mean, std, working size, I/O description, ``extra_meta``) is stored as JSON under ``sodkd_teacher`` in the
+    ONNX ``metadata_props`` / the ``.pt2`` extra files. The file is written atomically (temporary name +
+    rename). Returns the metadata.
 
     ``onnx_exporter``: ``dynamo`` (``torch.export``, the supported path) or ``torchscript`` (the older,
     faster tracer-based ONNX exporter; it writes ONNX, not TorchScript). sodkd no longer writes TorchScript

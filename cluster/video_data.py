@@ -206,7 +206,12 @@ class ClipSet:
         """Clip ``index`` as ``frames (T, size, size, 3) uint8`` and ``labels (T, size, size) float32``."""
         seed = int(rng.integers(0, 2**63 - 1))
         frames, labels = [], []
-        for row in self.clips[index]:
+        rows = self.clips[index]
+        for t, row in enumerate(rows):
+            if t and row == rows[t - 1]:        # a still's copies: the same row under the same draw
+                frames.append(frames[-1])
+                labels.append(labels[-1])
+                continue
             frame, label = self._row(row)
             if self.augmenter is not None:
                 frame, label = self.augmenter(np.random.default_rng(seed), frame, label)
