@@ -99,14 +99,17 @@ CYCLES = {"fs-c2": ("fs", REPO / "weights" / "fs-scfnet_m3.fp16.pt", 0.02, "seco
           "kd-sharp-slim": ("kd-sharp", REPO / "weights" / "kd-scfnet_m3-from-csnet-L-x2.fp16.pt", 0.02,
                             "ninth (slimmed to x0.3, c = 8)"),
           "fs-slim2": ("fs", OUT / "weights" / "fs-slim.fp16.pt", 0.01, "tenth (at x0.3, c = 8)"),
-          "kd-sharp-slim2": ("kd-sharp", OUT / "weights" / "kd-sharp-slim.fp16.pt", 0.01, "tenth (at x0.3, c = 8)")}
+          "kd-sharp-slim2": ("kd-sharp", OUT / "weights" / "kd-sharp-slim.fp16.pt", 0.01, "tenth (at x0.3, c = 8)"),
+          "fs-slim25": ("fs", REPO / "weights" / "fs-scfnet_m3.fp16.pt", 0.02, "ninth (slimmed to x0.25, c = 8)"),
+          "kd-sharp-slim25": ("kd-sharp", REPO / "weights" / "kd-scfnet_m3-from-csnet-L-x2.fp16.pt", 0.02,
+                              "ninth (slimmed to x0.25, c = 8)")}
 # (tenth pass) the capacity route: the cycle starts from its file with the decoder widened function-preservingly
 # (models.scfnet.widen_decoder, Net2WiderNet; noise 0.01 breaks the copies' symmetry): name -> decoder width
 WIDEN = {"fs-w32": 32, "kd-sharp-w32": 32, "fs-w48": 48, "kd-sharp-w48": 48}
 # (twelfth pass, issue 12) the fast student: the c = 48 files slimmed (models.scfnet.slim: the encoder to
 # MobileNetV3 x0.3, the decoder to c = 8, keeping each layer's largest-|BN gamma| channels), then a cycle of
 # fine-tuning: name -> (width_mult, decoder width)
-SLIM = {"fs-slim": (0.3, 8), "kd-sharp-slim": (0.3, 8)}
+SLIM = {"fs-slim": (0.3, 8), "kd-sharp-slim": (0.3, 8), "fs-slim25": (0.25, 8), "kd-sharp-slim25": (0.25, 8)}
 # a views run that learns from the first N views only (by their draw index, so the mix of kinds is the draw's):
 # with 3,370 views an epoch is 740 steps and five of them make 3,700, against KD's 7 x 529 and FS's 12 x 310
 VIEW_SUBSET = {"kd-views-c6": 3370}
@@ -324,7 +327,9 @@ def evaluate_all(section: str, results: Path, threads: int, only: str | None = N
                                   "widened again, from c = 32 to 48)",
              "reference-runs-12": "twelfth pass (the fast student: the eleventh pass's files slimmed to x0.3, c = 8, "
                                   "then a ninth cycle)",
-             "reference-runs-13": "thirteenth pass (the fast student's second cycle at x0.3, c = 8)"}
+             "reference-runs-13": "thirteenth pass (the fast student's second cycle at x0.3, c = 8)",
+             "reference-runs-14": "fourteenth pass (the eleventh pass's files slimmed further, to x0.25, c = 8: does "
+                                  "a smaller student widen KD's margin?)"}
     start = {"reference-runs-5": "the fourth pass's weights (FS: the third-pass file, 3,720 steps; KD: `kd-sharp`, 3,703 "
                                  "steps; sha256 f7992f1c0988dcc2 and 36f492c1fe2598b5, the files `weights/` held at commit "
                                  f"bb205c7) given a second cycle (lr {CYCLES['fs-c2'][2]} warm-up + cosine to {LR / 50:g}; the steps "
@@ -376,6 +381,11 @@ def evaluate_all(section: str, results: Path, threads: int, only: str | None = N
              "reference-runs-13": "the twelfth pass's slim files (FS: `fs-slim`, 5,580 steps at x0.3 / c = 8; KD: "
                                   "`kd-sharp-slim`, 5,290 steps) given a tenth cycle (lr "
                                   f"{CYCLES['fs-slim2'][2]} warm-up + cosine to {LR / 50:g}; the steps below are this "
+                                  "cycle's)",
+             "reference-runs-14": "the eleventh pass's files (as the twelfth pass: sha256 564c32d5d190fecf and "
+                                  "6db039c0c8785c60) slimmed by `models.scfnet.slim` to a MobileNetV3 x0.25 encoder "
+                                  "and a c = 8 decoder and given a ninth cycle (lr "
+                                  f"{CYCLES['fs-slim25'][2]} warm-up + cosine to {LR / 50:g}; the steps below are this "
                                   "cycle's)"}
     from models import count_params, load_weights
     sizes = sorted({count_params(load_weights(next(w for w in st["weights"] if w.endswith(".fp16.pt"))))
