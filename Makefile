@@ -25,11 +25,18 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet --no-deps --upgrade --target $(VENV)/refmodels "torchvision>=0.28,<0.29" "timm>=1.0,<2"
 	touch $(STAMP)
 
+# The backbone-loading tests compare against torchvision's and timm's own models, installed off the venv's path
+# (refmodels above); they run in a process of their own with that path, so no other test imports them.
+REFTESTS := tests/unit/test_backbone_weights.py
+REFPATH  := PYTHONPATH=$(VENV)/refmodels
+
 test: setup
-	$(BIN)/python -m pytest -q -ra $(PYTEST_ARGS) tests
+	$(BIN)/python -m pytest -q -ra $(PYTEST_ARGS) --ignore=$(REFTESTS) tests
+	$(REFPATH) $(BIN)/python -m pytest -q -ra $(PYTEST_ARGS) $(REFTESTS)
 
 unit: setup
-	$(BIN)/python -m pytest -q tests/unit
+	$(BIN)/python -m pytest -q --ignore=$(REFTESTS) tests/unit
+	$(REFPATH) $(BIN)/python -m pytest -q $(REFTESTS)
 
 integration: setup
 	$(BIN)/python -m pytest -q tests/integration
