@@ -119,6 +119,13 @@ VIEW_SUBSET = {"kd-views-c6": 3370}
 SEEDS = {f"{b}-s{s}": (b, s) for s in (1, 2) for b in ("fs-slim", "kd-sharp-slim")}
 for _k, (_b, _s) in SEEDS.items():
     CYCLES[_k], SLIM[_k] = CYCLES[_b], SLIM[_b]
+
+
+def run_seed(name: str) -> int:
+    """The ``run.seed`` of run ``name``: its ``SEEDS`` entry's, else 0."""
+    return SEEDS.get(name, ("", 0))[1]
+
+
 for _k, (_base, _w, _lr, _nth) in CYCLES.items():
     RUNS[_k] = (RUNS[_base][0], RUNS[_base][1], RUNS[_base][2] + f"; + {'an' if _nth[0] in 'aeio' else 'a'} {_nth} cycle (lr {_lr}) from "
                 f"`{_w.relative_to(REPO)}`" + (f"; seed {SEEDS[_k][1]}" if _k in SEEDS else ""))
@@ -215,7 +222,7 @@ def train_config(name: str, steps: int) -> dict:
         "optim": {"epochs": epochs, "batch_size": BATCH, "lr": LR, "lr_start": LR / 20, "lr_final": LR / 50,
                   "warmup_epochs": min(0.5, 100 / per_epoch), "backbone_lr_mult": 1.0, "nesterov": True},
         "scaling": {"num_workers": 1, "cpus_per_worker": 1.0, "torch_threads": 1},
-        "run": {"name": name, "storage": str(OUT / "runs"), "max_failures": 2, "seed": SEEDS.get(name, ("", 0))[1]},
+        "run": {"name": name, "storage": str(OUT / "runs"), "max_failures": 2, "seed": run_seed(name)},
         "mlflow": {"uri": f"sqlite:///{OUT / 'mlflow.db'}", "experiment": "sodkd-reference",
                    "registered_model": None, "log_every": 20, "onnx": False},
         "output": {"dir": str(OUT / "weights"), "fp16": True},
@@ -321,8 +328,7 @@ def evaluate_all(section: str, results: Path, threads: int, only: str | None = N
     # hold seed repeats, each row's ratio is to the FS run of its own seed
     fss = [(st, ev) for st, ev in rows if st["mode"] == "supervised" and st["name"].startswith("fs")]
     fs = fss[0][1] if fss else None
-    seed_of = lambda name: SEEDS.get(name, ("", 0))[1]  # noqa: E731
-    fs_of = {seed_of(st["name"]): ev for st, ev in reversed(fss)}
+    fs_of = {run_seed(st["name"]): ev for st, ev in reversed(fss)}
     title = {"reference-runs-3": "third pass", "reference-runs-4": "fourth pass (block-shuffled epochs)",
              "reference-runs-5": "fifth pass (a second cosine cycle from the fourth pass's weights)",
              "reference-runs-6": "sixth pass (a third cosine cycle from the fifth pass's weights)",
@@ -425,7 +431,7 @@ def evaluate_all(section: str, results: Path, threads: int, only: str | None = N
                  f"{m['mae'] / fs['metrics']['mae']:.2f} |" if fs else "")
     for st, ev in rows:
         m = ev["metrics"]
-        ref = fs_of.get(seed_of(st["name"]), fs)
+        ref = fs_of.get(run_seed(st["name"]), fs)
         ratio = f"{m['mae'] / ref['metrics']['mae']:.2f}" if ref else "-"
         lines.append(f"| `{st['name']}` | {st['what']} | {st['steps']} | {st['train_wall_s'] / 60:.0f} min | "
                      f"{m['mae']:.3f} | {m['sm']:.3f} | {m['fm_max']:.3f} | {m['em_mean']:.3f} | "
