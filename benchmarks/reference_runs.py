@@ -347,7 +347,8 @@ def evaluate_all(section: str, results: Path, threads: int, only: str | None = N
              "reference-runs-14": "fourteenth pass (the eleventh pass's files slimmed further, to x0.25, c = 8: does "
                                   "a smaller student widen KD's margin?)",
              "reference-runs-15": "fifteenth pass (the twelfth pass's two runs again with seed 1: how far apart are "
-                                  "single runs of one recipe?)"}
+                                  "single runs of one recipe?)",
+             "reference-runs-16": "sixteenth pass (the twelfth pass's two runs a third time, with seed 2)"}
     start = {"reference-runs-5": "the fourth pass's weights (FS: the third-pass file, 3,720 steps; KD: `kd-sharp`, 3,703 "
                                  "steps; sha256 f7992f1c0988dcc2 and 36f492c1fe2598b5, the files `weights/` held at commit "
                                  f"bb205c7) given a second cycle (lr {CYCLES['fs-c2'][2]} warm-up + cosine to {LR / 50:g}; the steps "
@@ -409,6 +410,7 @@ def evaluate_all(section: str, results: Path, threads: int, only: str | None = N
                                   "same start files) and given its ninth cycle (lr "
                                   f"{CYCLES['fs-slim-s1'][2]} warm-up + cosine to {LR / 50:g}) with `run.seed` 1 in "
                                   "place of 0 (data order, augmentation draws, torch's initial state)"}
+    start["reference-runs-16"] = start["reference-runs-15"].replace("`run.seed` 1", "`run.seed` 2")
     from models import count_params, load_weights
     sizes = sorted({count_params(load_weights(next(w for w in st["weights"] if w.endswith(".fp16.pt"))))
                     for st, _ in rows})
