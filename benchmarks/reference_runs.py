@@ -117,6 +117,10 @@ VIEW_SUBSET = {"kd-views-c6": 3370}
 # augmentation draws, torch's initial state; the slimmed start is the same file): how far apart are single runs of
 # one recipe? name -> (the run it repeats, seed); the twelfth pass's own runs are seed 0
 SEEDS = {f"{b}-s{s}": (b, s) for s in (1, 2) for b in ("fs-slim", "kd-sharp-slim")}
+# (sixteenth pass) where KD's margin comes from: seed 2's KD run learning from the 4,966 DUTS-TR images of its pool
+# only (the FS student's images, without their masks), so the 3,509 images from other sets are all it lacks
+DUTS_ONLY = {"kd-sharp-slim-duts-s2"}
+SEEDS["kd-sharp-slim-duts-s2"] = ("kd-sharp-slim", 2)
 for _k, (_b, _s) in SEEDS.items():
     CYCLES[_k], SLIM[_k] = CYCLES[_b], SLIM[_b]
 
@@ -128,7 +132,8 @@ def run_seed(name: str) -> int:
 
 for _k, (_base, _w, _lr, _nth) in CYCLES.items():
     RUNS[_k] = (RUNS[_base][0], RUNS[_base][1], RUNS[_base][2] + f"; + {'an' if _nth[0] in 'aeio' else 'a'} {_nth} cycle (lr {_lr}) from "
-                f"`{_w.relative_to(REPO)}`" + (f"; seed {SEEDS[_k][1]}" if _k in SEEDS else ""))
+                f"`{_w.relative_to(REPO)}`" + (f"; seed {SEEDS[_k][1]}" if _k in SEEDS else "")
+                + ("; the pool's 4,966 DUTS-TR images only" if _k in DUTS_ONLY else ""))
 
 # the KD-loss ablation at a shorter budget (all four rows at the same steps): abl-dice, abl-bce, ...
 RUNS.update({"abl-" + k[3:]: v for k, v in list(RUNS.items()) if k.startswith("kd-")})
@@ -189,6 +194,17 @@ def views_subset(count: int) -> Path:
     return d
 
 
+def duts_pool() -> Path:
+    """A folder of symlinks to the KD pool's DUTS-TR images alone, keyed like the pool (``duts/NAME.jpg``), so the
+    pool's labels join it by id."""
+    d = OUT / "data" / "kd-pool-duts" / "duts"
+    d.mkdir(parents=True, exist_ok=True)
+    for f in (OUT / "data" / "kd-pool" / "duts").glob("*.jpg"):
+        if not (d / f.name).exists():
+            os.symlink(f.resolve(), d / f.name)
+    return d.parent
+
+
 def reshaped(init: Path, name: str) -> Path:
     """``init`` with its decoder widened (``WIDEN``) or the whole model slimmed (``SLIM``) for run ``name``,
     written once per run, so a resumed run reuses it; the file's header gives the model its widths
@@ -210,7 +226,8 @@ def train_config(name: str, steps: int) -> dict:
     mode, loss, _ = RUNS[name]
     views = name == "kd-views" or CYCLES.get(name, ("",))[0] == "kd-views"     # its rows: the pool + the views
     view_dir = views_subset(VIEW_SUBSET[name]) if name in VIEW_SUBSET else VIEWS
-    rows = 4966 if mode == "supervised" else 8475 + (len(list(view_dir.glob("*.jpg"))) if views else 0)
+    rows = 4966 if mode == "supervised" or name in DUTS_ONLY else \
+        8475 + (len(list(view_dir.glob("*.jpg"))) if views else 0)
     per_epoch = rows // BATCH
     epochs = max(1, math.ceil(steps / per_epoch))
     cfg = {
@@ -237,7 +254,8 @@ def train_config(name: str, steps: int) -> dict:
     if mode == "supervised":
         cfg["data"]["paired"] = [{"uri": str(OUT / "data" / "duts-train")}]
     else:
-        cfg["data"]["unlabeled"] = [{"uri": str(OUT / "data" / "kd-pool"), "labels": str(LABELS)}]
+        pool = duts_pool() if name in DUTS_ONLY else OUT / "data" / "kd-pool"
+        cfg["data"]["unlabeled"] = [{"uri": str(pool), "labels": str(LABELS)}]
         if views:
             cfg["data"]["unlabeled"].append({"uri": str(view_dir), "labels": str(VIEW_LABELS)})
     return cfg
