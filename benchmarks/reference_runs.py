@@ -366,7 +366,9 @@ def evaluate_all(section: str, results: Path, threads: int, only: str | None = N
                                   "a smaller student widen KD's margin?)",
              "reference-runs-15": "fifteenth pass (the twelfth pass's two runs again with seed 1: how far apart are "
                                   "single runs of one recipe?)",
-             "reference-runs-16": "sixteenth pass (the twelfth pass's two runs a third time, with seed 2)"}
+             "reference-runs-16": "sixteenth pass (the twelfth pass's two runs a third time, with seed 2, "
+                                  "and seed 2's KD run on the pool's DUTS-TR images alone: where does KD's margin "
+                                  "come from?)"}
     start = {"reference-runs-5": "the fourth pass's weights (FS: the third-pass file, 3,720 steps; KD: `kd-sharp`, 3,703 "
                                  "steps; sha256 f7992f1c0988dcc2 and 36f492c1fe2598b5, the files `weights/` held at commit "
                                  f"bb205c7) given a second cycle (lr {CYCLES['fs-c2'][2]} warm-up + cosine to {LR / 50:g}; the steps "
