@@ -187,22 +187,24 @@ def views_subset(count: int) -> Path:
     """A folder of symlinks to the views whose draw index is below ``count`` (names are ``KIND-INDEX.jpg``); the
     views' labels join it by file name like the whole folder's."""
     d = VIEWS.parent / f"kd-views-first{count}"
-    d.mkdir(parents=True, exist_ok=True)
-    for f in VIEWS.glob("*.jpg"):
-        if int(f.stem.rsplit("-", 1)[1]) < count and not (d / f.name).exists():
-            os.symlink(f, d / f.name)
+    link_into(d, (f for f in VIEWS.glob("*.jpg") if int(f.stem.rsplit("-", 1)[1]) < count))
     return d
+
+
+def link_into(d: Path, files) -> None:
+    """Symlink each of ``files`` into folder ``d`` under its own name (made if missing; existing links kept)."""
+    d.mkdir(parents=True, exist_ok=True)
+    for f in files:
+        if not (d / f.name).exists():
+            os.symlink(f.resolve(), d / f.name)
 
 
 def duts_pool() -> Path:
     """A folder of symlinks to the KD pool's DUTS-TR images alone, keyed like the pool (``duts/NAME.jpg``), so the
     pool's labels join it by id."""
-    d = OUT / "data" / "kd-pool-duts" / "duts"
-    d.mkdir(parents=True, exist_ok=True)
-    for f in (OUT / "data" / "kd-pool" / "duts").glob("*.jpg"):
-        if not (d / f.name).exists():
-            os.symlink(f.resolve(), d / f.name)
-    return d.parent
+    d = OUT / "data" / "kd-pool-duts"
+    link_into(d / "duts", (OUT / "data" / "kd-pool" / "duts").glob("*.jpg"))
+    return d
 
 
 def reshaped(init: Path, name: str) -> Path:
