@@ -121,6 +121,15 @@ SEEDS = {f"{b}-s{s}": (b, s) for s in (1, 2) for b in ("fs-slim", "kd-sharp-slim
 # only (the FS student's images, without their masks), so the 3,509 images from other sets are all it lacks
 DUTS_ONLY = {"kd-sharp-slim-duts-s2"}
 SEEDS["kd-sharp-slim-duts-s2"] = ("kd-sharp-slim", 2)
+# (seventeenth pass) where should the sharpening live, in the targets or in the output? The DUTS-only arm, seed 2,
+# FS's schedule, with the targets sharpened harder (s = 0.25) and not at all (s = 1, ``kd-dice-bce-conf``); FS has
+# no such knob, so ``fs-slim-s2`` stays the baseline
+RUNS["kd-sharp25"] = ("distill", {"kd": {**RUNS["kd-sharp"][1]["kd"], "sharpen": 0.25}},
+                      RUNS["kd-sharp"][2].replace("s = 0.5", "s = 0.25"))
+for _b in ("kd-sharp25", "kd-dice-bce-conf"):
+    CYCLES[_b + "-slim"], SLIM[_b + "-slim"] = (_b, *CYCLES["kd-sharp-slim"][1:]), SLIM["kd-sharp-slim"]
+    DUTS_ONLY.add(_b + "-slim-duts-s2")
+    SEEDS[_b + "-slim-duts-s2"] = (_b + "-slim", 2)
 for _k, (_b, _s) in SEEDS.items():
     CYCLES[_k], SLIM[_k] = CYCLES[_b], SLIM[_b]
 
