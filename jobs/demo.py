@@ -11,7 +11,8 @@
    ``start=fs`` goes on from the FS student's weights instead, ``start=scratch`` from random weights (both need
    far more steps than a demo has: a hundred steps of a new loss on a few hundred images moved the FS student
    by -0.001 to +0.005 MAE in our runs). The best epoch is chosen on a DUTS-TR hold-out that ships with the
-   repository (``sample-data/duts-val``), never on the ECSSD images the table scores;
+   repository (``sample-data/duts-val``), never on the ECSSD images the table scores, and so is the student's
+   output scale (``output.calibrate``, :mod:`kd.calibration`; ``calibrate=false`` keeps the map as trained);
 4. the teacher, the supervised-only (FS) student and the shipped KD student (both trained for the same
    steps, size and batch: ``benchmarks/RESULTS.md``, ``reference-runs-5``) when their weights exist, and this
    demo's student are evaluated on ECSSD; a table is printed and an HTML report with saliency panels and PR
@@ -50,6 +51,7 @@ class DemoConfig:
     start: str = "kd"             # kd / fs: distil on from the shipped KD / FS student; scratch: random weights
     lr: float | None = None       # None: 0.005 from kd or fs (fine-tuning), 0.02 from scratch
     val: str = "sample-data/duts-val"   # hold-out pairs for the best epoch (never the ECSSD images scored)
+    calibrate: bool = True        # choose the demo student's output scale on `val` (sodkd calibrate)
     eval_images: int = 200        # ECSSD images scored per model
     panels: int = 6
     data: str | None = None       # root with unlabeled/ and ecssd/; None = ../shared/data or sample-data
@@ -179,7 +181,8 @@ def run_demo(cfg: DemoConfig) -> dict:
         "run": {"name": "demo-kd-scfnet_m3", "storage": str(out / "runs")},
         "mlflow": {**track, "run_name": "demo-distill", "registered_model": "sodkd-demo-scfnet_m3",
                    "log_every": 5},
-        "output": {"dir": str(out / "weights"), "fp16": False}})
+        # its output scale chosen on the same hold-out (kd.calibration), as the shipped students' were
+        "output": {"dir": str(out / "weights"), "fp16": False, "calibrate": cfg.calibrate}})
     outcome = run_training(train_cfg)
     student_w = next(w for w in outcome.weights if w.endswith(".pt") and ".fp16." not in w)
     print(f"[3/4] distilled scfnet_m3 (from {start_desc}) for "

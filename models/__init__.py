@@ -12,7 +12,7 @@ from .backbone_weights import BackboneLoadReport, BackboneWeightsError, load_bac
 from .base import SODModel
 from .complexity import count_macs, count_params
 from .registry import UnknownModelError, create_model, describe_model, list_models, register_model
-from .weights import WeightsFormatError, load_state, load_weights, read_metadata, save_weights
+from .weights import WeightsFormatError, extra_metadata, load_state, load_weights, read_metadata, save_weights
 
 # Model families register their variants on import.
 from . import scfnet  # noqa: E402,F401  isort: skip
@@ -21,7 +21,7 @@ from . import video_student  # noqa: E402,F401  isort: skip
 
 __all__ = [
     "SODModel", "register_model", "create_model", "list_models", "describe_model", "UnknownModelError",
-    "save_weights", "load_weights", "load_state", "read_metadata", "WeightsFormatError",
+    "save_weights", "load_weights", "load_state", "read_metadata", "extra_metadata", "WeightsFormatError",
     "count_params", "count_macs",
     "load_backbone_weights", "BackboneLoadReport", "BackboneWeightsError",
 ]

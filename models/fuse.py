@@ -1,4 +1,5 @@
-"""Inference-time graph simplification: BatchNorm folded into the convolution before it.
+"""Inference-time graph simplification: BatchNorm folded into the convolution before it; an output scale
+folded into the finest head (:func:`scale_output`).
 
 In eval mode a ``BatchNorm2d`` after a ``Conv2d`` is an affine map per output channel, so the pair is one
 convolution with ``W' = W * g / sqrt(var + eps)`` and ``b' = (b - mean) * g / sqrt(var + eps) + beta``
@@ -12,10 +13,11 @@ from __future__ import annotations
 
 import copy
 
+import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-__all__ = ["fold_batchnorm", "count_batchnorm"]
+__all__ = ["fold_batchnorm", "count_batchnorm", "scale_output"]
 
 
 def fold_batchnorm(model: nn.Module) -> nn.Module:
@@ -41,3 +43,24 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
 def count_batchnorm(model: nn.Module) -> int:
     """How many ``BatchNorm2d`` modules ``model`` still has (0 after folding one of this package's models)."""
     return sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+
+
+def scale_output(model: nn.Module, scale: float) -> nn.Module:
+    """``model`` (changed in place and returned) with its finest head's logits multiplied by ``scale``.
+
+    The finest map is ``heads[0]`` in every student of this package (SCFNet's out2, the DEDecoder's out1, the
+    video student's), a ``Conv2d`` whose output is only upsampled bilinearly before the sigmoid: scaling its
+    weight and bias scales the logits exactly, so ``predict`` becomes ``sigmoid(scale * z)`` at no cost
+    (:mod:`kd.calibration` says why and how the scale is chosen). The coarser heads, which only train or guide,
+    are left alone.
+    """
+    if not scale > 0:
+        raise ValueError(f"scale_output: scale must be > 0, got {scale}")
+    heads = getattr(model, "heads", None)
+    if not isinstance(heads, nn.ModuleList) or not len(heads) or not isinstance(heads[0], nn.Conv2d):
+        raise ValueError(f"scale_output: {type(model).__name__} has no conv head heads[0] to scale")
+    with torch.no_grad():
+        heads[0].weight.mul_(scale)
+        if heads[0].bias is not None:
+            heads[0].bias.mul_(scale)
+    return model

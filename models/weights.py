@@ -31,7 +31,7 @@ from .base import SODModel
 from .complexity import count_params
 from .registry import create_model
 
-__all__ = ["save_weights", "load_weights", "load_state", "read_metadata", "WeightsFormatError"]
+__all__ = ["save_weights", "load_weights", "load_state", "read_metadata", "extra_metadata", "WeightsFormatError"]
 
 FORMAT = "sodkd-weights"
 FORMAT_VERSION = 1
@@ -124,6 +124,12 @@ def _load_payload(path: PathOrFile, map_location: Any = "cpu", mmap: bool = Fals
     if not isinstance(payload, dict):
         raise WeightsFormatError(f"{_name(path)}: expected a dict, found {type(payload).__name__}")
     return payload
+
+
+def extra_metadata(meta: dict[str, Any]) -> dict[str, Any]:
+    """The entries of a header that :func:`save_weights` takes back as ``extra_meta`` (all but the reserved ones):
+    what a tool that rewrites a file keeps of the old header."""
+    return {k: v for k, v in meta.items() if k not in _RESERVED}
 
 
 def read_metadata(path: PathOrFile) -> dict[str, Any]:

@@ -110,6 +110,7 @@ def apply_start_weights(model, cfg: TrainConfig, verbose: bool = True) -> None:
     import io
 
     from models import load_backbone_weights, load_state
+    from models.fuse import scale_output
     m = cfg.model
     if m.backbone_weights:
         fs, path = storage.get_filesystem(m.backbone_weights, cfg.s3)
@@ -128,10 +129,28 @@ def apply_start_weights(model, cfg: TrainConfig, verbose: bool = True) -> None:
         fs, path = storage.get_filesystem(m.init_weights, cfg.s3)
         if not storage.exists(fs, path):
             raise ConfigError(f"model.init_weights: file not found: {m.init_weights}")
+        data = storage.read_bytes(fs, path)
         try:
-            load_state(model, io.BytesIO(storage.read_bytes(fs, path)))
+            load_state(model, io.BytesIO(data))
         except ValueError as e:
             raise ConfigError(f"model.init_weights: {m.init_weights}: {e}") from e
+        scale = _output_scale(data)
+        if scale != 1.0:          # a calibrated file (sodkd calibrate): train on from the model as trained
+            scale_output(model, 1.0 / scale)
+            if verbose:
+                log.info("model.init_weights %s: its output scale %g undone (training goes on from the model as "
+                         "trained; output.calibrate chooses a new one)", m.init_weights, scale)
+
+
+def _output_scale(data: bytes) -> float:
+    """The ``output_scale`` a weights file's header records (1 for a file without one, or without a header)."""
+    import io
+
+    from models import WeightsFormatError, read_metadata
+    try:
+        return float(read_metadata(io.BytesIO(data)).get("output_scale", 1.0))
+    except WeightsFormatError:
+        return 1.0
 
 
 class _Float32Outputs:

@@ -38,7 +38,7 @@ from kd.config import ConfigError, to_dict
 log = logging.getLogger(__name__)
 
 __all__ = ["TrainOutcome", "run_training", "Trained", "train_and_export", "ensure_ray", "launch", "checkpoint_uri",
-           "export_final", "steps_per_epoch"]
+           "export_final", "calibrate_final", "steps_per_epoch"]
 
 
 @dataclasses.dataclass
@@ -109,6 +109,8 @@ def export_final(cfg: RunConfig, best_path: str, run_id: str | None, metrics: Ma
     meta = {k: v for k, v in json.load(open(os.path.join(os.path.dirname(best_path), META_FILE))).items()
             if k in ("epoch", "step", "best_mae", "best_epoch")}
     extra = {"run_name": cfg.run.name, "mode": cfg.mode, **meta, "mlflow_run_id": run_id}
+    if cfg.output.calibrate:
+        extra.update(calibrate_final(cfg, model, run_id, input_size))
     out_uri = cfg.output.dir or storage.join(cfg.run.storage.rstrip("/"), cfg.run.name, "final")
     fs, out_root = storage.get_filesystem(out_uri, cfg.s3)
     written = []
@@ -124,6 +126,24 @@ def export_final(cfg: RunConfig, best_path: str, run_id: str | None, metrics: Ma
         if run_id is not None:
             version = log_student(cfg.mlflow, cfg.run.name, model, run_id, tmp, metrics, input_size)
     return written, version
+
+
+def calibrate_final(cfg: RunConfig, model, run_id: str | None, input_size: int) -> dict[str, Any]:
+    """``output.calibrate``: the output scale chosen on ``val.uri`` and folded into ``model`` (in place); returns the
+    header entries, and logs the scale and the before / after figures to the run."""
+    from cluster.calibrate import calibrate_model
+    from cluster.catalog import paired_folder
+    cat = paired_folder(cfg.val.uri, cfg.s3, limit=cfg.val.limit)
+    choice, record = calibrate_model(model, cat, cfg.val.uri, input_size, max_s_drop=cfg.output.max_s_drop)
+    log.info("output.calibrate: scale %g on %d pairs, val MAE %.4f -> %.4f, S %.4f -> %.4f", choice.scale,
+             choice.images, record["mae_before"], record["mae_after"], record["sm_before"], record["sm_after"])
+    if run_id:
+        from mlflow.entities import Metric
+        now = int(time.time() * 1000)
+        figures = {"calibration/scale": choice.scale, "calibration/val_mae": record["mae_after"],
+                   "calibration/val_sm": record["sm_after"]}
+        mlflow_client(cfg.mlflow).log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in figures.items()])
+    return {"output_scale": choice.scale, "calibration": record}
 
 
 def steps_per_epoch(rows: int, batch_size: int, workers: int) -> int:

@@ -250,10 +250,20 @@ class RunSection:
 @dataclasses.dataclass(frozen=True)
 class OutputConfig:
     """Where the job writes the final (best by val/mae, else last) weights: ``<dir>/<run name>.pt`` and,
-    with ``fp16``, ``<run name>.fp16.pt``. None = ``<storage>/<name>/final``."""
+    with ``fp16``, ``<run name>.fp16.pt``. None = ``<storage>/<name>/final``.
+
+    ``calibrate``: choose the output scale on the validation pairs (``val.uri``) before writing, as ``sodkd
+    calibrate`` does (:mod:`kd.calibration`: a lower MAE for at most ``max_s_drop`` of S), and fold it into the
+    files; the scale and the before / after figures go into the files' header and the MLflow run."""
 
     dir: str | None = None
     fp16: bool = True
+    calibrate: bool = False
+    max_s_drop: float = 0.005
+
+    def __post_init__(self) -> None:
+        if not self.max_s_drop >= 0:
+            raise ConfigError(f"output.max_s_drop: must be >= 0, got {self.max_s_drop}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -334,6 +344,8 @@ class TrainConfig:
                 if u.labels is None and not d.teacher.teachers:
                     raise ConfigError(f"data.unlabeled[{i}].labels: no offline labels and no data.teacher for "
                                       "online labels")
+        if self.output.calibrate and not self.val.uri:
+            raise ConfigError("output.calibrate: the scale is chosen on validation pairs; set val.uri")
         self.debug.check(self.scaling.num_workers)
         self.scaling.per_worker(self.optim.batch_size)
 

@@ -169,6 +169,9 @@ class VideoTrainConfig:
                               "loss.relation_target: teacher_features), so a teacher weights file is required")
         if self.scaling.strategy != "ddp":
             raise ConfigError("scaling.strategy: the video trainer supports ddp only")
+        if self.output.calibrate:
+            raise ConfigError("output.calibrate: the video trainer validates on sequences; calibrate its file on "
+                              "image pairs with `sodkd calibrate --weights FILE --val ROOT`")
         self.debug.check(self.scaling.num_workers)
         self.scaling.per_worker(self.optim.batch_size)
 

@@ -276,14 +276,21 @@ def test_two_gloo_workers_resume_on_s3(ray_cluster, data, tmp_path, s3_endpoint)
     keys = [o["Key"] for o in s3.list_objects_v2(Bucket=BUCKET, Prefix="runs/ddp2/")["Contents"]]
     assert any(k.endswith("/meta.json") for k in keys) and any(k.endswith("/best.pt") for k in keys)
 
-    out2 = run_training(load_train_config(_config(data, tmp_path, "ddp2", **{**over, "optim.epochs": 2})))
+    # the second submission also calibrates the output on the validation pairs before writing the files
+    out2 = run_training(load_train_config(_config(data, tmp_path, "ddp2", **{**over, "optim.epochs": 2,
+                                                                            "output.calibrate": True})))
     assert out2.resumed_from == [1] and out2.metrics["epoch"] == 2 and out2.metrics["step"] == 4
+    meta = read_metadata(out2.weights[0])
+    cal = meta["calibration"]
+    assert meta["output_scale"] == cal["scale"] >= 1 and cal["pairs"] == 4 and cal["val"] == str(data["ecssd"])
+    assert cal["mae_after"] <= cal["mae_before"] and cal["sm_after"] >= cal["sm_before"] - 0.005
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
     runs = _runs(client, "ddp2")
     assert len(runs) == 1 and runs[0].info.run_id == out1.mlflow_run_id == out2.mlflow_run_id
     # exactly one point per step although two workers trained: rank 0 alone logs
     assert [s for s, _ in _history(client, out2.mlflow_run_id, S.TRAIN_LOSS)] == [1, 2, 3, 4]
     assert [s for s, _ in _history(client, out2.mlflow_run_id, S.VAL_MAE)] == [2, 4]
+    assert _history(client, out2.mlflow_run_id, "calibration/scale") == [(0, cal["scale"])]
 
 
 def test_deepspeed_zero2_worker_killed_finishes_from_checkpoint(ray_cluster, data, tmp_path):

@@ -20,7 +20,7 @@ from kd.losses import kd_dice_loss, teacher_loss
 from kd.schedule import WarmupCosine, set_lr, with_lr_mult
 from kd.step import (KDLoss, MaskLoss, batch_loss, confidence_weights, make_panel, pixel_term, sharpen_target,
                      soft_loss)
-from models import create_model
+from models import create_model, save_weights
 
 PEAK, START, FINAL = 0.064, 6.4e-4, 6.4e-4
 
@@ -229,6 +229,8 @@ def test_train_config_defaults_are_the_papers_recipe():
     ({"model.name": "scfnet_x"}, "model.name"),
     ({"optim.lr": "fast"}, "optim.lr: expected float"),
     ({"optim.warmup": 1}, "optim.warmup: unknown key"),
+    ({"output.calibrate": True, "val.uri": None}, "output.calibrate: .* set val.uri"),
+    ({"output.max_s_drop": -1}, "output.max_s_drop: must be >= 0"),
 ])
 def test_train_config_rejects_bad_input_naming_the_key(over, message):
     with pytest.raises(ConfigError, match=message):
@@ -300,6 +302,17 @@ def test_start_weights_from_config_and_clear_errors(tmp_path):
                                  "model": {"init_weights": str(tmp_path / "nope.pt")}})
     with pytest.raises(ConfigError, match=r"model\.init_weights: file not found"):
         apply_start_weights(create_model("scfnet_m3"), missing)
+    # a calibrated file (sodkd calibrate: heads[0] x 4, output_scale 4 in its header) starts training as trained
+    from models.fuse import scale_output
+    save_weights(scale_output(create_model("scfnet_m3").eval(), 4.0), tmp_path / "cal.pt",
+                 extra_meta={"output_scale": 4.0})
+    cal = load_train_config({"mode": "supervised", "data": {"paired": [{"uri": "/x"}]},
+                             "model": {"init_weights": str(tmp_path / "cal.pt")}})
+    dst = create_model("scfnet_m3")
+    apply_start_weights(dst, cal, verbose=False)
+    stored = torch.load(tmp_path / "cal.pt", weights_only=True)["state_dict"]
+    torch.testing.assert_close(dst.heads[0].weight, stored["heads.0.weight"] / 4.0)
+    torch.testing.assert_close(dst.heads[1].weight, stored["heads.1.weight"])
 
 
 def test_init_weights_of_a_widened_model_train_as_themselves(tmp_path):
