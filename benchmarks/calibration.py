@@ -8,7 +8,8 @@ FS ratio and the comparison with CSNet-L-x2 can be read both ways.
     .venv/bin/python benchmarks/calibration.py --only fs-slim-s2,kd-sharp-slim-s2 --section calibration
 
 Figures are cached in ``runs/ref/calibration.json`` (keyed by entry and file time), so a rerun scores only what
-changed. Needs ``benchmarks/reference_runs.py prepare`` (the hold-out) and the runs' files under runs/ref.
+changed. Needs ``benchmarks/reference_runs.py prepare`` (the hold-out) and the runs' files under runs/ref; the
+shipped students as trained are read from ``runs/ref/weights/uncalibrated`` (``git show b673da1:weights/FILE``).
 """
 
 from __future__ import annotations
@@ -23,8 +24,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import reference_runs as ref  # noqa: E402  (REPO on sys.path, the data layout, the teacher, RESULTS writer)
 
-W = ref.REPO / "weights"
 RW = ref.OUT / "weights"
+# the shipped students as trained: copies (``cp -p``) of the files ``weights/`` held at commit b673da1, before they
+# were replaced by their calibrated versions
+W = RW / "uncalibrated"
 # label -> (what it is, weights file or the teacher); pairs that share a seed and a start are an equal budget
 ENTRIES = {
     "teacher": ("CSNet-L-x2 + h-flip TTA (the public peer and the KD students' teacher)", None),
@@ -54,19 +57,19 @@ PAIRS = [("kd-sharp-slim-s1", "fs-slim-s1"), ("kd-sharp-slim-s2", "fs-slim-s2"),
 
 def runner(label: str, threads: int):
     """(predict: uint8 (N, S, S, 3) -> (N, S, S) probabilities, S) for an entry."""
-    import numpy as np
     import torch
 
-    from cluster.predictor import Predictor
+    from cluster.calibrate import model_predict
     from cluster.teachers import build_teacher
+    from models import load_weights
     torch.set_num_threads(threads)
     path = ENTRIES[label][1]
     if path is None:
         t = build_teacher([ref.TEACHERS["csnet-x2"]], tta="hflip", device="cpu", precision="fp32", input_size=None,
                           threads=threads)
         return (lambda ims: t.predict_tensor(ims).float().cpu().numpy()), t.input_size
-    p = Predictor.load(path, backend="eager")
-    return (lambda ims: np.stack(p.predict(ims))), p.size
+    model = load_weights(path)          # as `sodkd calibrate` runs it, so both choose the same scale
+    return model_predict(model), model.input_size
 
 
 def score(label: str, threads: int) -> dict:

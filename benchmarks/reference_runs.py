@@ -442,6 +442,9 @@ def evaluate_all(section: str, results: Path, threads: int, only: str | None = N
                                   f"{CYCLES['fs-slim-s1'][2]} warm-up + cosine to {LR / 50:g}) with `run.seed` 1 in "
                                   "place of 0 (data order, augmentation draws, torch's initial state)"}
     start["reference-runs-16"] = start["reference-runs-15"].replace("`run.seed` 1", "`run.seed` 2")
+    start["reference-runs-17"] = start["reference-runs-16"]
+    title["reference-runs-17"] = ("seventeenth pass (seed 2's KD run on the pool's DUTS-TR images alone, its targets "
+                                  "sharpened harder, s = 0.25, and not at all, s = 1: where should the sharpening live?)")
     from models import count_params, load_weights
     sizes = sorted({count_params(load_weights(next(w for w in st["weights"] if w.endswith(".fp16.pt"))))
                     for st, _ in rows})

@@ -12,7 +12,7 @@ import torch
 from tests.conftest import REPO, copy_sample, spread_student
 from jobs.cli import main
 from kd.calibration import choose_output_scale, to_logits
-from models import load_weights, read_metadata
+from models import extra_metadata, load_weights, read_metadata, save_weights
 from models.fuse import scale_output
 
 
@@ -67,14 +67,19 @@ def test_choice_follows_mae():
 
 
 def test_sodkd_calibrate_writes_a_calibrated_file_and_skips_a_corrupt_pair(tmp_path, shared_data, capsys):
-    """The shipped fast student on 12 real DUTS-TR pairs: pure MAE takes the largest scale and pays S for it; the
+    """The shipped fast student (its calibration undone) on 12 real DUTS-TR pairs: pure MAE takes the largest scale and pays S for it; the
     default guard takes a smaller one within 0.005 of S; the written file runs calibrated."""
     val = tmp_path / "val"
     for im in copy_sample(shared_data / "duts-tr" / "images", val / "images", 12, "*.jpg"):
         copy_sample(shared_data / "duts-tr" / "masks", val / "masks", 1, im.stem + ".png")
     (val / "images" / "zz-broken.jpg").write_bytes(b"not a jpeg")
     (val / "masks" / "zz-broken.png").write_bytes(next((val / "masks").glob("*.png")).read_bytes())
-    src = REPO / "weights" / "kd-scfnet_m3-x0.3-c8-from-csnet-L-x2.fp16.pt"
+    shipped = REPO / "weights" / "kd-scfnet_m3-x0.3-c8-from-csnet-L-x2.fp16.pt"      # calibrated: undo it first
+    meta = read_metadata(shipped)
+    src = tmp_path / "as-trained.pt"
+    save_weights(scale_output(load_weights(shipped), 1.0 / meta.get("output_scale", 1.0)), src,
+                 extra_meta={k: v for k, v in extra_metadata(meta).items() if k not in ("output_scale", "calibration")},
+                 half=True)
     free, guarded, out = tmp_path / "free.json", tmp_path / "guarded.json", tmp_path / "cal.pt"
     assert main(["calibrate", "--weights", str(src), "--val", str(val), "--json", str(free),
                  "--scales", "1,2,6", "--max-s-drop", "1"]) == 0
