@@ -2,11 +2,11 @@
 
 ``ROOT`` is a paired folder (``ROOT/images``, ``ROOT/masks``, matched by stem; a local path or ``s3://`` with
 credentials from the standard AWS chain). Every image runs through the weights the way ``sodkd predict`` runs them
-(resized to the size the file records, or ``--size``; eager PyTorch; :mod:`cluster.calibrate`), and each candidate scale ``k`` of
-``--scales`` turns the finest map into ``sigmoid(k z)``, scored against the masks with ``kd.metrics``
-(PySODMetrics conventions). The scale with the lowest MAE wins among those that cost at most ``--max-s-drop``
-of S-measure (0.005 by default) (:mod:`kd.calibration` says why a scale above 1
-lowers MAE without moving the 0.5 contour). The table of candidates is printed; with ``--output`` the weights are
+(resized to the size the file records, or ``--size``; eager PyTorch; :mod:`cluster.calibrate`), and each candidate
+scale ``k`` of ``--scales`` turns the finest map into ``sigmoid(k z)``, scored against the masks with
+``kd.metrics`` (PySODMetrics conventions). The scale with the lowest MAE wins among those that cost at most
+``--max-s-drop`` of S-measure (0.005 by default; :mod:`kd.calibration` says why a scale above 1 lowers MAE
+without moving the 0.5 contour). The table of candidates is printed; with ``--output`` the weights are
 written again with that scale folded into the finest head (:func:`models.fuse.scale_output`: no extra cost at
 run time), their header keeping the input file's entries and adding ``output_scale`` (the product of every
 calibration so far) and ``calibration`` (the set, the counts, MAE and S before and after). ``--json FILE`` writes
