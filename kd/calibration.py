@@ -64,8 +64,7 @@ class ScaleChoice:
 
 def to_logits(probs: np.ndarray | torch.Tensor) -> torch.Tensor:
     """Probability maps (what every runner returns) as logits, ``p`` clamped to [1e-6, 1 - 1e-6] first."""
-    p = torch.as_tensor(probs).float().clamp(1e-6, 1 - 1e-6)
-    return torch.log(p) - torch.log1p(-p)
+    return torch.logit(torch.as_tensor(probs).float(), eps=1e-6)
 
 
 def choose_output_scale(logits: Sequence[torch.Tensor], masks: Sequence[np.ndarray],

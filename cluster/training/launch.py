@@ -26,7 +26,7 @@ from typing import Any, Callable, Mapping
 
 from cluster import storage
 from cluster.raypool import ensure_ray
-from cluster.tracking import log_student, mlflow_client, open_job_run, pin_tracking_uri
+from cluster.tracking import RankTracker, log_student, mlflow_client, open_job_run, pin_tracking_uri
 from cluster.training.checkpoint import BEST_FILE, LOCAL_CKPT_PREFIX, META_FILE
 from cluster.training.data import build_train_dataset
 from cluster.training.image import apply_start_weights
@@ -137,12 +137,9 @@ def calibrate_final(cfg: RunConfig, model, run_id: str | None, input_size: int) 
     choice, record = calibrate_model(model, cat, cfg.val.uri, input_size, max_s_drop=cfg.output.max_s_drop)
     log.info("output.calibrate: scale %g on %d pairs, val MAE %.4f -> %.4f, S %.4f -> %.4f", choice.scale,
              choice.images, record["mae_before"], record["mae_after"], record["sm_before"], record["sm_after"])
-    if run_id:
-        from mlflow.entities import Metric
-        now = int(time.time() * 1000)
-        figures = {"calibration/scale": choice.scale, "calibration/val_mae": record["mae_after"],
-                   "calibration/val_sm": record["sm_after"]}
-        mlflow_client(cfg.mlflow).log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in figures.items()])
+    RankTracker(cfg.mlflow, run_id, rank=0).metrics({"calibration/scale": choice.scale, "calibration/val_mae":
+                                                     record["mae_after"], "calibration/val_sm": record["sm_after"]},
+                                                    step=0, flush=True)
     return {"output_scale": choice.scale, "calibration": record}
 
 
