@@ -69,10 +69,11 @@ def reference_info(reference: Path) -> list[str]:
 
 
 def distill(out: Path, name: str, teacher_labels: Path, init: str | None, loss: dict, log,
-            stills: dict | None = None) -> dict:
+            stills: dict | None = None, kd: dict | None = None) -> dict:
     from cluster.training.video import load_video_config, run_video_distill
     cfg = load_video_config({
         "model": {"name": "video_scfnet_m3", "init_weights": init},
+        "kd": kd or {},
         "data": {"labels": str(teacher_labels), "images": str(DAVIS), "size": SIZE, "sequences": list(TRAIN_SEQS),
                  "stills": stills or {}},
         "loss": loss,
@@ -88,7 +89,7 @@ def distill(out: Path, name: str, teacher_labels: Path, init: str | None, loss: 
     wall = time.perf_counter() - t0
     log.info("%s: %d clips, %d steps/epoch, %.0f s; history %s", name, res.clips, res.steps_per_epoch, wall,
              res.history)
-    return {"name": name, "weights": res.weights[0], "clips": res.clips, "frames": res.frames,
+    return {"name": name, "weights": res.weights[0], "clips": res.clips, "frames": res.frames, "kd": cfg.kd.describe(),
             "steps": res.steps_per_epoch * EPOCHS, "epochs": EPOCHS, "wall_s": wall, "history": res.history,
             "stills": stills,
             "mlflow_run_id": res.mlflow_run_id}
@@ -150,7 +151,12 @@ def main() -> None:
                     help="rehearsal: an image label job's output and input (e.g. runs/ref/labels-csnet-x2-hflip "
                          "runs/ref/data/kd-pool); --stills-per-step still clips join every step of both video runs")
     ap.add_argument("--stills-per-step", type=int, default=2)
+    ap.add_argument("--kd", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="the video students' per-frame loss (the kd section, kd/step.py KDLoss), e.g. pixel=bce "
+                         "confidence=teacher sharpen=0.5 (the image reference recipe); default: KDLoss() = dice only")
     args = ap.parse_args()
+    import yaml
+    kd = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.kd)}
     stills = ({"labels": str(Path(args.stills[0]).resolve()), "images": str(Path(args.stills[1]).resolve()),
                "per_step": args.stills_per_step} if args.stills else None)
     DAVIS, EPOCHS = Path(args.data), args.epochs
@@ -207,25 +213,29 @@ def main() -> None:
     state["image_student_weights"] = student
     save()
     if "video" not in state:
-        state["video"] = distill(out, "kdvideo-video_scfnet_m3", labels, student, {}, log, stills)
+        state["video"] = distill(out, "kdvideo-video_scfnet_m3", labels, student, {}, log, stills, kd)
         save()
     if "spatial" not in state:
         state["spatial"] = distill(out, "kdvideo-spatial-only", labels, student, {"change": 0.0, "relation": 0.0},
-                                   log, stills)
+                                   log, stills, kd)
         save()
 
     if "eval" not in state:
         from cluster.video_data import load_sequences
         from jobs.eval_video_cmd import evaluate_model
         from models import load_weights
+        from models.fuse import undo_output_scale
         seqs = load_sequences(str(DAVIS))
         state["eval"] = {}
         for key, path in (("teacher", teacher), ("image", student), ("video", state["video"]["weights"]),
                           ("spatial", state["spatial"]["weights"])):
             if key == "teacher" and not registered:
                 r = evaluate_teacher(teacher_spec, seqs)
-            else:
-                r = evaluate_model(load_weights(path.split(":", 1)[-1]), seqs, SIZE)
+            else:   # the image student as trained: what the video students start from (a calibrated file's
+                file = path.split(":", 1)[-1]   # output scale undone, as their trainer does)
+                model = load_weights(file)
+                state.setdefault("output_scale", {})[key] = undo_output_scale(model, read_metadata(file))
+                r = evaluate_model(model, seqs, SIZE)
             state["eval"][key] = {"summary": summarize(r), "overall": r["overall"],
                                   "sequences": r["sequences"], "ms_per_frame": r["seconds_per_frame"] * 1e3}
             log.info("%s: %s", key, state["eval"][key]["summary"])
@@ -259,13 +269,16 @@ def write_results(state: dict, results: Path, section: str = "video-reference") 
         "## Video reference run (issue 6): video student vs image student on DAVIS-2016 (10 dev sequences)",
         "",
         f"Teacher `{_rel(state['teacher_weights'])}` ({state['teacher_model']}), image student "
-        f"`{_rel(state['image_student_weights'])}` (the reference teacher and image student). Soft labels: "
+        f"`{_rel(state['image_student_weights'])}` (the reference teacher and image student"
+        + (f"; its calibrated output scale {state['output_scale']['image']:g} undone: the image student as trained, "
+           "which is what the video students start from" if state.get("output_scale", {}).get("image", 1) != 1 else "")
+        + "). Soft labels: "
         f"{state['labels']['labelled']} DAVIS frames labelled by the teacher at {SIZE} px in "
         f"{state['labels']['wall_s'] / 60:.1f} min; no DAVIS mask is used for training.",
         "",
         f"Both video students start from the image student's weights and train {v['epochs']} epochs on the clips "
         f"(3 frames, stride 2) of the TRAIN sequences {', '.join(TRAIN_SEQS)} ({v['clips']} clips, {v['steps']} "
-        f"steps of {BATCH} clips, {SIZE} px, SGD lr {LR}, warm-up + cosine)"
+        f"steps of {BATCH} clips, {SIZE} px, SGD lr {LR}, warm-up + cosine; per-frame loss {v.get('kd', 'dice')})"
         + (f", each step with {v['stills']['per_step']} still clips beside them (rehearsal: 3 copies of one "
            f"image of `{os.path.relpath(v['stills']['images'], REPO)}` with its teacher label from "
            f"`{os.path.relpath(v['stills']['labels'], REPO)}`)"

@@ -8,8 +8,9 @@ Shapes: a clip of maps is ``(B, T, 1, H, W)`` (probabilities in [0, 1] or logits
 ``(B, T, C, h, w)``. Every loss returns a 0-d tensor. Teacher inputs are detached: no gradient flows into them.
 
 Spatial KD
-    :func:`spatial_kd_loss` -- KD-SCFNet's soft-dice loss per frame (``kd.losses.kd_dice_loss``) over all B*T
-    frames; :func:`feature_hint_loss` -- a FitNets-style hint, ``mean((A(f_s) - f_t)^2)`` with ``A`` a 1x1 conv
+    :func:`spatial_kd_loss` -- the image distillation loss per frame (:func:`kd.step.soft_loss`: KD-SCFNet's soft
+    dice, with a calibrated per-pixel term beside it when ``kd.pixel`` asks) over all B*T frames;
+    :func:`feature_hint_loss` -- a FitNets-style hint, ``mean((A(f_s) - f_t)^2)`` with ``A`` a 1x1 conv
     adapter (:class:`HintAdapter`).
 Temporal KD
     :func:`change_consistency_loss` -- the student's change between adjacent frames follows the teacher's;
@@ -28,7 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kd.losses import SIDE_WEIGHTS, kd_dice_loss
+from kd.losses import SIDE_WEIGHTS
+from kd.step import KDLoss, sharpen_target, soft_loss
 
 __all__ = ["VideoKDConfig", "HintAdapter", "spatial_kd_loss", "feature_hint_loss", "change_consistency_loss",
            "frame_affinity", "relation_loss", "soft_label_embedding", "video_kd_loss"]
@@ -100,22 +102,25 @@ def _check_same(name_a: str, a: Tensor, name_b: str, b: Tensor) -> None:
 
 # --- spatial ------------------------------------------------------------------------------------------
 
-def spatial_kd_loss(student_logits_list: Sequence[Tensor], teacher_prob: Tensor,
+def spatial_kd_loss(student_logits_list: Sequence[Tensor], teacher_prob: Tensor, kd: KDLoss = KDLoss(),
                     weights: Sequence[float] = SIDE_WEIGHTS) -> Tensor:
-    """KD-SCFNet's distillation loss applied to every frame of a clip.
+    """The image distillation loss applied to every frame of a clip: :func:`kd.step.soft_loss` over the ``B*T``
+    frames.
 
-    ``L = mean_{b,t} sum_i w_i * D(sigmoid(s_i[b,t]), p[b,t])`` with ``D`` the soft dice per frame, ``w = (1, 1/2,
-    1/4, 1/8)`` and ``p`` the teacher's probabilities (its soft labels) -- ``kd.losses.kd_dice_loss`` over the
-    ``B*T`` frames.
+    ``L = mean_{b,t} sum_i w_i [S(p_i[b,t], t[b,t]) + lambda P(s_i[b,t], t[b,t])]`` with ``w = (1, 1/2, 1/4, 1/8)``,
+    ``t`` the teacher's probabilities (its soft labels, sharpened if ``kd.sharpen < 1``) and ``S`` / ``P`` the
+    structural and per-pixel terms of ``kd`` (:class:`kd.step.KDLoss`; its docstring gives why a per-pixel term
+    is needed beside the dice). ``KDLoss()`` is KD-SCFNet's soft dice alone.
 
     Args:
         student_logits_list: four ``(B, T, 1, H, W)`` logits, finest first.
         teacher_prob: ``(B, T, 1, H, W)`` in [0, 1].
+        kd: the per-frame loss (the image trainer's ``kd`` section).
     """
     _check_clip("teacher_prob", teacher_prob, 1)
     for i, s in enumerate(student_logits_list):
         _check_same(f"student_logits_list[{i}]", s, "teacher_prob", teacher_prob)
-    return kd_dice_loss([s.flatten(0, 1) for s in student_logits_list], teacher_prob.flatten(0, 1), weights)
+    return soft_loss([s.flatten(0, 1) for s in student_logits_list], teacher_prob.flatten(0, 1), kd, weights)
 
 
 class HintAdapter(nn.Module):
@@ -254,12 +259,14 @@ def relation_loss(student_feat: Tensor, teacher_feat: Tensor, grid: int | tuple[
 
 def video_kd_loss(student_logits_list: Sequence[Tensor], teacher_prob: Tensor, cfg: VideoKDConfig,
                   student_feat: Tensor | None = None, teacher_feat: Tensor | None = None,
-                  adapter: nn.Module | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+                  adapter: nn.Module | None = None, kd: KDLoss = KDLoss()) -> tuple[Tensor, dict[str, Tensor]]:
     """``L = w_sp * spatial + w_ch * change + w_rel * relation + w_hint * hint`` for one batch of clips.
 
-    Terms with weight 0 are not computed. The change term compares ``sigmoid`` of the finest student output with
-    ``teacher_prob``; the relation term uses ``student_feat`` against ``teacher_feat`` or
-    ``soft_label_embedding(teacher_prob)`` (per ``cfg.relation_target``); the hint needs ``student_feat``,
+    Terms with weight 0 are not computed. ``kd`` is the per-frame spatial loss (:func:`spatial_kd_loss`). The
+    change term compares ``sigmoid`` of the finest student output with ``teacher_prob`` sharpened as ``kd`` says
+    (the map the spatial term teaches, so the two agree on what a frame's target is); the relation term uses
+    ``student_feat`` against ``teacher_feat`` or ``soft_label_embedding(teacher_prob)`` (per
+    ``cfg.relation_target``); the hint needs ``student_feat``,
     ``teacher_feat`` and ``adapter``. Clips of a single frame (T = 1) have no temporal terms.
 
     Returns:
@@ -276,9 +283,10 @@ def video_kd_loss(student_logits_list: Sequence[Tensor], teacher_prob: Tensor, c
         total = total + float(weight) * value
 
     if cfg.spatial > 0:
-        add("spatial", cfg.spatial, spatial_kd_loss(student_logits_list, teacher_prob))
+        add("spatial", cfg.spatial, spatial_kd_loss(student_logits_list, teacher_prob, kd))
     if cfg.change > 0 and temporal:
-        add("change", cfg.change, change_consistency_loss(torch.sigmoid(student_logits_list[0]), teacher_prob))
+        add("change", cfg.change, change_consistency_loss(torch.sigmoid(student_logits_list[0]),
+                                                          sharpen_target(teacher_prob, float(kd.sharpen))))
     if cfg.relation > 0 and temporal:
         if student_feat is None:
             raise ValueError("video_kd_loss: the relation term needs student_feat (forward(..., return_features=True))")

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-__all__ = ["fold_batchnorm", "count_batchnorm", "scale_output"]
+__all__ = ["fold_batchnorm", "count_batchnorm", "scale_output", "undo_output_scale"]
 
 
 def fold_batchnorm(model: nn.Module) -> nn.Module:
@@ -64,3 +64,12 @@ def scale_output(model: nn.Module, scale: float) -> nn.Module:
         if heads[0].bias is not None:
             heads[0].bias.mul_(scale)
     return model
+
+
+def undo_output_scale(model: nn.Module, meta: dict) -> float:
+    """Undo the ``output_scale`` a calibrated file's header ``meta`` records (``sodkd calibrate``), in place: the
+    model as trained, which is what further training starts from. Returns the scale undone (1: nothing to do)."""
+    scale = float(meta.get("output_scale", 1.0))
+    if scale != 1.0:
+        scale_output(model, 1.0 / scale)
+    return scale

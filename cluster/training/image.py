@@ -110,7 +110,7 @@ def apply_start_weights(model, cfg: TrainConfig, verbose: bool = True) -> None:
     import io
 
     from models import load_backbone_weights, load_state
-    from models.fuse import scale_output
+    from models.fuse import undo_output_scale
     m = cfg.model
     if m.backbone_weights:
         fs, path = storage.get_filesystem(m.backbone_weights, cfg.s3)
@@ -134,23 +134,21 @@ def apply_start_weights(model, cfg: TrainConfig, verbose: bool = True) -> None:
             load_state(model, io.BytesIO(data))
         except ValueError as e:
             raise ConfigError(f"model.init_weights: {m.init_weights}: {e}") from e
-        scale = _output_scale(data)
-        if scale != 1.0:          # a calibrated file (sodkd calibrate): train on from the model as trained
-            scale_output(model, 1.0 / scale)
-            if verbose:
-                log.info("model.init_weights %s: its output scale %g undone (training goes on from the model as "
-                         "trained; output.calibrate chooses a new one)", m.init_weights, scale)
+        scale = undo_output_scale(model, _header(data))   # a calibrated file: train on from the model as trained
+        if scale != 1.0 and verbose:
+            log.info("model.init_weights %s: its output scale %g undone (training goes on from the model as "
+                     "trained; output.calibrate chooses a new one)", m.init_weights, scale)
 
 
-def _output_scale(data: bytes) -> float:
-    """The ``output_scale`` a weights file's header records (1 for a file without one, or without a header)."""
+def _header(data: bytes) -> dict:
+    """A weights file's header (empty for a bare state dict without one)."""
     import io
 
     from models import WeightsFormatError, read_metadata
     try:
-        return float(read_metadata(io.BytesIO(data)).get("output_scale", 1.0))
+        return read_metadata(io.BytesIO(data))
     except WeightsFormatError:
-        return 1.0
+        return {}
 
 
 class _Float32Outputs:

@@ -7,7 +7,7 @@
          across each clip
       -> the training loop (:func:`cluster.training.loop.train_loop` with :class:`VideoTask`; Ray Train,
          ``scaling.num_workers: 0`` runs it in-process): the video student on (B, T, 3, S, S),
-         kd.temporal.video_kd_loss = per-frame soft dice + change consistency + inter-frame relation
+         kd.temporal.video_kd_loss = per-frame KD loss (config ``kd``) + change consistency + inter-frame relation
          [+ feature hint], SGD with the KD-SCFNet warm-up + cosine schedule, backbone at 0.1x
       -> every epoch: streaming evaluation on labelled sequences (rank 0; val/sm, val/maxf, val/mae,
          val/flicker), a checkpoint (latest + best by val/mae), MLflow metrics from rank 0
@@ -47,6 +47,7 @@ from kd import schema as S
 from kd.augment import AugmentConfig
 from kd.clips import ClipConfig
 from kd.config import ConfigError, load_config, to_dict
+from kd.step import KDLoss
 from kd.temporal import HintAdapter, VideoKDConfig, video_kd_loss
 
 log = logging.getLogger(__name__)
@@ -142,6 +143,10 @@ class VideoTrainConfig:
             (copied into the shared encoder/decoder by ``VideoSCFNet.init_from_image``) or a video student's.
         teacher: the teacher's weights (``models.save_weights`` file), needed only for the feature terms
             (``loss.hint`` > 0 or ``loss.relation_target: teacher_features``); soft labels come from the shards.
+        loss: the weights of the spatial, temporal and feature terms (:class:`kd.temporal.VideoKDConfig`).
+        kd: what the spatial term is, per frame: the image trainer's section and class (:class:`kd.step.KDLoss`:
+            structure, per-pixel term, confidence weights, sharpening). The class default is KD-SCFNet's soft
+            dice alone; ``jobs/configs/distill-video.yaml`` sets dice + BCE, as the image job's file does.
         optim: as the image trainer's; ``batch_size`` counts clips (global, split over workers).
         debug: fault injection for tests, as the image trainer's (``sections.DebugConfig``).
     """
@@ -151,6 +156,7 @@ class VideoTrainConfig:
     model: ModelConfig = dataclasses.field(default_factory=lambda: _SECTION_DEFAULTS["model"]())
     teacher: str | None = None
     loss: VideoKDConfig = dataclasses.field(default_factory=VideoKDConfig)
+    kd: KDLoss = dataclasses.field(default_factory=KDLoss)
     val: VideoValConfig = dataclasses.field(default_factory=VideoValConfig)
     optim: OptimConfig = dataclasses.field(default_factory=lambda: _SECTION_DEFAULTS["optim"]())
     scaling: ScalingSection = dataclasses.field(default_factory=lambda: _SECTION_DEFAULTS["scaling"]())
@@ -225,14 +231,22 @@ def _read(uri: str, s3: S3Config | None) -> bytes:
 
 
 def build_student(cfg: VideoTrainConfig):
-    """The student of ``cfg.model``, initialised from ``model.init_weights`` (an image or a video student)."""
+    """The student of ``cfg.model``, initialised from ``model.init_weights`` (an image or a video student).
+
+    A calibrated image file (``sodkd calibrate``: its scale folded into the finest head) starts the video student
+    from the image student *as trained*: the scale is undone first, as the image trainer does."""
     from models import create_model, load_weights, read_metadata
+
+    from models.fuse import undo_output_scale
 
     model = create_model(cfg.model.name, **cfg.model.kwargs)
     if cfg.model.init_weights:
         data = _read(cfg.model.init_weights, cfg.s3)
         meta = read_metadata(io.BytesIO(data))
         source = load_weights(io.BytesIO(data))
+        if undo_output_scale(source, meta) != 1.0:      # a calibrated image file: train on from it as trained
+            log.info("model.init_weights %s: its output scale %g undone", cfg.model.init_weights,
+                     meta["output_scale"])
         if meta["model"] == cfg.model.name:
             model.load_state_dict(source.state_dict())
         else:
@@ -335,7 +349,7 @@ class VideoTask(Task):
         if self.teacher is not None:
             with torch.no_grad():
                 teacher_feat = self.teacher.encode(x.flatten(0, 1))[3].unflatten(0, tuple(x.shape[:2]))
-        loss, parts = video_kd_loss(outs, y, self.cfg.loss, feats["f5t"], teacher_feat, self.adapter)
+        loss, parts = video_kd_loss(outs, y, self.cfg.loss, feats["f5t"], teacher_feat, self.adapter, self.cfg.kd)
         return loss, parts, len(batch)
 
     @property

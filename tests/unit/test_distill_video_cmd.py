@@ -25,6 +25,10 @@ def test_flags_and_overrides_fill_the_video_config(capsys):
     assert cfg["val"]["uri"] == "davis" and cfg["optim"]["epochs"] == 2
     assert cfg["loss"]["change"] == 0.5 and cfg["data"]["clip"]["length"] == 4
     assert cfg["mlflow"]["experiment"] == "sodkd-video" and cfg["mlflow"]["onnx"] is False
+    # the per-frame loss is the image job's kd section: dice + BCE from the YAML, every key overridable
+    assert cfg["kd"]["structure"] == "dice" and cfg["kd"]["pixel"] == "bce" and cfg["kd"]["sharpen"] == 1.0
+    sharp = _print_config(capsys, "--unlabeled", "f", "--labels", "l", "kd.sharpen=0.5", "kd.confidence=teacher")
+    assert sharp["kd"]["sharpen"] == 0.5 and sharp["kd"]["confidence"] == "teacher"
 
 
 def test_bad_video_configs_are_refused_by_key(capsys):
@@ -35,6 +39,10 @@ def test_bad_video_configs_are_refused_by_key(capsys):
     assert "teacher" in capsys.readouterr().err
     assert main(base + ["loss.relation_mode=l3"]) == 2
     assert "relation_mode" in capsys.readouterr().err
+    assert main(base + ["kd.pixl=bce"]) == 2
+    assert "kd.pixl" in capsys.readouterr().err
+    assert main(base + ["kd.sharpen=2"]) == 2
+    assert "kd.sharpen" in capsys.readouterr().err
     assert main(["distill", "--task", "video", "--labels", "l", "--print-config"]) == 2
     assert "data.images" in capsys.readouterr().err
     assert main(["train-teacher", "--task", "video", "--print-config"]) == 2
@@ -60,3 +68,20 @@ def test_partial_sections_keep_the_video_defaults():
     # the dict that crosses into Ray rebuilds the same config
     from kd.config import to_dict
     assert load_video_config(to_dict(cfg)) == cfg
+
+
+def test_a_calibrated_image_file_starts_the_video_student_as_trained(tmp_path):
+    """``sodkd calibrate`` folds a scale into the image student's finest head; the video student starts from the
+    image student as trained (scale undone), like the image trainer's init."""
+    import torch
+
+    from cluster.training.video import build_student
+    from models import create_model, save_weights
+    from models.fuse import scale_output
+    image = create_model("scfnet_m3").eval()
+    before = image.heads[0].weight.detach().clone()
+    save_weights(scale_output(image, 3.0), tmp_path / "cal.pt", extra_meta={"output_scale": 3.0})
+    video = build_student(load_video_config({"data": {"labels": "/l", "images": "/i"},
+                                             "model": {"init_weights": str(tmp_path / "cal.pt")}}))
+    torch.testing.assert_close(video.heads[0].weight, before, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(video.heads[1].weight, image.heads[1].weight)

@@ -139,6 +139,24 @@ def test_spatial_kd_is_the_image_loss_over_all_frames():
     assert spatial_kd_loss(half, torch.ones(1, 1, 1, 2, 2)).item() == pytest.approx(2 / 7 * 1.875)
 
 
+def test_spatial_kd_takes_the_image_trainers_kd_section():
+    """With a per-pixel term and sharpening, the spatial term is the image trainer's soft loss over the frames, and
+    the change term follows the sharpened target the spatial term teaches."""
+    from kd.step import KDLoss, sharpen_target, soft_loss
+    torch.manual_seed(1)
+    logits = [torch.randn(2, 3, 1, 8, 8) for _ in range(4)]
+    p = torch.rand(2, 3, 1, 8, 8)
+    kd = KDLoss(pixel="bce", confidence="teacher", sharpen=0.5)
+    flat = [l.flatten(0, 1) for l in logits]
+    torch.testing.assert_close(spatial_kd_loss(logits, p, kd), soft_loss(flat, p.flatten(0, 1), kd))
+    assert spatial_kd_loss(logits, p, kd).item() > spatial_kd_loss(logits, p).item()   # the BCE is added
+    _, parts = video_kd_loss(logits, p, VideoKDConfig(relation=0.0), kd=kd)
+    torch.testing.assert_close(parts["spatial"], soft_loss(flat, p.flatten(0, 1), kd))
+    sharp = change_consistency_loss(torch.sigmoid(logits[0]), sharpen_target(p, 0.5))
+    assert parts["change"].item() == pytest.approx(sharp.item(), rel=1e-6)
+    assert parts["change"].item() != pytest.approx(change_consistency_loss(torch.sigmoid(logits[0]), p).item())
+
+
 def test_feature_hint_closed_form():
     adapter = HintAdapter(2, 3)
     with torch.no_grad():
