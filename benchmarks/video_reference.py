@@ -69,10 +69,10 @@ def reference_info(reference: Path) -> list[str]:
 
 
 def distill(out: Path, name: str, teacher_labels: Path, init: str | None, loss: dict, log,
-            stills: dict | None = None, kd: dict | None = None) -> dict:
+            stills: dict | None = None, kd: dict | None = None, freeze: list[str] | None = None) -> dict:
     from cluster.training.video import load_video_config, run_video_distill
     cfg = load_video_config({
-        "model": {"name": "video_scfnet_m3", "init_weights": init},
+        "model": {"name": "video_scfnet_m3", "init_weights": init, "freeze": freeze or []},
         "kd": kd or {},
         "data": {"labels": str(teacher_labels), "images": str(DAVIS), "size": SIZE, "sequences": list(TRAIN_SEQS),
                  "stills": stills or {}},
@@ -90,8 +90,9 @@ def distill(out: Path, name: str, teacher_labels: Path, init: str | None, loss: 
     log.info("%s: %d clips, %d steps/epoch, %.0f s; history %s", name, res.clips, res.steps_per_epoch, wall,
              res.history)
     return {"name": name, "weights": res.weights[0], "clips": res.clips, "frames": res.frames, "kd": cfg.kd.describe(),
+            "freeze": list(cfg.model.freeze),
             "steps": res.steps_per_epoch * EPOCHS, "epochs": EPOCHS, "wall_s": wall, "history": res.history,
-            "stills": stills,
+            "stills": stills, "lr": LR,
             "mlflow_run_id": res.mlflow_run_id}
 
 
@@ -134,7 +135,7 @@ def summarize(results: dict) -> dict:
 
 
 def main() -> None:
-    global DAVIS, EPOCHS
+    global DAVIS, EPOCHS, LR
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=str(REPO / "runs" / "video-reference"))
     ap.add_argument("--teacher", default=None, help="teacher weights (default: the image reference run's)")
@@ -154,12 +155,16 @@ def main() -> None:
     ap.add_argument("--kd", nargs="*", default=[], metavar="KEY=VALUE",
                     help="the video students' per-frame loss (the kd section, kd/step.py KDLoss), e.g. pixel=bce "
                          "confidence=teacher sharpen=0.5 (the image reference recipe); default: KDLoss() = dice only")
+    ap.add_argument("--lr", type=float, default=LR, help="peak learning rate of both video runs")
+    ap.add_argument("--freeze", nargs="*", default=[], metavar="PART",
+                    help="model.freeze of both video runs, e.g. backbone mapping context 'scfm*' heads: only the "
+                         "video student's new temporal and guidance parts learn")
     args = ap.parse_args()
     import yaml
     kd = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.kd)}
     stills = ({"labels": str(Path(args.stills[0]).resolve()), "images": str(Path(args.stills[1]).resolve()),
                "per_step": args.stills_per_step} if args.stills else None)
-    DAVIS, EPOCHS = Path(args.data), args.epochs
+    DAVIS, EPOCHS, LR = Path(args.data), args.epochs, args.lr
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -213,11 +218,11 @@ def main() -> None:
     state["image_student_weights"] = student
     save()
     if "video" not in state:
-        state["video"] = distill(out, "kdvideo-video_scfnet_m3", labels, student, {}, log, stills, kd)
+        state["video"] = distill(out, "kdvideo-video_scfnet_m3", labels, student, {}, log, stills, kd, args.freeze)
         save()
     if "spatial" not in state:
         state["spatial"] = distill(out, "kdvideo-spatial-only", labels, student, {"change": 0.0, "relation": 0.0},
-                                   log, stills, kd)
+                                   log, stills, kd, args.freeze)
         save()
 
     if "eval" not in state:
@@ -278,7 +283,10 @@ def write_results(state: dict, results: Path, section: str = "video-reference") 
         "",
         f"Both video students start from the image student's weights and train {v['epochs']} epochs on the clips "
         f"(3 frames, stride 2) of the TRAIN sequences {', '.join(TRAIN_SEQS)} ({v['clips']} clips, {v['steps']} "
-        f"steps of {BATCH} clips, {SIZE} px, SGD lr {LR}, warm-up + cosine; per-frame loss {v.get('kd', 'dice')})"
+        f"steps of {BATCH} clips, {SIZE} px, SGD lr {v.get('lr', LR)}, warm-up + cosine; per-frame loss "
+        f"{v.get('kd', 'dice')}"
+        + (f"; frozen: {', '.join(v['freeze'])} (only the new temporal and guidance parts learn)" if v.get("freeze")
+           else "") + ")"
         + (f", each step with {v['stills']['per_step']} still clips beside them (rehearsal: 3 copies of one "
            f"image of `{os.path.relpath(v['stills']['images'], REPO)}` with its teacher label from "
            f"`{os.path.relpath(v['stills']['labels'], REPO)}`)"

@@ -24,7 +24,7 @@ import numpy as np
 
 from cluster.tracking import RankTracker
 from cluster.training.checkpoint import DS_DIR, persist_local_checkpoint, restore_checkpoint, save_checkpoint_dir
-from cluster.training.sections import DebugConfig, ScalingSection
+from cluster.training.sections import DebugConfig, ScalingSection, freeze_parts
 from kd import schema as S
 
 log = logging.getLogger(__name__)
@@ -182,6 +182,10 @@ def train_loop(config: dict) -> dict:
     schedule = cfg.optim.schedule(steps)
 
     model, extras = task.build(rank, device)
+    frozen = freeze_parts(model, cfg.model.freeze)
+    if frozen and rank == 0:
+        log.info("model.freeze %s: %d of %d parameter tensors keep their starting weights", list(cfg.model.freeze),
+                 frozen, len(list(model.parameters())))
     groups = with_lr_mult(model.param_groups(cfg.optim.lr, cfg.optim.backbone_lr_mult), cfg.optim.lr)
     groups += [{"name": name, "params": list(m.parameters()), "lr": cfg.optim.lr, "lr_mult": 1.0}
                for name, m in extras.items()]

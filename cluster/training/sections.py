@@ -24,7 +24,7 @@ from kd.step import KDLoss, MaskLoss
 
 __all__ = ["ModelConfig", "PairedSource", "UnlabeledSource", "OnlineTeacherConfig", "DataSection", "ValConfig",
            "OptimConfig", "ScalingSection", "RunSection", "OutputConfig", "DebugConfig", "TrainConfig",
-           "RunConfig", "load_train_config", "Mode"]
+           "RunConfig", "load_train_config", "Mode", "frozen_names", "freeze_parts"]
 
 Mode = Literal["teacher", "supervised", "distill", "foundation"]
 
@@ -36,18 +36,68 @@ class ModelConfig:
     ``backbone_weights``: a torchvision- or timm-format ImageNet state dict for the encoder (MobileNetV3 or
     ResNet; :func:`models.load_backbone_weights` maps the keys, checks shapes and prints what it loaded);
     ``init_weights`` (a whole sodkd model) is applied after it. Both are checked on the driver before any
-    worker starts.
+    worker starts. ``freeze``: parts that keep their starting weights (:func:`frozen_names`), e.g. every part a
+    video student shares with the image student it starts from, so that only its new temporal parts learn.
     """
 
     name: str = "scfnet_m3"
     kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
     init_weights: str | None = None      # a models.save_weights file to start from (local or s3://)
     backbone_weights: str | None = None  # ImageNet encoder weights (torchvision / timm state dict; local or s3://)
+    freeze: tuple[str, ...] = ()         # parameter-name patterns that do not train (frozen_names)
 
     def __post_init__(self) -> None:
-        from models import list_models
+        from models import create_model, list_models
         if self.name not in list_models():
             raise ConfigError(f"model.name: unknown model {self.name!r}; registered: {', '.join(list_models())}")
+        if self.freeze:
+            frozen_names(create_model(self.name, **self.kwargs), self.freeze)
+
+
+def frozen_names(model, patterns: tuple[str, ...] | list[str]) -> list[str]:
+    """The names of ``model``'s parameters that ``model.freeze`` patterns name.
+
+    A pattern names a part by its dotted path (``backbone``, ``scfm4``, ``heads.0``) and everything under it;
+    ``fnmatch`` wildcards are allowed (``scfm*``). A pattern that names no parameter is a config error that lists
+    the model's top-level parts.
+    """
+    from fnmatch import fnmatchcase
+    names = [n for n, _ in model.named_parameters()]
+    hit: list[str] = []
+    for pattern in patterns:
+        if not isinstance(pattern, str) or not pattern:
+            raise ConfigError(f"model.freeze: entries must be non-empty strings, got {pattern!r}")
+        found = [n for n in names if fnmatchcase(n, pattern) or fnmatchcase(n, pattern + ".*")]
+        if not found:
+            parts = sorted({n.split(".", 1)[0] for n in names})
+            raise ConfigError(f"model.freeze: {pattern!r} names no parameter of {type(model).__name__}; its parts: "
+                              f"{', '.join(parts)}")
+        hit += [n for n in found if n not in hit]
+    return hit
+
+
+def freeze_parts(model, patterns: tuple[str, ...] | list[str]) -> int:
+    """Stop the parameters ``patterns`` name from training (``requires_grad`` off, so ``param_groups`` leaves them
+    out of the optimizer); returns how many tensors were frozen.
+
+    A BatchNorm layer whose weights are all frozen also keeps its running statistics and normalises with them in
+    training too (a forward pre-hook runs it as in eval): the frozen part computes exactly what it computed before,
+    so the parts that do train see the features they will see at inference.
+    """
+    from torch import nn
+    names = set(frozen_names(model, patterns)) if patterns else set()
+    for n, p in model.named_parameters():
+        if n in names:
+            p.requires_grad_(False)
+    for m in model.modules():
+        params = list(m.parameters(recurse=False))
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and params and not any(p.requires_grad for p in params):
+            m.register_forward_pre_hook(_as_in_eval)
+    return len(names)
+
+
+def _as_in_eval(module, inputs) -> None:
+    module.training = False
 
 
 @dataclasses.dataclass(frozen=True)

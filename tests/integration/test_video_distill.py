@@ -170,6 +170,32 @@ def test_stills_are_unmoving_clips_mixed_into_every_step(labelled, davis, tmp_pa
         load_video_config({"data": {"labels": "/l", "images": "/i", "stills": {"per_step": -1}}})
 
 
+def test_frozen_parts_keep_the_image_students_weights_and_statistics(labelled, davis, tmp_path):
+    """``model.freeze``: the video student starts from an image student and only its new temporal and guidance
+    parts learn; every frozen tensor, BatchNorm running statistics included, comes out as it went in."""
+    image = create_model("scfnet_m3")
+    with torch.no_grad():                   # statistics a frozen BatchNorm must keep (training would move them)
+        for m in image.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.1, 0.1)
+    save_weights(image, tmp_path / "image.pt")
+    frozen = ["backbone", "mapping", "context", "scfm*", "heads"]
+    out = run_video_distill(load_video_config({
+        "data": {"labels": str(labelled), "images": str(davis), "size": SIZE},
+        "model": {"init_weights": str(tmp_path / "image.pt"), "freeze": frozen},
+        "optim": {"epochs": 1, "batch_size": 2, "lr": 0.05, "warmup_epochs": 0.5},
+        "run": {"name": "kdvideo-frozen", "storage": str(tmp_path / "runs")},
+        "mlflow": {"enabled": False}, "output": {"fp16": False},
+        "scaling": {"num_workers": 0, "torch_threads": 1}}))
+    video = load_weights(out.weights[0]).state_dict()
+    for name, value in image.state_dict().items():
+        torch.testing.assert_close(video[name], value, msg=name)
+    assert video["temporal.gamma"].abs().sum() > 0 and video["guide2.alpha"].abs().sum() > 0   # these learnt
+    from kd.config import ConfigError
+    with pytest.raises(ConfigError, match=r"model\.freeze: 'temporl' names no parameter .*temporal"):
+        load_video_config({"data": {"labels": "/l", "images": "/i"}, "model": {"freeze": ["temporl"]}})
+
+
 def test_frames_of_video_files_are_read_by_frame_key(tmp_path, davis):
     frames = [np.asarray(Image.open(p).convert("RGB")) for p in sorted((davis / "blackswan" / "images").glob("*.jpg"))]
     (tmp_path / "clips").mkdir()
