@@ -134,6 +134,14 @@ for _k, (_b, _s) in SEEDS.items():
     CYCLES[_k], SLIM[_k] = CYCLES[_b], SLIM[_b]
 
 
+# (eighteenth pass) the c = 48 pair, the shipped files as trained (weights/ at b673da1, before calibration; copies in
+# runs/ref/weights/uncalibrated), given a ninth cycle at a lower peak rate with a data order of their own (seed 3):
+# does more budget at the largest width the issue allows widen KD's margin, and does the shipped KD student gain?
+for _b, _f in (("fs", "fs-scfnet_m3"), ("kd-sharp", "kd-scfnet_m3-from-csnet-L-x2")):
+    CYCLES[_b + "-w48-c2"] = (_b, OUT / "weights" / "uncalibrated" / f"{_f}.fp16.pt", 0.005, "ninth (at c = 48)")
+    SEEDS[_b + "-w48-c2"] = (_b + "-w48", 3)
+
+
 def run_seed(name: str) -> int:
     """The ``run.seed`` of run ``name``: its ``SEEDS`` entry's, else 0."""
     return SEEDS.get(name, ("", 0))[1]
@@ -443,6 +451,12 @@ def evaluate_all(section: str, results: Path, threads: int, only: str | None = N
                                   "place of 0 (data order, augmentation draws, torch's initial state)"}
     start["reference-runs-16"] = start["reference-runs-15"].replace("`run.seed` 1", "`run.seed` 2")
     start["reference-runs-17"] = start["reference-runs-16"]
+    start["reference-runs-18"] = ("the eleventh pass's files as trained (FS: `fs-w48`, KD: `kd-sharp-w48`; c = 48, "
+                                  "0.29 GMACs at 224; sha256 564c32d5d190fecf and 6db039c0c8785c60, the files "
+                                  "`weights/` held at commit b673da1, before their calibration) given a ninth cycle "
+                                  f"(lr {CYCLES['fs-w48-c2'][2]} warm-up + cosine to {LR / 50:g}) with `run.seed` 3")
+    title["reference-runs-18"] = ("eighteenth pass (the c = 48 pair, the shipped students as trained, given a ninth "
+                                  "cycle: does more budget at the widest student widen KD's margin?)")
     title["reference-runs-17"] = ("seventeenth pass (seed 2's KD run on the pool's DUTS-TR images alone, its targets "
                                   "sharpened harder, s = 0.25, and not at all, s = 1: where should the sharpening live?)")
     from models import count_params, load_weights
