@@ -271,7 +271,8 @@ def write_results(state: dict, results: Path, section: str = "video-reference") 
              "video": "video_scfnet_m3, spatiotemporal KD (streaming)"}
     v = state["video"]
     lines = [
-        "## Video reference run (issue 6): video student vs image student on DAVIS-2016 (10 dev sequences)",
+        "## Video reference run (issue 6" + (f", `{section}`" if section != "video-reference" else "")
+        + "): video student vs image student on DAVIS-2016 (10 dev sequences)",
         "",
         f"Teacher `{_rel(state['teacher_weights'])}` ({state['teacher_model']}), image student "
         f"`{_rel(state['image_student_weights'])}` (the reference teacher and image student"

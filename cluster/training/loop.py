@@ -186,6 +186,8 @@ def train_loop(config: dict) -> dict:
     if frozen and rank == 0:
         log.info("model.freeze %s: %d of %d parameter tensors keep their starting weights", list(cfg.model.freeze),
                  frozen, len(list(model.parameters())))
+        if not (cfg.model.init_weights or cfg.model.backbone_weights):
+            log.warning("model.freeze without model.init_weights: the frozen parts keep their random initial weights")
     groups = with_lr_mult(model.param_groups(cfg.optim.lr, cfg.optim.backbone_lr_mult), cfg.optim.lr)
     groups += [{"name": name, "params": list(m.parameters()), "lr": cfg.optim.lr, "lr_mult": 1.0}
                for name, m in extras.items()]
