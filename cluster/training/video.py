@@ -236,7 +236,6 @@ def build_student(cfg: VideoTrainConfig):
     A calibrated image file (``sodkd calibrate``: its scale folded into the finest head) starts the video student
     from the image student *as trained*: the scale is undone first, as the image trainer does."""
     from models import create_model, load_weights, read_metadata
-
     from models.fuse import undo_output_scale
 
     model = create_model(cfg.model.name, **cfg.model.kwargs)
