@@ -42,7 +42,10 @@ ENTRIES = {
     "kd-dice-bce-conf-slim-duts-s2": ("KD x0.3 / c = 8, seed 2, DUTS-TR images only, s = 1 (seventeenth pass)",
                                       RW / "kd-dice-bce-conf-slim-duts-s2.fp16.pt"),
     "fs-w48-c2": ("FS c = 48, a ninth cycle, seed 3 (eighteenth pass)", RW / "fs-w48-c2.fp16.pt"),
-    "kd-sharp-w48-c2": ("KD c = 48, a ninth cycle, seed 3 (eighteenth pass)", RW / "kd-sharp-w48-c2.fp16.pt"),
+    "kd-sharp-w48-c2": ("KD c = 48, a ninth cycle, seed 3 (eighteenth pass; 2,645 steps)",
+                        RW / "kd-sharp-w48-c2.fp16.pt"),
+    "kd-sharp-w48-c2-e4": ("KD c = 48, a ninth cycle, seed 3, after epoch 4 of 5 (eighteenth pass; 2,116 steps)",
+                           RW / "kd-sharp-w48-c2-e4.fp16.pt"),
     "shipped-fs-c48": ("FS c = 48 (`weights/fs-scfnet_m3.fp16.pt`, eleventh pass)", W / "fs-scfnet_m3.fp16.pt"),
     "shipped-kd-c48": ("KD c = 48 (`weights/kd-scfnet_m3-from-csnet-L-x2.fp16.pt`, eleventh pass)",
                        W / "kd-scfnet_m3-from-csnet-L-x2.fp16.pt"),
@@ -55,7 +58,7 @@ ENTRIES = {
 PAIRS = [("kd-sharp-slim-s1", "fs-slim-s1"), ("kd-sharp-slim-s2", "fs-slim-s2"),
          ("kd-sharp-slim-duts-s2", "fs-slim-s2"), ("kd-sharp25-slim-duts-s2", "fs-slim-s2"),
          ("kd-dice-bce-conf-slim-duts-s2", "fs-slim-s2"), ("shipped-kd-c48", "shipped-fs-c48"),
-         ("kd-sharp-w48-c2", "fs-w48-c2")]
+         ("kd-sharp-w48-c2-e4", "fs-w48-c2"), ("kd-sharp-w48-c2", "fs-w48-c2")]
 
 
 def runner(label: str, threads: int):

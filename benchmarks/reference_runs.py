@@ -152,6 +152,13 @@ for _k, (_base, _w, _lr, _nth) in CYCLES.items():
                 f"`{_w.relative_to(REPO)}`" + (f"; seed {SEEDS[_k][1]}" if _k in SEEDS else "")
                 + ("; the pool's 4,966 DUTS-TR images only" if _k in DUTS_ONLY else ""))
 
+# (eighteenth pass) --steps 2170 gave the KD run 5 epochs of 529 (2,645 steps) against FS's 7 of 310 (2,170): its
+# checkpoint after epoch 4 (2,116 steps, its cosine not yet at the end) is the equal-budget row; its state file is
+# written from the run's checkpoint by hand (weights: runs/ref/weights/kd-sharp-w48-c2-e4.fp16.pt)
+RUNS["kd-sharp-w48-c2-e4"] = (RUNS["kd-sharp-w48-c2"][0], RUNS["kd-sharp-w48-c2"][1], RUNS["kd-sharp-w48-c2"][2]
+                              + "; its checkpoint after epoch 4 of 5 (FS's budget; lr not yet annealed)")
+SEEDS["kd-sharp-w48-c2-e4"] = SEEDS["kd-sharp-w48-c2"]
+
 # the KD-loss ablation at a shorter budget (all four rows at the same steps): abl-dice, abl-bce, ...
 RUNS.update({"abl-" + k[3:]: v for k, v in list(RUNS.items()) if k.startswith("kd-")})
 
