@@ -69,11 +69,10 @@ def reference_info(reference: Path) -> list[str]:
 
 
 def distill(out: Path, name: str, teacher_labels: Path, init: str | None, loss: dict, log,
-            stills: dict | None = None, kd: dict | None = None, freeze: list[str] | None = None) -> dict:
+            stills: dict | None = None, kd: list[str] | None = None, freeze: list[str] | None = None) -> dict:
     from cluster.training.video import load_video_config, run_video_distill
     cfg = load_video_config({
         "model": {"name": "video_scfnet_m3", "init_weights": init, "freeze": freeze or []},
-        "kd": kd or {},
         "data": {"labels": str(teacher_labels), "images": str(DAVIS), "size": SIZE, "sequences": list(TRAIN_SEQS),
                  "stills": stills or {}},
         "loss": loss,
@@ -83,7 +82,7 @@ def distill(out: Path, name: str, teacher_labels: Path, init: str | None, loss: 
         "run": {"name": name, "storage": str(out / "runs")},
         "mlflow": {"uri": f"sqlite:///{out / 'mlflow.db'}", "experiment": "sodkd-video-reference", "log_every": 10},
         "output": {"dir": str(out / "weights"), "fp16": False},
-    })
+    }, [f"kd.{item}" for item in kd or []])
     t0 = time.perf_counter()
     res = run_video_distill(cfg)
     wall = time.perf_counter() - t0
@@ -160,8 +159,6 @@ def main() -> None:
                     help="model.freeze of both video runs, e.g. backbone mapping context 'scfm*' heads: only the "
                          "video student's new temporal and guidance parts learn")
     args = ap.parse_args()
-    import yaml
-    kd = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.kd)}
     stills = ({"labels": str(Path(args.stills[0]).resolve()), "images": str(Path(args.stills[1]).resolve()),
                "per_step": args.stills_per_step} if args.stills else None)
     DAVIS, EPOCHS, LR = Path(args.data), args.epochs, args.lr
@@ -218,11 +215,11 @@ def main() -> None:
     state["image_student_weights"] = student
     save()
     if "video" not in state:
-        state["video"] = distill(out, "kdvideo-video_scfnet_m3", labels, student, {}, log, stills, kd, args.freeze)
+        state["video"] = distill(out, "kdvideo-video_scfnet_m3", labels, student, {}, log, stills, args.kd, args.freeze)
         save()
     if "spatial" not in state:
         state["spatial"] = distill(out, "kdvideo-spatial-only", labels, student, {"change": 0.0, "relation": 0.0},
-                                   log, stills, kd, args.freeze)
+                                   log, stills, args.kd, args.freeze)
         save()
 
     if "eval" not in state:

@@ -266,8 +266,8 @@ def video_kd_loss(student_logits_list: Sequence[Tensor], teacher_prob: Tensor, c
     change term compares ``sigmoid`` of the finest student output with ``teacher_prob`` sharpened as ``kd`` says
     (the map the spatial term teaches, so the two agree on what a frame's target is); the relation term uses
     ``student_feat`` against ``teacher_feat`` or ``soft_label_embedding(teacher_prob)`` (per
-    ``cfg.relation_target``); the hint needs ``student_feat``,
-    ``teacher_feat`` and ``adapter``. Clips of a single frame (T = 1) have no temporal terms.
+    ``cfg.relation_target``); the hint needs ``student_feat``, ``teacher_feat`` and ``adapter``. Clips of a single
+    frame (T = 1) have no temporal terms.
 
     Returns:
         ``(total, parts)`` with ``parts`` the unweighted, detached terms keyed ``spatial``, ``change``,

@@ -85,7 +85,9 @@ def freeze_parts(model, patterns: tuple[str, ...] | list[str]) -> int:
     so the parts that do train see the features they will see at inference.
     """
     from torch import nn
-    names = set(frozen_names(model, patterns)) if patterns else set()
+    if not patterns:
+        return 0
+    names = set(frozen_names(model, patterns))
     for n, p in model.named_parameters():
         if n in names:
             p.requires_grad_(False)
