@@ -162,12 +162,20 @@ SEEDS["kd-sharp-w48-c2-e4"] = SEEDS["kd-sharp-w48-c2"]
 # (nineteenth pass) a tenth cycle for the equal-budget pair of the eighteenth: FS from its finished run (2,170 steps),
 # KD from its checkpoint after epoch 4 (2,116 steps), each for its own whole epochs again (``--steps 2170`` for FS:
 # 7 x 310; ``--steps 2116`` for KD: 4 x 529, annealed to the end this time), seed 4: FS's hold-out MAE had stopped
-# falling, KD's had not -- does the margin widen as FS, held to 4,966 masks, saturates and KD, on 8,475 images, does not?
+# falling, KD's had not -- does the margin widen as FS, held to 4,966 masks, saturates and KD, on 8,475 images,
+# does not?
 for _b, _f in (("fs", "fs-w48-c2"), ("kd-sharp", "kd-sharp-w48-c2-e4")):
     CYCLES[_b + "-w48-c3"] = (_b, OUT / "weights" / f"{_f}.fp16.pt", 0.005, "tenth (at c = 48)")
     SEEDS[_b + "-w48-c3"] = (_b + "-w48", 4)
     RUNS[_b + "-w48-c3"] = (RUNS[_b][0], RUNS[_b][1], RUNS[_b][2] + f"; + a tenth (at c = 48) cycle (lr 0.005) from "
                             f"`runs/ref/weights/{_f}.fp16.pt`; seed 4")
+# (twentieth pass) an eleventh cycle, the same again from the nineteenth pass's files, seed 5: a second point of the
+# trend at c = 48
+for _b in ("fs", "kd-sharp"):
+    CYCLES[_b + "-w48-c4"] = (_b, OUT / "weights" / f"{_b}-w48-c3.fp16.pt", 0.005, "eleventh (at c = 48)")
+    SEEDS[_b + "-w48-c4"] = (_b + "-w48", 5)
+    RUNS[_b + "-w48-c4"] = (RUNS[_b][0], RUNS[_b][1], RUNS[_b][2] + f"; + an eleventh (at c = 48) cycle (lr 0.005) "
+                            f"from `runs/ref/weights/{_b}-w48-c3.fp16.pt`; seed 5")
 
 # the KD-loss ablation at a shorter budget (all four rows at the same steps): abl-dice, abl-bce, ...
 RUNS.update({"abl-" + k[3:]: v for k, v in list(RUNS.items()) if k.startswith("kd-")})
@@ -474,6 +482,17 @@ def evaluate_all(section: str, results: Path, threads: int, only: str | None = N
                                   f"(lr {CYCLES['fs-w48-c2'][2]} warm-up + cosine to {LR / 50:g}) with `run.seed` 3")
     title["reference-runs-18"] = ("eighteenth pass (the c = 48 pair, the shipped students as trained, given a ninth "
                                   "cycle: does more budget at the widest student widen KD's margin?)")
+    start["reference-runs-19"] = ("the eighteenth pass's equal-budget pair (FS: `fs-w48-c2`, 29,450 steps in all; KD: "
+                                  "`kd-sharp-w48-c2-e4`, its checkpoint after epoch 4, 29,095 steps; c = 48) given a "
+                                  f"tenth cycle (lr {CYCLES['fs-w48-c3'][2]} warm-up + cosine to {LR / 50:g}, annealed "
+                                  "to the end for both) with `run.seed` 4")
+    title["reference-runs-19"] = ("nineteenth pass (the eighteenth pass's equal-budget pair given a tenth cycle: does "
+                                  "KD's margin widen once FS, held to 4,966 masks, has stopped gaining?)")
+    start["reference-runs-20"] = ("the nineteenth pass's files (FS: `fs-w48-c3`, 31,620 steps in all; KD: "
+                                  "`kd-sharp-w48-c3`, 31,211 steps; c = 48) given an eleventh cycle (lr "
+                                  f"{CYCLES['fs-w48-c4'][2]} warm-up + cosine to {LR / 50:g}) with `run.seed` 5")
+    title["reference-runs-20"] = ("twentieth pass (the same pair, an eleventh cycle: a second point of the trend "
+                                  "at c = 48)")
     title["reference-runs-17"] = ("seventeenth pass (seed 2's KD run on the pool's DUTS-TR images alone, its targets "
                                   "sharpened harder, s = 0.25, and not at all, s = 1: where should the sharpening live?)")
     from models import count_params, load_weights
