@@ -46,6 +46,13 @@ ENTRIES = {
                         RW / "kd-sharp-w48-c2.fp16.pt"),
     "kd-sharp-w48-c2-e4": ("KD c = 48, a ninth cycle, seed 3, after epoch 4 of 5 (eighteenth pass; 2,116 steps)",
                            RW / "kd-sharp-w48-c2-e4.fp16.pt"),
+    "fs-w48-c3": ("FS c = 48, a tenth cycle, seed 4 (nineteenth pass)", RW / "fs-w48-c3.fp16.pt"),
+    "kd-sharp-w48-c3": ("KD c = 48, a tenth cycle from the epoch-4 checkpoint, seed 4 (nineteenth pass)",
+                        RW / "kd-sharp-w48-c3.fp16.pt"),
+    "fs-w48-soup3": ("FS c = 48, the mean of the weights that end its last three cycles (eleventh, eighteenth, "
+                     "nineteenth pass)", RW / "soup" / "fs-w48-soup3.fp16.pt"),
+    "kd-sharp-w48-soup3": ("KD c = 48, the mean of the weights that end its last three cycles (eleventh, eighteenth "
+                           "at epoch 4, nineteenth pass)", RW / "soup" / "kd-sharp-w48-soup3.fp16.pt"),
     "shipped-fs-c48": ("FS c = 48 (`weights/fs-scfnet_m3.fp16.pt`, eleventh pass)", W / "fs-scfnet_m3.fp16.pt"),
     "shipped-kd-c48": ("KD c = 48 (`weights/kd-scfnet_m3-from-csnet-L-x2.fp16.pt`, eleventh pass)",
                        W / "kd-scfnet_m3-from-csnet-L-x2.fp16.pt"),
@@ -58,7 +65,8 @@ ENTRIES = {
 PAIRS = [("kd-sharp-slim-s1", "fs-slim-s1"), ("kd-sharp-slim-s2", "fs-slim-s2"),
          ("kd-sharp-slim-duts-s2", "fs-slim-s2"), ("kd-sharp25-slim-duts-s2", "fs-slim-s2"),
          ("kd-dice-bce-conf-slim-duts-s2", "fs-slim-s2"), ("shipped-kd-c48", "shipped-fs-c48"),
-         ("kd-sharp-w48-c2-e4", "fs-w48-c2"), ("kd-sharp-w48-c2", "fs-w48-c2")]
+         ("kd-sharp-w48-c2-e4", "fs-w48-c2"), ("kd-sharp-w48-c2", "fs-w48-c2"), ("kd-sharp-w48-c3", "fs-w48-c3"),
+         ("kd-sharp-w48-soup3", "fs-w48-soup3")]
 
 
 def runner(label: str, threads: int):

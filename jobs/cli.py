@@ -29,6 +29,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train-fm": ("jobs.train_cmd", "train a student (DEDecoder) on foundation-model pseudo labels"),
     "predict": ("jobs.predict_cmd", "saliency maps for an image, a folder of images or a video file"),
     "calibrate": ("jobs.calibrate_cmd", "choose a student's output scale on validation pairs (lower MAE) and fold it in"),
+    "average": ("jobs.average_cmd", "the element-wise mean of checkpoints of one model (checkpoint averaging)"),
     "eval-video": ("jobs.eval_video_cmd", "score models on video sequences: per sequence, overall, flicker"),
     "serve": ("jobs.serve_cmd", "serve a model over HTTP on Ray Serve (POST /predict, GET /healthz)"),
 }
