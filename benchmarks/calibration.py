@@ -53,6 +53,12 @@ ENTRIES = {
                      "nineteenth pass)", RW / "soup" / "fs-w48-soup3.fp16.pt"),
     "kd-sharp-w48-soup3": ("KD c = 48, the mean of the weights that end its last three cycles (eleventh, eighteenth "
                            "at epoch 4, nineteenth pass)", RW / "soup" / "kd-sharp-w48-soup3.fp16.pt"),
+    "fs-w48-c4": ("FS c = 48, an eleventh cycle, seed 5 (twentieth pass)", RW / "fs-w48-c4.fp16.pt"),
+    "kd-sharp-w48-c4": ("KD c = 48, an eleventh cycle, seed 5 (twentieth pass)", RW / "kd-sharp-w48-c4.fp16.pt"),
+    "fs-w48-soup4": ("FS c = 48, the mean of the weights that end its last four cycles (eleventh, eighteenth to "
+                     "twentieth pass)", RW / "soup" / "fs-w48-soup4.fp16.pt"),
+    "kd-sharp-w48-soup4": ("KD c = 48, the mean of the weights that end its last four cycles (eleventh, eighteenth "
+                           "at epoch 4, nineteenth, twentieth pass)", RW / "soup" / "kd-sharp-w48-soup4.fp16.pt"),
     "shipped-fs-c48": ("FS c = 48 (`weights/fs-scfnet_m3.fp16.pt`, eleventh pass)", W / "fs-scfnet_m3.fp16.pt"),
     "shipped-kd-c48": ("KD c = 48 (`weights/kd-scfnet_m3-from-csnet-L-x2.fp16.pt`, eleventh pass)",
                        W / "kd-scfnet_m3-from-csnet-L-x2.fp16.pt"),
@@ -66,7 +72,8 @@ PAIRS = [("kd-sharp-slim-s1", "fs-slim-s1"), ("kd-sharp-slim-s2", "fs-slim-s2"),
          ("kd-sharp-slim-duts-s2", "fs-slim-s2"), ("kd-sharp25-slim-duts-s2", "fs-slim-s2"),
          ("kd-dice-bce-conf-slim-duts-s2", "fs-slim-s2"), ("shipped-kd-c48", "shipped-fs-c48"),
          ("kd-sharp-w48-c2-e4", "fs-w48-c2"), ("kd-sharp-w48-c2", "fs-w48-c2"), ("kd-sharp-w48-c3", "fs-w48-c3"),
-         ("kd-sharp-w48-soup3", "fs-w48-soup3")]
+         ("kd-sharp-w48-soup3", "fs-w48-soup3"), ("kd-sharp-w48-c4", "fs-w48-c4"),
+         ("kd-sharp-w48-soup4", "fs-w48-soup4")]
 
 
 def runner(label: str, threads: int):
