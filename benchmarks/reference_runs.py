@@ -142,6 +142,21 @@ for _b, _f in (("fs", "fs-scfnet_m3"), ("kd-sharp", "kd-scfnet_m3-from-csnet-L-x
     SEEDS[_b + "-w48-c2"] = (_b + "-w48", 3)
 
 
+# (nineteenth pass) a tenth cycle for the equal-budget pair of the eighteenth: FS from its finished run (2,170 steps),
+# KD from its checkpoint after epoch 4 (2,116 steps), each for its own whole epochs again (``--steps 2170`` for FS:
+# 7 x 310; ``--steps 2116`` for KD: 4 x 529, annealed to the end this time), seed 4: FS's hold-out MAE had stopped
+# falling, KD's had not -- does the margin widen as FS, held to 4,966 masks, saturates and KD, on 8,475 images,
+# does not?
+for _b, _f in (("fs", "fs-w48-c2"), ("kd-sharp", "kd-sharp-w48-c2-e4")):
+    CYCLES[_b + "-w48-c3"] = (_b, OUT / "weights" / f"{_f}.fp16.pt", 0.005, "tenth (at c = 48)")
+    SEEDS[_b + "-w48-c3"] = (_b + "-w48", 4)
+# (twentieth pass) an eleventh cycle, the same again from the nineteenth pass's files, seed 5: a second point of the
+# trend at c = 48
+for _b in ("fs", "kd-sharp"):
+    CYCLES[_b + "-w48-c4"] = (_b, OUT / "weights" / f"{_b}-w48-c3.fp16.pt", 0.005, "eleventh (at c = 48)")
+    SEEDS[_b + "-w48-c4"] = (_b + "-w48", 5)
+
+
 def run_seed(name: str) -> int:
     """The ``run.seed`` of run ``name``: its ``SEEDS`` entry's, else 0."""
     return SEEDS.get(name, ("", 0))[1]
@@ -158,24 +173,6 @@ for _k, (_base, _w, _lr, _nth) in CYCLES.items():
 RUNS["kd-sharp-w48-c2-e4"] = (RUNS["kd-sharp-w48-c2"][0], RUNS["kd-sharp-w48-c2"][1], RUNS["kd-sharp-w48-c2"][2]
                               + "; its checkpoint after epoch 4 of 5 (FS's budget; lr not yet annealed)")
 SEEDS["kd-sharp-w48-c2-e4"] = SEEDS["kd-sharp-w48-c2"]
-
-# (nineteenth pass) a tenth cycle for the equal-budget pair of the eighteenth: FS from its finished run (2,170 steps),
-# KD from its checkpoint after epoch 4 (2,116 steps), each for its own whole epochs again (``--steps 2170`` for FS:
-# 7 x 310; ``--steps 2116`` for KD: 4 x 529, annealed to the end this time), seed 4: FS's hold-out MAE had stopped
-# falling, KD's had not -- does the margin widen as FS, held to 4,966 masks, saturates and KD, on 8,475 images,
-# does not?
-for _b, _f in (("fs", "fs-w48-c2"), ("kd-sharp", "kd-sharp-w48-c2-e4")):
-    CYCLES[_b + "-w48-c3"] = (_b, OUT / "weights" / f"{_f}.fp16.pt", 0.005, "tenth (at c = 48)")
-    SEEDS[_b + "-w48-c3"] = (_b + "-w48", 4)
-    RUNS[_b + "-w48-c3"] = (RUNS[_b][0], RUNS[_b][1], RUNS[_b][2] + f"; + a tenth (at c = 48) cycle (lr 0.005) from "
-                            f"`runs/ref/weights/{_f}.fp16.pt`; seed 4")
-# (twentieth pass) an eleventh cycle, the same again from the nineteenth pass's files, seed 5: a second point of the
-# trend at c = 48
-for _b in ("fs", "kd-sharp"):
-    CYCLES[_b + "-w48-c4"] = (_b, OUT / "weights" / f"{_b}-w48-c3.fp16.pt", 0.005, "eleventh (at c = 48)")
-    SEEDS[_b + "-w48-c4"] = (_b + "-w48", 5)
-    RUNS[_b + "-w48-c4"] = (RUNS[_b][0], RUNS[_b][1], RUNS[_b][2] + f"; + an eleventh (at c = 48) cycle (lr 0.005) "
-                            f"from `runs/ref/weights/{_b}-w48-c3.fp16.pt`; seed 5")
 
 # the KD-loss ablation at a shorter budget (all four rows at the same steps): abl-dice, abl-bce, ...
 RUNS.update({"abl-" + k[3:]: v for k, v in list(RUNS.items()) if k.startswith("kd-")})

@@ -21,14 +21,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from models import read_metadata, save_weights
+    from models import save_weights
     from models.soup import average_weights
 
     out = args.output.resolve()
     if any(p.resolve() == out for p in args.weights):
         raise ValueError(f"--output {args.output}: one of the --weights files; write the mean elsewhere")
     model, sources = average_weights(args.weights)
-    half = all(read_metadata(p).get("dtype") == "float16" for p in args.weights)
+    half = all(s.get("dtype") == "float16" for s in sources)
     save_weights(model, args.output, extra_meta={"averaged_from": sources}, half=half)
     for s in sources:
         print(f"  {s['file']} (sha256 {s['sha256']}" + (f", {s['run_name']}" if "run_name" in s else "")

@@ -65,7 +65,7 @@ def average_weights(paths: Sequence[str | os.PathLike]) -> tuple[SODModel, list[
                 if k in sums:
                     sums[k] += v.detach().double()
         sources.append({"file": path.name, "sha256": _sha256(path)[:16],
-                        **{k: meta[k] for k in ("run_name", "step", "output_scale") if k in meta}})
+                        **{k: meta[k] for k in ("dtype", "run_name", "step", "output_scale") if k in meta}})
     state = first.state_dict()
     with torch.no_grad():
         for k, total in sums.items():
