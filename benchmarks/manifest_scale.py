@@ -316,6 +316,71 @@ def _heap_total(m: dict) -> tuple[float, float]:
     return peak, held
 
 
+def render(runs: list[dict], machine: dict, notes: str | None) -> str:
+    """The materialized plan stage by stage (A: listing -> manifest, B: id check + done-set, C: the Ray input)."""
+    big = 10**8
+    lines = [
+        "## The manifest at scale (issue 13 item 7): the labelling driver's time and memory per key",
+        "",
+        f"Machine: {machine['cpu']}, 2 cores shared with other jobs (load average {machine['load_before']} before, "
+        f"{machine['load_after']} after; everything under `nice -n 10`, so wall seconds are mostly waiting for the "
+        f"neighbours: compare CPU seconds), Python {machine['python']}, pyarrow {machine['pyarrow']}. Measured "
+        f"{machine['date']}.",
+        "",
+        f"Command: `{machine['command']}`, the code before the change unpacked with `{machine['before_tree']}`. "
+        "Synthetic S3 listing (boto3-shaped ListObjectsV2 pages of 1000, ImageNet-like keys of 39 characters, no "
+        "network) through the real driver code; the output holds real label/reject shards of 256 rows "
+        f"(`cluster.labels.write_shard`) for the first {machine['done']:.0%} of the keys, 1 in 100 of those as "
+        "rejects: a rerun of a job killed half way. A = `build_manifest` (walk -> `Listed` -> `_Entry` -> `Item`, "
+        "the `auto` layout test); B = the id check + the done-set + the inputs still to label; B1 = the done-set "
+        "alone (also inside B); C = `_manifest_table(todo)`, the Ray job's input. Heap = tracemalloc (Python) + a "
+        "proxy Arrow memory pool, peak during a stage over what was held before it, and held after it (A's, B's "
+        "and C's held memory stays for the whole Ray job); one run under tracemalloc (~5x slower). RSS = "
+        "the timed run shown (the median of the rounds): peak during a stage over the RSS at its start (sampled "
+        "every 2 ms; memory an earlier stage freed and this one reuses does not show), the whole A..C peak and "
+        "what is held after C, over the RSS before A. Bytes per key divide by the listed keys.",
+        "",
+        "| code | keys | A s wall (CPU) | B s wall (CPU) | B1 CPU s | C CPU s | A heap peak / held, B/key "
+        "| B heap peak / held, B/key | C held, B/key | RSS peak in A / B / C, B/key | RSS peak A..C, MB "
+        "| RSS held, B/key | A+B+C CPU s per round |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in runs:
+        t, m = r["time"], r.get("mem")
+        n = t["n"]
+        heap = ["-", "-", "-"]
+        if m:
+            (ap, ah), (bp, bh), (_, ch) = _heap(m, "A"), _heap(m, "B"), _heap(m, "C")
+            heap = [f"{_bpk(ap, n)} / {_bpk(ah, n)}", f"{_bpk(bp, n)} / {_bpk(bh, n)}", _bpk(ch, n)]
+        lines.append(
+            f"| {r['label']} | {n:,} | {t['A']['wall']:.1f} ({t['A']['cpu']:.2f}) | {t['B']['wall']:.1f} "
+            f"({t['B']['cpu']:.2f}) | {t['B1']['cpu']:.2f} | {t['C']['cpu']:.2f} | {heap[0]} | {heap[1]} | "
+            f"{heap[2]} | {_bpk(t['A']['rss_peak'], n)} / {_bpk(t['B']['rss_peak'], n)} / "
+            f"{_bpk(t['C']['rss_peak'], n)} | {_peak(t) / 2**20:,.0f} | {_bpk(t['rss_held'], n)} | "
+            f"{', '.join(f'{c:.2f}' for c in r.get('rounds_cpu', [_abc_cpu(t)]))} |")
+    lines += ["", "Extrapolated to 10^8 keys, linearly from the per-key figures (time: CPU seconds of A+B+C at the "
+              "largest N -- the listing's and the shard reads' network time comes on top, see below; RSS: the largest "
+              "N; heap: the traced run):", "",
+              "| code | A+B+C CPU per key, us | A+B+C CPU at 10^8 | RSS peak at 10^8 | RSS held during the Ray job "
+              "at 10^8 | heap held at 10^8 | B heap peak at 10^8 |", "|---|---:|---:|---:|---:|---:|---:|"]
+    for label in dict.fromkeys(r["label"] for r in runs):
+        mine = [x for x in runs if x["label"] == label]
+        t = max(mine, key=lambda x: x["time"]["n"])["time"]
+        traced = [x for x in mine if x.get("mem")]
+        n = t["n"]
+        cpu = sum(t[s]["cpu"] for s in "ABC") / n
+        cells = ["-", "-"]
+        if traced:
+            m = max(traced, key=lambda x: x["time"]["n"])["mem"]
+            held = sum(_heap(m, s)[1] for s in "ABC") / m["n"]
+            cells = [f"{held * big / 2**30:.1f} GiB", f"{_heap(m, 'B')[0] / m['n'] * big / 2**30:.1f} GiB"]
+        lines.append(f"| {label} | {cpu * 1e6:.1f} | {cpu * big / 60:.0f} min | {_peak(t) / n * big / 2**30:.1f} GiB "
+                     f"| {t['rss_held'] / n * big / 2**30:.1f} GiB | {cells[0]} | {cells[1]} |")
+    if notes:
+        lines += ["", notes.strip()]
+    return "\n".join(lines)
+
+
 STREAM_SECTION = "manifest-stream"
 
 

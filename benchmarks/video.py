@@ -21,7 +21,6 @@ import argparse
 import datetime as dt
 import importlib.util
 import os
-import platform
 import statistics
 import sys
 import time

@@ -49,7 +49,6 @@ from collections import deque
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .registry import config_with_overrides, register_model

@@ -11,7 +11,6 @@ stack's folder and Ray's session folder (logs included), and MLflow's params, ta
 
 from __future__ import annotations
 
-import os
 import secrets
 import subprocess
 import sys
