@@ -59,8 +59,10 @@ ENTRIES = {
                      "twentieth pass)", RW / "soup" / "fs-w48-soup4.fp16.pt"),
     "kd-sharp-w48-soup4": ("KD c = 48, the mean of the weights that end its last four cycles (eleventh, eighteenth "
                            "at epoch 4, nineteenth, twentieth pass)", RW / "soup" / "kd-sharp-w48-soup4.fp16.pt"),
-    "shipped-fs-c48": ("FS c = 48 (`weights/fs-scfnet_m3.fp16.pt`, eleventh pass)", W / "fs-scfnet_m3.fp16.pt"),
-    "shipped-kd-c48": ("KD c = 48 (`weights/kd-scfnet_m3-from-csnet-L-x2.fp16.pt`, eleventh pass)",
+    "shipped-fs-c48": ("FS c = 48 (eleventh pass; `weights/fs-scfnet_m3.fp16.pt` until 2026-12-06, replaced by the "
+                       "four-cycle mean)", W / "fs-scfnet_m3.fp16.pt"),
+    "shipped-kd-c48": ("KD c = 48 (eleventh pass; `weights/kd-scfnet_m3-from-csnet-L-x2.fp16.pt` until 2026-12-06, "
+                       "replaced by the four-cycle mean)",
                        W / "kd-scfnet_m3-from-csnet-L-x2.fp16.pt"),
     "shipped-kd-c16": ("KD c = 16 (`weights/kd-scfnet_m3-c16-from-csnet-L-x2.fp16.pt`)",
                        W / "kd-scfnet_m3-c16-from-csnet-L-x2.fp16.pt"),

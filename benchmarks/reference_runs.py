@@ -75,7 +75,8 @@ RUNS["kd-views"] = ("distill", RUNS["kd-sharp"][1], "as kd-sharp, the pool + syn
 # further cosine cycles from the weights a previous cycle left (the same extra steps for both): does a longer
 # budget widen KD's margin over FS? name -> (the run whose recipe it repeats, the weights file it starts from,
 # the cycle's peak lr, which cycle it is). c2 started from the fourth pass's files (weights/ at bb205c7), c3 from
-# c2's (the committed files since 975a5ff).
+# c2's (the committed files since 975a5ff). The paths name ``weights/`` files as they were when each pass ran; since
+# 2026-12-06 they hold the four-cycle means (the eleventh pass's files: runs/ref/weights/uncalibrated, git f885927).
 CYCLES = {"fs-c2": ("fs", REPO / "weights" / "fs-scfnet_m3.fp16.pt", 0.02, "second"),
           "kd-sharp-c2": ("kd-sharp", REPO / "weights" / "kd-scfnet_m3-from-csnet-L-x2.fp16.pt", 0.02, "second"),
           "fs-c3": ("fs", REPO / "weights" / "fs-scfnet_m3.fp16.pt", 0.01, "third"),
@@ -155,6 +156,13 @@ for _b, _f in (("fs", "fs-w48-c2"), ("kd-sharp", "kd-sharp-w48-c2-e4")):
 for _b in ("fs", "kd-sharp"):
     CYCLES[_b + "-w48-c4"] = (_b, OUT / "weights" / f"{_b}-w48-c3.fp16.pt", 0.005, "eleventh (at c = 48)")
     SEEDS[_b + "-w48-c4"] = (_b + "-w48", 5)
+# (twenty-first pass) a twelfth cycle from each chain's four-cycle mean (``sodkd average`` of the eleventh, eighteenth
+# -- KD at epoch 4 --, nineteenth and twentieth pass ends; runs/ref/weights/soup), seed 6: does a cycle from the
+# averaged weights go below the mean itself, and where does the ratio land from there?
+for _b in ("fs", "kd-sharp"):
+    CYCLES[_b + "-w48-c5"] = (_b, OUT / "weights" / "soup" / f"{_b}-w48-soup4.fp16.pt", 0.005,
+                              "twelfth (at c = 48, from the four-cycle mean)")
+    SEEDS[_b + "-w48-c5"] = (_b + "-w48", 6)
 
 
 def run_seed(name: str) -> int:
