@@ -498,6 +498,12 @@ def evaluate_all(section: str, results: Path, threads: int, only: str | None = N
                                   f"{CYCLES['fs-w48-c4'][2]} warm-up + cosine to {LR / 50:g}) with `run.seed` 5")
     title["reference-runs-20"] = ("twentieth pass (the same pair, an eleventh cycle: a second point of the trend "
                                   "at c = 48)")
+    start["reference-runs-21"] = ("each chain's four-cycle mean (`sodkd average` of its eleventh, eighteenth -- KD "
+                                  "after epoch 4 --, nineteenth and twentieth pass ends; FS 33,790 steps behind the "
+                                  "last, KD 33,327; c = 48; the shipped files before calibration) given a twelfth cycle "
+                                  f"(lr {CYCLES['fs-w48-c5'][2]} warm-up + cosine to {LR / 50:g}) with `run.seed` 6")
+    title["reference-runs-21"] = ("twenty-first pass (a twelfth cycle from the four-cycle means: does a cycle from the "
+                                  "averaged weights go below the mean, and where does the ratio land?)")
     title["reference-runs-17"] = ("seventeenth pass (seed 2's KD run on the pool's DUTS-TR images alone, its targets "
                                   "sharpened harder, s = 0.25, and not at all, s = 1: where should the sharpening live?)")
     from models import count_params, load_weights
