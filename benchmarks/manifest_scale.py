@@ -368,7 +368,7 @@ def render(runs: list[dict], machine: dict, notes: str | None) -> str:
         t = max(mine, key=lambda x: x["time"]["n"])["time"]
         traced = [x for x in mine if x.get("mem")]
         n = t["n"]
-        cpu = sum(t[s]["cpu"] for s in "ABC") / n
+        cpu = _abc_cpu(t) / n
         cells = ["-", "-"]
         if traced:
             m = max(traced, key=lambda x: x["time"]["n"])["mem"]
