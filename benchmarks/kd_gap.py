@@ -118,6 +118,50 @@ def gap(students: dict[str, str], sets: dict[str, dict], threads: int) -> dict[s
     return out
 
 
+def stride_floor(sets: dict[str, dict], strides=(2, 4)) -> list[str]:
+    """What an output stride costs by itself: the teacher's own maps average-pooled in logit space to each stride
+    and bilinearly resized back (what a student that matched the teacher perfectly at that stride would output:
+    ``scfnet_m3`` predicts at stride 4 and resizes its logits), scored against the masks and the teacher."""
+    import torch
+    import torch.nn.functional as F
+    lines = ["| set | teacher MAE | " + " | ".join(f"stride {s}: MAE / fit to the teacher" for s in strides) + " |",
+             "|---|---:|" + "---:|" * len(strides)]
+    for name in ("hold-out", "ecssd"):
+        m = sets[name]["masks"].astype(np.float32) / 255
+        t = torch.from_numpy(sets[name]["teacher"].astype(np.float32) / 255)[:, None].clamp(1e-3, 1 - 1e-3)
+        z = torch.log(t / (1 - t))
+        cells = []
+        for s in strides:
+            p = torch.sigmoid(F.interpolate(F.avg_pool2d(z, s), size=z.shape[-2:], mode="bilinear",
+                                            align_corners=False))[:, 0].numpy()
+            cells.append(f"{_mae(p, m):.4f} / {_mae(p, t[:, 0].numpy()):.4f}")
+        lines.append(f"| {name} | {_mae(t[:, 0].numpy(), m):.4f} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def band_split(students: dict[str, str], sets: dict[str, dict], threads: int, width: int = 9) -> list[str]:
+    """Where each student's fit error lies: in the teacher's boundary band (pixels within ``width // 2`` of its
+    0.5 contour) or in the rest of the image (whole regions the two maps disagree on); shares of the whole MAE."""
+    import torch
+    import torch.nn.functional as F
+
+    from cluster.teachers import build_teacher
+    lines = ["| student | set | fit to the teacher | band share of pixels | fit error in the band | elsewhere |",
+             "|---|---|---:|---:|---:|---:|"]
+    for label, path in students.items():
+        net = build_teacher(f"scfnet_m3:{path}", device="cpu", precision="fp32", input_size=SIZE, threads=threads)
+        for name in ("hold-out", "ecssd"):
+            t = sets[name]["teacher"].astype(np.float32) / 255
+            p = _predict(net, sets[name]["images"]).astype(np.float32) / 255
+            tb = torch.from_numpy((t > .5).astype(np.float32))[:, None]
+            band = (F.max_pool2d(tb, width, 1, width // 2) + F.max_pool2d(-tb, width, 1, width // 2))[:, 0] > 0
+            band = band.numpy()
+            e = np.abs(p - t)
+            lines.append(f"| {label} | {name} | {e.mean():.4f} | {band.mean():.3f} | {e[band].sum() / e.size:.4f} | "
+                         f"{e[~band].sum() / e.size:.4f} |")
+    return lines
+
+
 def table(res: dict, students: dict[str, str]) -> list[str]:
     lines = ["| student | fit on pool (learnt from) | fit on hold-out | fit on ECSSD | MAE hold-out | MAE ECSSD |",
              "|---|---:|---:|---:|---:|---:|"]
@@ -126,7 +170,8 @@ def table(res: dict, students: dict[str, str]) -> list[str]:
                      f"{r['hold-out']['fit']:.4f} | {r['ecssd']['fit']:.4f} | {r['hold-out']['mae']:.4f} | "
                      f"{r['ecssd']['mae']:.4f} |")
     any_r = next(iter(res.values()))
-    lines.append(f"| teacher CSNet-L-x2 + flip TTA | 0 (its own labels) | 0 | 0 | {any_r['hold-out']['teacher_mae']:.4f} "
+    lines.append(f"| teacher CSNet-L-x2 + flip TTA | 0 (its own labels) | 0 | 0 | "
+                 f"{any_r['hold-out']['teacher_mae']:.4f} "
                  f"| {any_r['ecssd']['teacher_mae']:.4f} |")
     return lines
 
@@ -137,11 +182,21 @@ def main() -> None:
     ap.add_argument("--pool", type=int, default=1000, help="pool images drawn (default 1000)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--section", default=None, help="write the table into benchmarks/RESULTS.md under this name")
+    ap.add_argument("--stride", action="store_true",
+                    help="instead: what the student's output stride costs (the teacher's maps pooled to it) and "
+                         "where each student's fit error lies (the teacher's boundary band or elsewhere)")
     args = ap.parse_args()
     students = dict(s.split("=", 1) for s in args.student)
     t0 = time.perf_counter()
     sets = load_sets(args.pool)
     teacher_maps(sets, args.threads)
+    if args.stride:
+        lines = stride_floor(sets) + [""] + band_split(students, sets, args.threads)
+        print("\n".join(lines))
+        print(f"{time.perf_counter() - t0:.0f} s")
+        if args.section:
+            R.write_results(args.section, "\n".join(lines))
+        return
     res = gap(students, sets, args.threads)
     lines = table(res, students)
     print("\n".join(lines))

@@ -163,6 +163,14 @@ for _b in ("fs", "kd-sharp"):
     CYCLES[_b + "-w48-c5"] = (_b, OUT / "weights" / "soup" / f"{_b}-w48-soup4.fp16.pt", 0.005,
                               "twelfth (at c = 48, from the four-cycle mean)")
     SEEDS[_b + "-w48-c5"] = (_b + "-w48", 6)
+# (twenty-second pass) a thirteenth cycle from each chain's five-file mean (the four + the twenty-first pass's end;
+# runs/ref/weights/soup), seed 7, the first pass trained in the channels_last layout (``scaling.channels_last``, on
+# by default since): the twenty-first pass's steps, lr and side-by-side conditions, so its wall and CPU time per step
+# measure the layout's gain in the whole pipeline, and its ends give the chains a sixth point
+for _b in ("fs", "kd-sharp"):
+    CYCLES[_b + "-w48-c6"] = (_b, OUT / "weights" / "soup" / f"{_b}-w48-soup5.fp16.pt", 0.005,
+                              "thirteenth (at c = 48, from the five-file mean, channels_last)")
+    SEEDS[_b + "-w48-c6"] = (_b + "-w48", 7)
 
 
 def run_seed(name: str) -> int:

@@ -185,6 +185,7 @@ class ImageTask(Task):
         self.val: ValSet | None = None
         self.probs: np.ndarray | None = None
         self.panel_teacher = None
+        self.channels_last = self.cfg.scaling.channels_last and self.cfg.scaling.strategy == "ddp"
 
     def build(self, rank: int, device):
         from models import create_model
@@ -215,12 +216,16 @@ class ImageTask(Task):
                                        local_shuffle_seed=cfg.run.seed * 100003 + epoch * 101 + rank
                                        if cfg.data.shuffle_buffer else None)
 
+    def _layout(self):
+        import torch
+        return torch.channels_last if self.channels_last else torch.preserve_format
+
     def loss(self, net, module, batch, device, dtype):
         from kd.pseudo_labels import fm_model_loss
         from kd.step import batch_loss
         cfg = self.cfg
         x, y, soft, conf = collate(batch, self.augmenter, self.rng, module.mean, module.std, cfg.data.sizes)
-        x, y = x.to(device=device, dtype=dtype), y.to(device)
+        x, y = x.to(device=device, dtype=dtype, memory_format=self._layout()), y.to(device)
         parts: dict[str, float] = {}
         if cfg.mode == "foundation":
             loss, parts = fm_model_loss(_Float32Outputs(net), x, y, conf.to(device), cfg.fm)

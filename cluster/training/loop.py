@@ -44,6 +44,7 @@ class Task:
 
     cfg: Any
     meta: Mapping[str, Any] = {}
+    channels_last: bool = False   # run the model in channels_last (the image task: ``scaling.channels_last``)
 
     def build(self, rank: int, device) -> tuple[Any, dict[str, Any]]:
         """The model (on the CPU, its starting weights applied) and the modules trained beside it (their
@@ -199,6 +200,8 @@ def train_loop(config: dict) -> dict:
     restored = restore_checkpoint(meta, model, lambda: create_model(cfg.model.name, **cfg.model.kwargs),
                                   run=cfg.run, s3=cfg.s3, in_process=in_process, rank=rank)
     best_state = restored.best_state if restored else None
+    if task.channels_last:
+        model.to(memory_format=torch.channels_last)   # before the wrap: DDP's buckets take the params' layout
     net, module, engine, optimizer, dtype = _wrap(model, optimizer, cfg, device, world, restored)
     for m in extras.values():
         m.to(device)

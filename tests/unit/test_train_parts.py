@@ -347,3 +347,30 @@ def test_init_weights_of_a_widened_model_train_as_themselves(tmp_path):
     student = build_student(vdone)
     assert student.config["channels"] == 12
     torch.testing.assert_close(student.state_dict()["scfm2.cv3.0.weight"], wide.state_dict()["scfm2.cv3.0.weight"])
+
+
+def test_image_training_runs_channels_last_by_default_with_the_same_maths():
+    from cluster.training.image import ImageTask
+    assert ImageTask(_cfg()).channels_last
+    assert not ImageTask(_cfg(**{"scaling.channels_last": False})).channels_last
+    assert not ImageTask(_cfg(**{"scaling.strategy": "deepspeed"})).channels_last   # ddp only
+    with pytest.raises(ConfigError, match="scaling.channels_last"):
+        load_train_config(_cfg(**{"scaling.channels_last": "yes"}))
+    # the layout is the same maths: loss and gradients agree with the default layout to float rounding
+    torch.manual_seed(0)
+    nchw = create_model("scfnet_m3").train()
+    nhwc = create_model("scfnet_m3").train()
+    nhwc.load_state_dict(nchw.state_dict())
+    nhwc.to(memory_format=torch.channels_last)
+    assert next(p for p in nhwc.parameters() if p.ndim == 4).is_contiguous(memory_format=torch.channels_last)
+    x = torch.rand(2, 3, 64, 64)
+    target = torch.rand(2, 1, 64, 64)
+    soft = torch.ones(2, dtype=torch.bool)
+    losses = []
+    for net, inp in ((nchw, x), (nhwc, x.contiguous(memory_format=torch.channels_last))):
+        loss = batch_loss(net(inp), target, soft, 3, KDLoss(pixel="bce"))
+        loss.backward()
+        losses.append(loss)
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-4, atol=1e-5)
+    for (name, a), b in zip(nchw.named_parameters(), nhwc.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-3, atol=1e-5, msg=name)
