@@ -40,6 +40,7 @@ CHAIN = [
     ("reference-runs-19", "fs-w48-c3", "kd-sharp-w48-c3", 48),
     ("reference-runs-20", "fs-w48-c4", "kd-sharp-w48-c4", 48),
     ("reference-runs-21", "fs-w48-c5", "kd-sharp-w48-c5", 48),   # from the four-cycle means: the same budget behind
+    ("reference-runs-22", "fs-w48-c6", "kd-sharp-w48-c6", 48),   # from the five-file means
 ]
 AIM, PAPER = 0.85, 0.90          # the KD/FS aim; KD-SCFNet's own ratio
 TEACHER = ("CSNet-L-x2 + flip TTA", 0.067)

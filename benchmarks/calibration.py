@@ -67,6 +67,14 @@ ENTRIES = {
                      RW / "soup" / "fs-w48-soup5.fp16.pt"),
     "kd-sharp-w48-soup5": ("KD c = 48, the mean of the four cycle ends and the twelfth cycle's (twenty-first pass)",
                            RW / "soup" / "kd-sharp-w48-soup5.fp16.pt"),
+    "fs-w48-c6": ("FS c = 48, a thirteenth cycle from the five-file mean, seed 7, channels_last (twenty-second pass)",
+                  RW / "fs-w48-c6.fp16.pt"),
+    "kd-sharp-w48-c6": ("KD c = 48, a thirteenth cycle from the five-file mean, seed 7, channels_last (twenty-second "
+                        "pass)", RW / "kd-sharp-w48-c6.fp16.pt"),
+    "fs-w48-soup6": ("FS c = 48, the mean of the four cycle ends and the twelfth and thirteenth cycles' (twenty-first "
+                     "and twenty-second passes)", RW / "soup" / "fs-w48-soup6.fp16.pt"),
+    "kd-sharp-w48-soup6": ("KD c = 48, the mean of the four cycle ends and the twelfth and thirteenth cycles' "
+                           "(twenty-first and twenty-second passes)", RW / "soup" / "kd-sharp-w48-soup6.fp16.pt"),
     "shipped-fs-c48": ("FS c = 48 (eleventh pass; `weights/fs-scfnet_m3.fp16.pt` until 2026-12-06, replaced by the "
                        "four-cycle mean)", W / "fs-scfnet_m3.fp16.pt"),
     "shipped-kd-c48": ("KD c = 48 (eleventh pass; `weights/kd-scfnet_m3-from-csnet-L-x2.fp16.pt` until 2026-12-06, "
@@ -84,7 +92,8 @@ PAIRS = [("kd-sharp-slim-s1", "fs-slim-s1"), ("kd-sharp-slim-s2", "fs-slim-s2"),
          ("kd-sharp-w48-c2-e4", "fs-w48-c2"), ("kd-sharp-w48-c2", "fs-w48-c2"), ("kd-sharp-w48-c3", "fs-w48-c3"),
          ("kd-sharp-w48-soup3", "fs-w48-soup3"), ("kd-sharp-w48-c4", "fs-w48-c4"),
          ("kd-sharp-w48-soup4", "fs-w48-soup4"),
-         ("kd-sharp-w48-c5", "fs-w48-c5"), ("kd-sharp-w48-soup5", "fs-w48-soup5")]
+         ("kd-sharp-w48-c5", "fs-w48-c5"), ("kd-sharp-w48-soup5", "fs-w48-soup5"),
+         ("kd-sharp-w48-c6", "fs-w48-c6"), ("kd-sharp-w48-soup6", "fs-w48-soup6")]
 
 
 def runner(label: str, threads: int):

@@ -512,6 +512,13 @@ def evaluate_all(section: str, results: Path, threads: int, only: str | None = N
                                   f"(lr {CYCLES['fs-w48-c5'][2]} warm-up + cosine to {LR / 50:g}) with `run.seed` 6")
     title["reference-runs-21"] = ("twenty-first pass (a twelfth cycle from the four-cycle means: does a cycle from the "
                                   "averaged weights go below the mean, and where does the ratio land?)")
+    start["reference-runs-22"] = ("each chain's five-file mean (`sodkd average` of the four cycle ends behind the "
+                                  "twenty-first pass's start and that pass's end; FS 35,960 steps behind the last, KD "
+                                  "35,443; c = 48) given a thirteenth cycle (lr "
+                                  f"{CYCLES['fs-w48-c6'][2]} warm-up + cosine to {LR / 50:g}) with `run.seed` 7, the "
+                                  "first pass trained in the channels_last layout (`scaling.channels_last`)")
+    title["reference-runs-22"] = ("twenty-second pass (a thirteenth cycle from the five-file means, in channels_last: "
+                                  "the layout's speed in the whole pipeline, and a sixth point of each chain)")
     title["reference-runs-17"] = ("seventeenth pass (seed 2's KD run on the pool's DUTS-TR images alone, its targets "
                                   "sharpened harder, s = 0.25, and not at all, s = 1: where should the sharpening live?)")
     from models import count_params, load_weights

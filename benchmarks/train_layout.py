@@ -9,6 +9,14 @@ trainer's step is without the data: forward on a batch of ``--batch`` images at 
 BCE of the four side outputs against a random soft target, backward, an SGD (momentum, Nesterov) update. Reported:
 the median wall time and CPU time per step, images per CPU-second, and each arm's speed-up over NCHW fp32.
 The first step's losses of the arms are compared too: a layout is the same maths (equal to float rounding).
+
+``--pipeline`` measures the same thing through the whole trainer instead: two ``run_training`` jobs of the KD
+reference recipe (``benchmarks/reference_runs.py``: the c = 48 student from the shipped KD file, its pool and labels,
+1 worker with 1 torch thread, the data pipeline included), one with ``scaling.channels_last`` false and one true,
+started at the same moment side by side (as the reference runs train), ``--pipeline-epochs`` epochs of
+``--pipeline-rows`` pool images each; reported per epoch: wall and worker-CPU seconds per step.
+
+    .venv/bin/python benchmarks/train_layout.py --pipeline --pipeline-rows 2400 --pipeline-epochs 2
 """
 
 from __future__ import annotations
@@ -72,6 +80,59 @@ def measure(weights: str, threads: int, batch: int, size: int, steps: int) -> tu
     return out, max(abs(first[a] - first["NCHW fp32"]) for a in fp32)
 
 
+def pipeline_arm(channels_last: bool, rows: int, epochs: int, out: Path) -> dict:
+    """One ``run_training`` job of the KD reference recipe in this process; its per-epoch wall and CPU seconds."""
+    sys.path.append(str(REPO / "benchmarks"))
+    import reference_runs as R
+
+    from cluster.raylocal import start_private_ray
+    from cluster.training.launch import run_training
+    from cluster.training.sections import load_train_config
+    cfg = R.train_config("kd-sharp-w48-c6", 1)
+    arm = "nhwc" if channels_last else "nchw"
+    cfg["model"]["init_weights"] = str(REPO / "weights" / "kd-scfnet_m3-from-csnet-L-x2.fp16.pt")
+    cfg["data"]["unlabeled"][0]["limit"] = rows
+    cfg["optim"].update(epochs=epochs)
+    cfg["scaling"]["channels_last"] = channels_last
+    cfg["val"] = {"uri": None}
+    cfg["run"].update(name=f"layout-{arm}", storage=str(out / "runs"), max_failures=0)
+    cfg["mlflow"].update(uri=f"sqlite:///{out / f'mlflow-{arm}.db'}", experiment="train-layout")
+    cfg["output"] = {"dir": str(out / "weights" / arm), "fp16": True}
+    start_private_ray(2, worker_niceness=0)
+    res = run_training(load_train_config(cfg))
+    steps = res.steps_per_epoch
+    return {"arm": arm, "steps_per_epoch": steps,
+            "wall": [w / steps for w in res.summary["epoch_wall_s"]],
+            "cpu": [c / steps for c in res.summary["epoch_cpu_s"]]}
+
+
+def pipeline(rows: int, epochs: int) -> list[str]:
+    """Both arms as two processes started together; the table of their epochs."""
+    import json
+    import subprocess
+    import tempfile
+    out = Path(tempfile.mkdtemp(prefix="sodkd-train-layout-"))
+    procs = {cl: subprocess.Popen([sys.executable, __file__, "--pipeline-arm", "nhwc" if cl else "nchw",
+                                   "--pipeline-rows", str(rows), "--pipeline-epochs", str(epochs),
+                                   "--pipeline-out", str(out)])
+             for cl in (False, True)}
+    res = {}
+    for cl, p in procs.items():
+        arm = "nhwc" if cl else "nchw"
+        if p.wait():
+            raise SystemExit(f"train_layout: the {arm} arm failed (exit {p.returncode})")
+        res[cl] = json.loads((out / f"{arm}.json").read_text())
+    lines = ["| epoch | steps | NCHW wall s / step | channels_last wall s / step | speed-up (wall) | "
+             "NCHW CPU s / step | channels_last CPU s / step | speed-up (CPU) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    a, b = res[False], res[True]
+    for e in range(epochs):
+        lines.append(f"| {e + 1} | {a['steps_per_epoch']} | {a['wall'][e]:.3f} | {b['wall'][e]:.3f} | "
+                     f"{a['wall'][e] / b['wall'][e]:.2f}x | {a['cpu'][e]:.3f} | {b['cpu'][e]:.3f} | "
+                     f"{a['cpu'][e] / b['cpu'][e]:.2f}x |")
+    return lines
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--weights", default=str(REPO / "weights" / "kd-scfnet_m3-from-csnet-L-x2.fp16.pt"))
@@ -80,7 +141,24 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=224)
     ap.add_argument("--steps", type=int, default=8, help="timed steps per arm (default 8)")
     ap.add_argument("--section", default=None, help="write the table into benchmarks/RESULTS.md under this name")
+    ap.add_argument("--pipeline", action="store_true", help="instead: both layouts through the whole trainer")
+    ap.add_argument("--pipeline-rows", type=int, default=2400, help="pool images per epoch (default 2400)")
+    ap.add_argument("--pipeline-epochs", type=int, default=2)
+    ap.add_argument("--pipeline-arm", choices=("nchw", "nhwc"), help=argparse.SUPPRESS)
+    ap.add_argument("--pipeline-out", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.pipeline_arm:
+        import json
+        import logging
+        logging.basicConfig(level=logging.WARNING)
+        out = Path(args.pipeline_out)
+        res = pipeline_arm(args.pipeline_arm == "nhwc", args.pipeline_rows, args.pipeline_epochs, out)
+        (out / f"{args.pipeline_arm}.json").write_text(json.dumps(res))
+        return
+    if args.pipeline:
+        lines = pipeline(args.pipeline_rows, args.pipeline_epochs)
+        print("\n".join(lines))
+        return
     lines = ["## Training step layout: NCHW against channels_last (and bf16 autocast), image student, this CPU", "",
              f"`.venv/bin/python benchmarks/train_layout.py --threads {' '.join(map(str, args.threads))}` "
              "(one process, arms interleaved step by step).", "",
