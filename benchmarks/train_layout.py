@@ -1,5 +1,5 @@
 """Training step time of the image student in torch's default (NCHW) layout against channels_last (NHWC), and
-against bf16 autocast, on this CPU: the measurement behind ``scaling.channels_last`` (default on).
+against bf16 autocast, on this CPU: the measurement behind ``scaling.channels_last`` (off by default).
 
     .venv/bin/python benchmarks/train_layout.py --threads 1 2 --section train-layout
 

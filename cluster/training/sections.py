@@ -249,7 +249,9 @@ class ScalingSection:
     model and its input batches in the channels_last (NHWC) memory format, with the DDP strategy. Same maths,
     another layout: on a 2-core Intel Xeon a training step of the c = 48 ``scfnet_m3`` at 224 px, batch 16, is
     1.44x faster on one thread, 1.26x on two (``benchmarks/train_layout.py``, RESULTS ``train-layout``). Weights
-    files and exports are written in the default layout either way.
+    files and exports are written in the default layout either way. Off by default for now: inside the full test
+    suite (after other tests ran in the process) the stem conv's weight gradient of the two layouts differed by
+    0.8% of the gradient's norm, not yet explained; in a fresh process they agree to 2e-5.
     """
 
     num_workers: int = 1
@@ -259,7 +261,7 @@ class ScalingSection:
     zero_stage: int = 1
     bf16: bool = False
     torch_threads: int = 0
-    channels_last: bool = True
+    channels_last: bool = False
 
     def __post_init__(self) -> None:
         if self.num_workers < 0:
