@@ -1,5 +1,5 @@
 """Training step time of the image student in torch's default (NCHW) layout against channels_last (NHWC), and
-against bf16 autocast, on this CPU: the measurement behind ``scaling.channels_last`` (off by default).
+against bf16 autocast, on this CPU: the measurement behind ``scaling.channels_last`` (on by default).
 
     .venv/bin/python benchmarks/train_layout.py --threads 1 2 --section train-layout
 
@@ -17,6 +17,14 @@ started at the same moment side by side (as the reference runs train), ``--pipel
 ``--pipeline-rows`` pool images each; reported per epoch: wall and worker-CPU seconds per step.
 
     .venv/bin/python benchmarks/train_layout.py --pipeline --pipeline-rows 2400 --pipeline-epochs 2
+
+``--gradients`` measures how far each layout's fp32 gradients lie from the float64 truth (the same model in NCHW
+float64), and from each other: for each case and thread count, over several batches, the worst parameter's gradient
+error as a share of the whole gradient's norm (median and largest over the batches). Cases: the unit test's (a
+randomly initialised c = 16 student, random 64 px batches of 2) and the training case (the shipped KD student, real
+``sample-data/duts-val`` images at 224 px, batches of 4).
+
+    .venv/bin/python benchmarks/train_layout.py --gradients --threads 1 2
 """
 
 from __future__ import annotations
@@ -78,6 +86,103 @@ def measure(weights: str, threads: int, batch: int, size: int, steps: int) -> tu
         out[arm] = {"wall": wall, "cpu": cpu, "ips_cpu": batch / cpu}
     fp32 = [a for a, (_, amp) in ARMS.items() if not amp]
     return out, max(abs(first[a] - first["NCHW fp32"]) for a in fp32)
+
+
+def gradient_errors(threads: int, case: str, batches: int, weights: str) -> list[dict[str, float]]:
+    """Per batch: the worst parameter's gradient error over the whole gradient's norm, for NCHW fp32 and
+    channels_last fp32 against NCHW float64, and between the two fp32 layouts."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from kd.step import KDLoss, batch_loss
+    from models import create_model
+    from models.weights import load_weights
+    torch.set_num_threads(threads)
+    files = sorted((REPO / "sample-data" / "duts-val" / "images").glob("*.jpg"))
+    out = []
+    for b in range(batches):
+        torch.manual_seed(b)
+        if case == "test":
+            make = (lambda state=create_model("scfnet_m3").state_dict(): _loaded(create_model("scfnet_m3"), state))
+            x, size = torch.rand(2, 3, 64, 64), 64
+        else:
+            make, size = (lambda: load_weights(weights).float()), 224
+            imgs = [np.asarray(Image.open(f).convert("RGB").resize((size, size), Image.BILINEAR))
+                    for f in files[4 * b:4 * b + 4]]
+            x = make().normalize(np.stack(imgs).transpose(0, 3, 1, 2))
+        target = torch.rand(x.shape[0], 1, size, size)
+        grads = {}
+        for arm in ("f64", "nchw", "nhwc"):
+            m, xi = make().train(), x
+            if arm == "f64":
+                m, xi = m.double(), x.double()
+            if arm == "nhwc":
+                m, xi = m.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+            soft = torch.ones(x.shape[0], dtype=torch.bool)
+            batch_loss(m(xi), target.to(xi.dtype), soft, 3, KDLoss(pixel="bce")).backward()
+            grads[arm] = [p.grad.double() for p in m.parameters()]
+        total = float(torch.sqrt(sum((g ** 2).sum() for g in grads["f64"])))
+
+        def worst(a: str, b: str) -> float:
+            return max(float((p - q).norm()) for p, q in zip(grads[a], grads[b])) / total
+        out.append({"nchw": worst("nchw", "f64"), "nhwc": worst("nhwc", "f64"), "between": worst("nchw", "nhwc")})
+    return out
+
+
+def batchnorm_errors(threads: int) -> list[str]:
+    """Train-mode BatchNorm2d on its own, (4, 64, 28, 28) inputs of growing mean / std: each layout's output and
+    weight-gradient error against float64, as rows of a table (where the layouts' fp32 rounding differs most)."""
+    import torch
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    rows = []
+    for mean, std in ((0, 1), (3, 0.3), (10, 0.1), (30, 0.05)):
+        x, gy = torch.randn(4, 64, 28, 28) * std + mean, torch.randn(4, 64, 28, 28)
+        res = {}
+        for arm in ("f64", "nchw", "nhwc"):
+            bn, xi, gi = torch.nn.BatchNorm2d(64).train(), x.clone(), gy.clone()
+            if arm == "f64":
+                bn, xi, gi = bn.double(), xi.double(), gi.double()
+            if arm == "nhwc":
+                xi, gi = (t.contiguous(memory_format=torch.channels_last) for t in (xi, gi))
+            y = bn(xi.requires_grad_(True))
+            y.backward(gi)
+            res[arm] = (y.detach().double(), bn.weight.grad.double())
+        err = {arm: [float((res[arm][k] - res["f64"][k]).norm() / res["f64"][k].norm()) for k in (0, 1)]
+               for arm in ("nchw", "nhwc")}
+        rows.append(f"| {mean} / {std} | {err['nchw'][0]:.1e} | {err['nhwc'][0]:.1e} | {err['nchw'][1]:.1e} | "
+                    f"{err['nhwc'][1]:.1e} |")
+    return rows
+
+
+def _loaded(model, state):
+    model.load_state_dict(state)
+    return model
+
+
+def gradients(threads_list: list[int], batches: int, weights: str) -> list[str]:
+    """The table of ``gradient_errors`` for both cases and each thread count."""
+    cases = {"test": f"random init c = 16, random 64 px, batch 2 ({batches} batches)",
+             "train": f"`{Path(weights).name}`, duts-val images at 224 px, batch 4 ({min(batches, 6)} batches)"}
+    lines = ["## Training step layout: how far each layout's fp32 gradients lie from float64", "",
+             f"`.venv/bin/python benchmarks/train_layout.py --gradients --threads {' '.join(map(str, threads_list))}`: "
+             "the worst parameter's gradient error as a share of the whole gradient's norm, median / largest over "
+             "the batches.", "",
+             "| case | threads | NCHW fp32 vs float64: median / largest | channels_last fp32 vs float64 | "
+             "NCHW vs channels_last (fp32) |", "|---|---:|---|---|---|"]
+    for case, title in cases.items():
+        for threads in threads_list:
+            errs = gradient_errors(threads, case, batches if case == "test" else min(batches, 6), weights)
+            cells = [f"{statistics.median(e[k] for e in errs):.1e} / {max(e[k] for e in errs):.1e}"
+                     for k in ("nchw", "nhwc", "between")]
+            lines.append(f"| {title} | {threads} | " + " | ".join(cells) + " |")
+            print(lines[-1], flush=True)
+    lines += ["", f"Train-mode BatchNorm2d alone, (4, 64, 28, 28), {threads_list[-1]} thread(s): error against float64",
+              "", "| input mean / std | output, NCHW | output, channels_last | weight gradient, NCHW | "
+              "weight gradient, channels_last |", "|---|---|---|---|---|"] + batchnorm_errors(threads_list[-1])
+    print("\n".join(lines[-7:]), flush=True)
+    return lines
 
 
 def pipeline_arm(channels_last: bool, rows: int, epochs: int, out: Path) -> dict:
@@ -144,6 +249,9 @@ def main() -> None:
     ap.add_argument("--pipeline", action="store_true", help="instead: both layouts through the whole trainer")
     ap.add_argument("--pipeline-rows", type=int, default=2400, help="pool images per epoch (default 2400)")
     ap.add_argument("--pipeline-epochs", type=int, default=2)
+    ap.add_argument("--gradients", action="store_true",
+                    help="instead: each layout's fp32 gradients against float64 (and each other)")
+    ap.add_argument("--batches", type=int, default=10, help="--gradients: batches per case (default 10)")
     ap.add_argument("--pipeline-arm", choices=("nchw", "nhwc"), help=argparse.SUPPRESS)
     ap.add_argument("--pipeline-out", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -158,6 +266,13 @@ def main() -> None:
     if args.pipeline:
         lines = pipeline(args.pipeline_rows, args.pipeline_epochs)
         print("\n".join(lines))
+        return
+    if args.gradients:
+        lines = gradients(args.threads, args.batches, args.weights)
+        if args.section:
+            sys.path.append(str(REPO / "benchmarks"))
+            import reference_runs as R
+            R.write_results(args.section, "\n".join(lines))
         return
     lines = ["## Training step layout: NCHW against channels_last (and bf16 autocast), image student, this CPU", "",
              f"`.venv/bin/python benchmarks/train_layout.py --threads {' '.join(map(str, args.threads))}` "

@@ -245,13 +245,14 @@ class ScalingSection:
     ``strategy``: ``ddp`` (DistributedDataParallel, gloo on CPU / nccl on GPU) or ``deepspeed`` (ZeRO
     ``zero_stage`` 0-2, bf16 optional; the torch SGD optimizer is handed to ``deepspeed.initialize``).
     ``torch_threads``: intra-op threads per worker; 0 = one per whole CPU of ``cpus_per_worker``.
-    ``channels_last``: image training (the image task; the video trainer keeps torch's default layout) runs the
-    model and its input batches in the channels_last (NHWC) memory format, with the DDP strategy. Same maths,
-    another layout: on a 2-core Intel Xeon a training step of the c = 48 ``scfnet_m3`` at 224 px, batch 16, is
-    1.44x faster on one thread, 1.26x on two (``benchmarks/train_layout.py``, RESULTS ``train-layout``). Weights
-    files and exports are written in the default layout either way. Off by default for now: inside the full test
-    suite (after other tests ran in the process) the stem conv's weight gradient of the two layouts differed by
-    0.8% of the gradient's norm, not yet explained; in a fresh process they agree to 2e-5.
+    ``channels_last`` (on by default): image training (the image task; the video trainer keeps torch's default
+    layout) runs the model and its input batches in the channels_last (NHWC) memory format, with the DDP strategy.
+    Same maths, another layout: in float64 the loss and every gradient of the two layouts agree to 1e-13; in fp32
+    they agree as closely as NCHW agrees with float64 (rounding that lands a pre-activation on the other side of a
+    ReLU / hard-swish kink can move a few gradients by up to a percent in either layout; RESULTS ``train-layout``).
+    A training step of the c = 48 ``scfnet_m3`` at 224 px, batch 16, is 1.4-1.6x faster on a 2-core AMD EPYC (one
+    or two threads), 1.44x / 1.26x on a 2-core Intel Xeon (``benchmarks/train_layout.py``). Weights files and
+    exports are written in the default layout either way; ``false`` keeps torch's default layout.
     """
 
     num_workers: int = 1
@@ -261,7 +262,7 @@ class ScalingSection:
     zero_stage: int = 1
     bf16: bool = False
     torch_threads: int = 0
-    channels_last: bool = False
+    channels_last: bool = True
 
     def __post_init__(self) -> None:
         if self.num_workers < 0:
