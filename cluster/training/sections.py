@@ -248,8 +248,9 @@ class ScalingSection:
     ``channels_last`` (on by default): image training (the image task; the video trainer keeps torch's default
     layout) runs the model and its input batches in the channels_last (NHWC) memory format, with the DDP strategy.
     Same maths, another layout: in float64 the loss and every gradient of the two layouts agree to 1e-13; in fp32
-    they agree as closely as NCHW agrees with float64 (rounding that lands a pre-activation on the other side of a
-    ReLU / hard-swish kink can move a few gradients by up to a percent in either layout; RESULTS ``train-layout``).
+    they differ by rounding (the worst parameter by ~1e-4 of the gradient's norm on real images; in tiny random
+    batches a pre-activation rounded across a ReLU / hard-swish kink can move gradients by up to a percent, in either
+    layout; RESULTS ``train-layout-gradients``).
     A training step of the c = 48 ``scfnet_m3`` at 224 px, batch 16, is 1.4-1.6x faster on a 2-core AMD EPYC (one
     or two threads), 1.44x / 1.26x on a 2-core Intel Xeon (``benchmarks/train_layout.py``). Weights files and
     exports are written in the default layout either way; ``false`` keeps torch's default layout.
