@@ -1,6 +1,11 @@
 """Does the teacher's *features*, beside its map, help the student learn what is salient? A probe in a plain loop.
 
-    .venv/bin/python benchmarks/feature_kd.py --steps 800 --section feature-kd
+    .venv/bin/python benchmarks/feature_kd.py --steps 800 --seed 0
+    .venv/bin/python benchmarks/feature_kd.py --steps 800 --seed 1 --arms fs kd kd+fused kd+fused8 kd+deep
+    .venv/bin/python benchmarks/feature_kd.py --steps 800 --seed 0 --pool unlabeled --arms fs kd kd+fused8 kd+deep
+    .venv/bin/python benchmarks/feature_kd.py --steps 2400 --seed 0 --pool unlabeled --arms kd kd+fused8
+
+(the four runs of RESULTS ``feature-kd``, whose table gathers them by hand; ``--section NAME`` writes one run's)
 
 The reference runs distil the teacher's output map only (the paper's released recipe), and the student stays
 behind its teacher in *recognition* -- which regions are salient -- not in resolution (RESULTS ``output-stride``).
