@@ -41,21 +41,20 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.append(str(REPO / "benchmarks"))   # after the repo: its models package wins over benchmarks/models.py
 
-TEACHER = REPO.parent / "shared" / "teachers" / "csnet-L-x2.onnx"
-DUTS = REPO.parent / "shared" / "data" / "duts-tr"
+import reference_runs as R  # noqa: E402  (the data paths and the teacher card of the reference runs)
+from kd_gap import _images, _masks  # noqa: E402  (224 x 224 square-resized uint8 stacks)
+
+TEACHER = R.SHARED / "teachers" / "csnet-L-x2.onnx"
+DUTS = R.DATA / "duts-tr"
 FEATURES = {"fused": "/m/oct_fuse/fuse1x1/prelus.0/PRelu_output_0", "deep": "/m/stage4.3/conv1x1/conv/Add_output_0"}
-MEAN, STD = np.array([0.485, 0.456, 0.406], np.float32), np.array([0.229, 0.224, 0.225], np.float32)
-SIZE = 224
 
 
-def load(names: list[str], masks: bool) -> tuple[np.ndarray, np.ndarray | None]:
-    from kd.imageio import decode_image, decode_mask, resize
-    ims = np.stack([resize(decode_image((DUTS / "images" / f"{n}.jpg").read_bytes()), (SIZE, SIZE)) for n in names])
-    if not masks:
-        return ims, None
-    ms = np.stack([resize(decode_mask((DUTS / "masks" / f"{n}.png").read_bytes()), (SIZE, SIZE)) for n in names])
-    return ims, ms
+def load(names: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """DUTS-TR pairs ``names``: images (N, 224, 224, 3) and masks (N, 224, 224), uint8."""
+    return (_images([DUTS / "images" / f"{n}.jpg" for n in names]),
+            _masks([DUTS / "masks" / f"{n}.png" for n in names]))
 
 
 def teacher_outputs(images: np.ndarray, threads: int, full_fused: bool = True) -> dict[str, np.ndarray]:
@@ -64,6 +63,9 @@ def teacher_outputs(images: np.ndarray, threads: int, full_fused: bool = True) -
     a label table could store for a whole pool) and, with ``full_fused``, ``fused`` itself."""
     import onnx
     import onnxruntime as ort
+
+    from kd.card import load_card
+    mean, std = (np.array(v, np.float32) for v in load_card(R.CARD).input.mean_std_255())
     model = onnx.load(str(TEACHER))
     for name in FEATURES.values():
         model.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
@@ -73,7 +75,7 @@ def teacher_outputs(images: np.ndarray, threads: int, full_fused: bool = True) -
     names = ["logits", *FEATURES.values()]
     out: dict[str, list] = {k: [] for k in ("map", *FEATURES, "fused8")}
     for i in range(0, len(images), 16):
-        x = ((images[i:i + 16].astype(np.float32) / 255 - MEAN) / STD).transpose(0, 3, 1, 2)
+        x = ((images[i:i + 16].astype(np.float32) - mean) / std).transpose(0, 3, 1, 2)
         logits, *feats = sess.run(names, {"image": np.ascontiguousarray(x)})
         out["map"].append((255 / (1 + np.exp(-logits[:, 0]))).round().astype(np.uint8))
         for k, f in zip(FEATURES, feats):
@@ -134,7 +136,7 @@ def train_arm(arm: str, data: dict, steps: int, seed: int, weight: float, log_ev
         (loss + hint).backward()
         opt.step()
         sched.step()
-        hist.append((float(loss), float(hint)))
+        hist.append((loss.item(), hint.item()))
         if (step + 1) % log_every == 0:
             m = np.mean(hist[-log_every:], axis=0)
             print(f"  {arm} step {step + 1}/{steps}: map loss {m[0]:.4f} hint {m[1]:.4f} "
@@ -173,14 +175,11 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     names = sorted(p.stem for p in (DUTS / "images").glob("*.jpg"))
     t0 = time.perf_counter()
-    tr_ims, tr_masks = load(names[:args.train], True)
-    va_ims, va_masks = load(names[-args.val:], True)
-    if args.pool == "duts":
-        kd_ims = tr_ims
-    else:   # the unlabeled sets of ../shared/data/unlabeled (sorted paths), the first --pool-count of them
-        from kd.imageio import decode_image, resize
-        paths = sorted((DUTS.parent / "unlabeled").glob("*/*.jpg"))[:args.pool_count]
-        kd_ims = np.stack([resize(decode_image(p.read_bytes()), (SIZE, SIZE)) for p in paths])
+    tr_ims, tr_masks = load(names[:args.train])
+    va_ims, va_masks = load(names[-args.val:])
+    # KD: the FS images, or the unlabeled sets of ../shared/data/unlabeled (sorted paths), the first --pool-count
+    kd_ims = tr_ims if args.pool == "duts" else \
+        _images(sorted((R.DATA / "unlabeled").glob("*/*.jpg"))[:args.pool_count])
     t = teacher_outputs(kd_ims, args.threads, full_fused=any(a.endswith("+fused") for a in args.arms))
     tv = teacher_outputs(va_ims, args.threads, full_fused=False)
     data = {"fs_images": tr_ims, "masks": tr_masks, "kd_images": kd_ims, "t_map": t["map"]}
@@ -213,8 +212,6 @@ def main() -> None:
         lines.append(f"| {arm} | {r['mae']:.4f} | {ratio} | {r['fit']:.4f} | {secs:.0f} |")
     print("\n".join(lines))
     if args.section:
-        sys.path.append(str(REPO / "benchmarks"))
-        import reference_runs as R
         R.write_results(args.section, "\n".join(lines))
 
 

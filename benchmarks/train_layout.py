@@ -93,28 +93,28 @@ def gradient_errors(threads: int, case: str, batches: int, weights: str) -> list
     channels_last fp32 against NCHW float64, and between the two fp32 layouts."""
     import numpy as np
     import torch
-    from PIL import Image
 
+    from kd.imageio import decode_image, resize
     from kd.step import KDLoss, batch_loss
     from models import create_model
     from models.weights import load_weights
     torch.set_num_threads(threads)
     files = sorted((REPO / "sample-data" / "duts-val" / "images").glob("*.jpg"))
+    trained = load_weights(weights).float() if case == "train" else None
     out = []
     for b in range(batches):
         torch.manual_seed(b)
         if case == "test":
-            make = (lambda state=create_model("scfnet_m3").state_dict(): _loaded(create_model("scfnet_m3"), state))
-            x, size = torch.rand(2, 3, 64, 64), 64
+            base, size = create_model("scfnet_m3"), 64
+            x = torch.rand(2, 3, size, size)
         else:
-            make, size = (lambda: load_weights(weights).float()), 224
-            imgs = [np.asarray(Image.open(f).convert("RGB").resize((size, size), Image.BILINEAR))
-                    for f in files[4 * b:4 * b + 4]]
-            x = make().normalize(np.stack(imgs).transpose(0, 3, 1, 2))
+            base, size = trained, 224
+            imgs = [resize(decode_image(f.read_bytes()), (size, size)) for f in files[4 * b:4 * b + 4]]
+            x = base.normalize(np.stack(imgs).transpose(0, 3, 1, 2))
         target = torch.rand(x.shape[0], 1, size, size)
         grads = {}
         for arm in ("f64", "nchw", "nhwc"):
-            m, xi = make().train(), x
+            m, xi = copy.deepcopy(base).train(), x
             if arm == "f64":
                 m, xi = m.double(), x.double()
             if arm == "nhwc":
@@ -156,11 +156,6 @@ def batchnorm_errors(threads: int) -> list[str]:
     return rows
 
 
-def _loaded(model, state):
-    model.load_state_dict(state)
-    return model
-
-
 def gradients(threads_list: list[int], batches: int, weights: str) -> list[str]:
     """The table of ``gradient_errors`` for both cases and each thread count."""
     cases = {"test": f"random init c = 16, random 64 px, batch 2 ({batches} batches)",
@@ -183,6 +178,13 @@ def gradients(threads_list: list[int], batches: int, weights: str) -> list[str]:
               "weight gradient, channels_last |", "|---|---|---|---|---|"] + batchnorm_errors(threads_list[-1])
     print("\n".join(lines[-7:]), flush=True)
     return lines
+
+
+def write_section(section: str, lines: list[str]) -> None:
+    """``lines`` into benchmarks/RESULTS.md as section ``section`` (reference_runs' writer)."""
+    sys.path.append(str(REPO / "benchmarks"))
+    import reference_runs as R
+    R.write_results(section, "\n".join(lines))
 
 
 def pipeline_arm(channels_last: bool, rows: int, epochs: int, out: Path) -> dict:
@@ -270,9 +272,7 @@ def main() -> None:
     if args.gradients:
         lines = gradients(args.threads, args.batches, args.weights)
         if args.section:
-            sys.path.append(str(REPO / "benchmarks"))
-            import reference_runs as R
-            R.write_results(args.section, "\n".join(lines))
+            write_section(args.section, lines)
         return
     lines = ["## Training step layout: NCHW against channels_last (and bf16 autocast), image student, this CPU", "",
              f"`.venv/bin/python benchmarks/train_layout.py --threads {' '.join(map(str, args.threads))}` "
@@ -294,9 +294,7 @@ def main() -> None:
                  f"largest difference {max(diffs):.1e}.")
     print(lines[-1])
     if args.section:
-        sys.path.append(str(REPO / "benchmarks"))
-        import reference_runs as R
-        R.write_results(args.section, "\n".join(lines))
+        write_section(args.section, lines)
 
 
 if __name__ == "__main__":
