@@ -182,7 +182,9 @@ for _b in ("fs", "kd-sharp"):
 ARCH = {f"{b}-x1c24": {"width_mult": 1.0, "channels": 24} for b in ("fs", "kd-sharp")}
 for _b in ("fs", "kd-sharp"):
     RUNS[_b + "-x1c24"] = (RUNS[_b][0], RUNS[_b][1], RUNS[_b][2] + "; MobileNetV3 x1.0 encoder, c = 24, from random "
-                           "weights (first cycle)")
+                           "weights")
+    # the second cycle, as the x0.5 chain's (`reference-runs-5`: peak lr 0.02, FS 9 epochs, KD 5)
+    CYCLES[_b + "-x1c24-c2"] = (_b + "-x1c24", OUT / "weights" / f"{_b}-x1c24.fp16.pt", 0.02, "second")
 
 
 def run_seed(name: str) -> int:
@@ -402,7 +404,7 @@ def evaluate_all(section: str, results: Path, threads: int, only: str | None = N
     if tkey not in cache:
         cache[tkey] = score_teacher(TEACHERS["csnet-x2"], cat, None, tta="hflip", threads=threads)
     for name in RUNS:
-        if only and not any(name.startswith(o) for o in only.split(",")):
+        if only and not any(name == o[:-1] if o.endswith("$") else name.startswith(o) for o in only.split(",")):
             continue
         sp = OUT / "state" / f"{name}.json"
         if not sp.exists():
@@ -535,6 +537,14 @@ def evaluate_all(section: str, results: Path, threads: int, only: str | None = N
                                   "first pass trained in the channels_last layout (`scaling.channels_last`)")
     title["reference-runs-22"] = ("twenty-second pass (a thirteenth cycle from the five-file means, in channels_last: "
                                   "the layout's speed in the whole pipeline, and a sixth point of each chain)")
+    title["reference-runs-23"] = ("twenty-third pass (the recognition route: the 0.3-GMAC budget spent on the encoder, "
+                                  "MobileNetV3 x1.0 with c = 24, a new pair of chains from random weights; the fourth "
+                                  "pass's first cycle at x0.5 / c = 16 is its control)")
+    start["reference-runs-24"] = ("the twenty-third pass's files (MobileNetV3 x1.0, c = 24; FS 3,720 steps, KD 3,703) "
+                                  f"given a second cycle (lr {CYCLES['fs-x1c24-c2'][2]} warm-up + cosine to "
+                                  f"{LR / 50:g}), as the fifth pass gave the x0.5 / c = 16 chain")
+    title["reference-runs-24"] = ("twenty-fourth pass (the x1.0 / c = 24 chains' second cycle; the fifth pass is its "
+                                  "control)")
     title["reference-runs-17"] = ("seventeenth pass (seed 2's KD run on the pool's DUTS-TR images alone, its targets "
                                   "sharpened harder, s = 0.25, and not at all, s = 1: where should the sharpening live?)")
     from models import count_params, load_weights
@@ -584,7 +594,8 @@ def main() -> None:
     e.add_argument("--results", default=str(REPO / "benchmarks" / "RESULTS.md"))
     e.add_argument("--threads", type=int, default=2)
     e.add_argument("--only", default=None,
-                   help="only runs whose name starts with one of these (comma-separated, e.g. abl- or fs-c2,kd-sharp-c2)")
+                   help="only runs whose name starts with one of these (comma-separated, e.g. abl- or fs-c2,kd-sharp-c2; "
+                        "NAME$ matches that name alone)")
     args = ap.parse_args()
     if args.cmd == "prepare":
         prepare()
