@@ -179,12 +179,16 @@ for _b in ("fs", "kd-sharp"):
 # 224) against the shipped x0.5 / c = 48 (1.03 M, 0.293) -- a new pair of chains from random weights, the first
 # cycle at the first pass's peak rate; name -> scfnet_m3 keyword overrides. Later cycles start from the committed
 # fp16 ends (``CYCLES``), since a session's runs/ do not outlive it.
+CHAINS = REPO / "benchmarks" / "chains"   # committed cycle ends that later sessions go on from
 ARCH = {f"{b}-x1c24": {"width_mult": 1.0, "channels": 24} for b in ("fs", "kd-sharp")}
 for _b in ("fs", "kd-sharp"):
     RUNS[_b + "-x1c24"] = (RUNS[_b][0], RUNS[_b][1], RUNS[_b][2] + "; MobileNetV3 x1.0 encoder, c = 24, from random "
                            "weights")
     # the second cycle, as the x0.5 chain's (`reference-runs-5`: peak lr 0.02, FS 9 epochs, KD 5)
     CYCLES[_b + "-x1c24-c2"] = (_b + "-x1c24", OUT / "weights" / f"{_b}-x1c24.fp16.pt", 0.02, "second")
+    # the third, as the x0.5 chain's (`reference-runs-6`: lr 0.01, FS 7 epochs, KD 4), from the second cycle's ends
+    # as committed (benchmarks/chains/: runs/ref does not outlive a session)
+    CYCLES[_b + "-x1c24-c3"] = (_b + "-x1c24", CHAINS / f"{_b}-x1c24-c2.fp16.pt", 0.01, "third")
 
 
 def run_seed(name: str) -> int:
