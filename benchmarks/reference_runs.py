@@ -188,7 +188,9 @@ for _b in ("fs", "kd-sharp"):
     CYCLES[_b + "-x1c24-c2"] = (_b + "-x1c24", OUT / "weights" / f"{_b}-x1c24.fp16.pt", 0.02, "second")
     # the third, as the x0.5 chain's (`reference-runs-6`: lr 0.01, FS 7 epochs, KD 4), from the second cycle's ends
     # as committed (benchmarks/chains/: runs/ref does not outlive a session)
-    CYCLES[_b + "-x1c24-c3"] = (_b + "-x1c24", CHAINS / f"{_b}-x1c24-c2.fp16.pt", 0.01, "third")
+    CYCLES[_b + "-x1c24-c3"] = (_b + "-x1c24", CHAINS / f"{_b}-x1c24-c2.fp16.pt", 0.01, "third")  # files: git 0a57720
+    # the fourth, as the x0.5 chain's (`reference-runs-7`: lr 0.01, longer: FS 20 epochs, KD 12), from the third's ends
+    CYCLES[_b + "-x1c24-c4"] = (_b + "-x1c24", CHAINS / f"{_b}-x1c24-c3.fp16.pt", 0.01, "fourth (longer)")
 
 
 def run_seed(name: str) -> int:
@@ -548,6 +550,12 @@ def evaluate_all(section: str, results: Path, threads: int, only: str | None = N
                                   f"given a second cycle (lr {CYCLES['fs-x1c24-c2'][2]} warm-up + cosine to "
                                   f"{LR / 50:g}), as the fifth pass gave the x0.5 / c = 16 chain")
     title["reference-runs-24"] = ("twenty-fourth pass (the x1.0 / c = 24 chains' second cycle; the fifth pass is its "
+                                  "control)")
+    start["reference-runs-25"] = ("the twenty-fourth pass's files as committed (`benchmarks/chains/`; MobileNetV3 x1.0, "
+                                  "c = 24; FS 6,510 steps, KD 6,348) given a third cycle (lr "
+                                  f"{CYCLES['fs-x1c24-c3'][2]} warm-up + cosine to {LR / 50:g}), as the sixth pass gave "
+                                  "the x0.5 / c = 16 chain")
+    title["reference-runs-25"] = ("twenty-fifth pass (the x1.0 / c = 24 chains' third cycle; the sixth pass is its "
                                   "control)")
     title["reference-runs-17"] = ("seventeenth pass (seed 2's KD run on the pool's DUTS-TR images alone, its targets "
                                   "sharpened harder, s = 0.25, and not at all, s = 1: where should the sharpening live?)")
