@@ -57,8 +57,8 @@ def pairs(name: str) -> list[tuple[Path, Path]]:
 
 
 def maps_for(name: str, size: int, images: list[np.ndarray], shapes: list[tuple[int, int]], threads: int,
-             teacher_spec: str) -> np.ndarray:
-    """uint8 probability maps at each mask's size, flip-averaged, one object array entry per image (cached)."""
+             teacher_spec: str) -> list[np.ndarray]:
+    """One uint8 probability map per image at its mask's size, flip-averaged (cached per set and size)."""
     path = CACHE / f"{name}-{size}.npz"
     if path.exists():
         with np.load(path) as z:
@@ -86,11 +86,13 @@ def maps_for(name: str, size: int, images: list[np.ndarray], shapes: list[tuple[
 def score(maps: list[list[np.ndarray]], masks: list[np.ndarray]) -> dict[str, float]:
     from kd.metrics import SODEvaluator
     ev = SODEvaluator()
+    fgs = []
     for i, gt in enumerate(masks):
         m = np.mean([mm[i].astype(np.float32) for mm in maps], axis=0)
+        fgs.append(np.mean(m > 127.5))
         ev.step(np.clip(m + 0.5, 0, 255).astype(np.uint8), gt)
     r = ev.results()
-    fg = float(np.mean([np.mean(np.mean([mm[i] for mm in maps], axis=0) > 127.5) for i in range(len(masks))]))
+    fg = float(np.mean(fgs))
     return {"mae": r["mae"], "sm": r["sm"], "maxf": r["fm_max"], "fg": fg}
 
 
