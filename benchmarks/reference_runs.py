@@ -214,10 +214,15 @@ SEEDS["kd-sharp-w48-c2-e4"] = SEEDS["kd-sharp-w48-c2"]
 RUNS.update({"abl-" + k[3:]: v for k, v in list(RUNS.items()) if k.startswith("kd-")})
 
 
+def holdout_stems() -> list[str]:
+    """The DUTS-TR stems held out for validation (every 17th of the sorted list: 311 pairs)."""
+    return sorted(p.stem for p in (DATA / "duts-tr" / "images").glob("*.jpg"))[::17]
+
+
 def prepare() -> None:
     """Symlink trees under runs/ref/data: duts-train, duts-val (pairs) and kd-pool (images only)."""
     stems = sorted(p.stem for p in (DATA / "duts-tr" / "images").glob("*.jpg"))
-    val = set(stems[::17])
+    val = set(holdout_stems())
     train = [s for s in stems if s not in val]
     root = OUT / "data"
     for name, sel in (("duts-train", train), ("duts-val", sorted(val))):

@@ -32,7 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from reference_runs import DATA, OUT, TEACHERS  # noqa: E402
+from reference_runs import DATA, OUT, TEACHERS, holdout_stems  # noqa: E402
 
 CACHE = OUT / "teacher-scales"
 SIZES = (224, 256, 288, 320, 352)
@@ -44,9 +44,8 @@ def pairs(name: str) -> list[tuple[Path, Path]]:
         root = DATA / "ecssd"
         return [(p, root / "masks" / (p.stem + ".png")) for p in sorted((root / "images").glob("*.jpg"))]
     if name == "duts-val":
-        stems = sorted(p.stem for p in (DATA / "duts-tr" / "images").glob("*.jpg"))[::17]  # reference_runs.prepare
         root = DATA / "duts-tr"
-        return [(root / "images" / (s + ".jpg"), root / "masks" / (s + ".png")) for s in stems]
+        return [(root / "images" / (s + ".jpg"), root / "masks" / (s + ".png")) for s in holdout_stems()]
     if name == "davis":
         out = []
         for seq in sorted((DATA / "davis2016-dev").iterdir()):
