@@ -562,6 +562,12 @@ def evaluate_all(section: str, results: Path, threads: int, only: str | None = N
                                   "the x0.5 / c = 16 chain")
     title["reference-runs-25"] = ("twenty-fifth pass (the x1.0 / c = 24 chains' third cycle; the sixth pass is its "
                                   "control)")
+    start["reference-runs-26"] = ("the twenty-fifth pass's files as committed (`benchmarks/chains/`; MobileNetV3 x1.0, "
+                                  "c = 24; FS 8,680 steps, KD 8,464) given a fourth, longer cycle (lr "
+                                  f"{CYCLES['fs-x1c24-c4'][2]} warm-up + cosine to {LR / 50:g}; FS 20 epochs, KD 12), as "
+                                  "the seventh pass gave the x0.5 / c = 16 chain")
+    title["reference-runs-26"] = ("twenty-sixth pass (the x1.0 / c = 24 chains' fourth, longer cycle; the seventh pass "
+                                  "is its control)")
     title["reference-runs-17"] = ("seventeenth pass (seed 2's KD run on the pool's DUTS-TR images alone, its targets "
                                   "sharpened harder, s = 0.25, and not at all, s = 1: where should the sharpening live?)")
     from models import count_params, load_weights
