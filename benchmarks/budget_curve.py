@@ -42,6 +42,14 @@ CHAIN = [
     ("reference-runs-21", "fs-w48-c5", "kd-sharp-w48-c5", 48),   # from the four-cycle means: the same budget behind
     ("reference-runs-22", "fs-w48-c6", "kd-sharp-w48-c6", 48),   # from the five-file means
 ]
+# the second chain (twenty-third pass on): the budget in the encoder, MobileNetV3 x1.0 with c = 24, from random weights
+CHAIN_X1 = [
+    ("reference-runs-23", "fs-x1c24", "kd-sharp-x1c24", 24),
+    ("reference-runs-24", "fs-x1c24-c2", "kd-sharp-x1c24-c2", 24),
+    ("reference-runs-25", "fs-x1c24-c3", "kd-sharp-x1c24-c3", 24),
+    ("reference-runs-26", "fs-x1c24-c4", "kd-sharp-x1c24-c4", 24),
+]
+CHAINS = {"MobileNetV3 x0.5": CHAIN, "MobileNetV3 x1.0": CHAIN_X1}   # label -> passes, in order
 AIM, PAPER = 0.85, 0.90          # the issue's KD/FS aim; KD-SCFNet's own ratio
 TEACHER = ("CSNet-L-x2 + flip TTA", 0.067)
 
@@ -61,10 +69,11 @@ def table_row(section: str, run: str) -> dict[str, float]:
     raise KeyError(run)
 
 
-def read_chain(text: str) -> list[dict]:
-    """One point per pass present in ``text``, with cumulative steps; stops at the first pass not yet written."""
+def read_chain(text: str, chain: list[tuple] = CHAIN) -> list[dict]:
+    """One point per pass of ``chain`` present in ``text``, with cumulative steps; stops at the first pass not yet
+    written."""
     points, fs_total, kd_total = [], 0, 0
-    for section, fs, kd, width in CHAIN:
+    for section, fs, kd, width in chain:
         body = section_text(text, section)
         if body is None:
             break
@@ -80,19 +89,28 @@ def read_chain(text: str) -> list[dict]:
     return points
 
 
-def draw(points: list[dict], path: Path) -> None:
+def draw(chains: dict[str, list[dict]], path: Path) -> None:
+    """Both chains' FS and KD MAE (top) and ratio (bottom) against cumulative steps; the first chain solid, with its
+    decoder widenings marked, the others dashed."""
     import matplotlib
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(7.5, 6.5), sharex=True,
                                       gridspec_kw={"height_ratios": [2, 1]})
-    fx = [p["fs_steps"] / 1000 for p in points]
-    kx = [p["kd_steps"] / 1000 for p in points]
-    top.plot(fx, [p["fs_mae"] for p in points], "o-", color="tab:gray", label="FS (4,966 DUTS-TR masks)")
-    top.plot(kx, [p["kd_mae"] for p in points], "s-", color="tab:blue", label="KD (8,475 images, teacher labels)")
+    for i, (label, points) in enumerate(chains.items()):
+        if not points:
+            continue
+        ls, fill = ("-", None) if i == 0 else ("--", "none")
+        fx = [p["fs_steps"] / 1000 for p in points]
+        kx = [p["kd_steps"] / 1000 for p in points]
+        top.plot(fx, [p["fs_mae"] for p in points], "o" + ls, color="tab:gray", mfc=fill,
+                 label=f"FS, {label} (4,966 DUTS-TR masks)")
+        top.plot(kx, [p["kd_mae"] for p in points], "s" + ls, color="tab:blue", mfc=fill,
+                 label=f"KD, {label} (8,475 images, teacher labels)")
+        bottom.plot(kx, [p["ratio"] for p in points], "d" + ls, color="tab:blue", mfc=fill, label=f"KD / FS, {label}")
     top.axhline(TEACHER[1], color="tab:green", ls=":", label=f"teacher: {TEACHER[0]} ({TEACHER[1]:.3f})")
-    bottom.plot(kx, [p["ratio"] for p in points], "d-", color="tab:blue", label="KD / FS")
+    points = next(iter(chains.values()))
     bottom.axhline(PAPER, color="tab:orange", ls="--", label=f"KD-SCFNet's ratio ({PAPER:.2f})")
     bottom.axhline(AIM, color="tab:red", ls="--", label=f"the aim ({AIM:.2f})")
     for ax in (top, bottom):
@@ -105,7 +123,8 @@ def draw(points: list[dict], path: Path) -> None:
             top.annotate(f"c = {b['width']}", ((b["fs_steps"] - b["fs_run_steps"]) / 1000, top.get_ylim()[1]),
                          xytext=(3, -12), textcoords="offset points", fontsize=8)
     top.set_ylabel("full ECSSD MAE (as trained)")
-    top.set_title("scfnet_m3 students, one cosine cycle per point (224 px, batch 16)", fontsize=10)
+    top.set_title("scfnet_m3 students, one cosine cycle per point (224 px, batch 16; decoder c marked for x0.5)",
+                  fontsize=10)
     bottom.set_ylabel("MAE ratio")
     bottom.set_xlabel("optimizer steps since random weights (thousands)")
     top.legend(fontsize=8)
@@ -116,23 +135,26 @@ def draw(points: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def table(points: list[dict]) -> str:
-    rows = ["| section | FS run | KD run | decoder c | FS steps (total) | KD steps (total) | FS MAE | KD MAE "
+def table(chains: dict[str, list[dict]]) -> str:
+    rows = ["| encoder | section | FS run | KD run | decoder c | FS steps (total) | KD steps (total) | FS MAE | KD MAE "
             "| KD / FS |",
-            "|---|---|---|---|---|---|---|---|---|"]
-    rows += [f"| {p['section']} | `{p['fs']}` | `{p['kd']}` | {p['width']} | {p['fs_steps']:,} | {p['kd_steps']:,} | "
-             f"{p['fs_mae']:.3f} | {p['kd_mae']:.3f} | {p['ratio']:.2f} |" for p in points]
+            "|---|---|---|---|---|---|---|---|---|---|"]
+    rows += [f"| {label} | {p['section']} | `{p['fs']}` | `{p['kd']}` | {p['width']} | {p['fs_steps']:,} | "
+             f"{p['kd_steps']:,} | {p['fs_mae']:.3f} | {p['kd_mae']:.3f} | {p['ratio']:.2f} |"
+             for label, points in chains.items() for p in points]
     return "\n".join(rows)
 
 
-def log_mlflow(points: list[dict], path: Path) -> str:
+def log_mlflow(chains: dict[str, list[dict]], path: Path) -> str:
     import mlflow
     mlflow.set_tracking_uri(f"sqlite:///{STORE}")
     mlflow.set_experiment("sodkd-reference")
     with mlflow.start_run(run_name="budget-curve") as run:
-        for p in points:
-            mlflow.log_metrics({"ecssd/mae_fs": p["fs_mae"], "ecssd/mae_kd": p["kd_mae"],
-                                "ecssd/kd_over_fs": p["ratio"]}, step=p["kd_steps"])
+        for i, points in enumerate(chains.values()):
+            tag = "" if i == 0 else f"_chain{i + 1}"
+            for p in points:
+                mlflow.log_metrics({f"ecssd/mae_fs{tag}": p["fs_mae"], f"ecssd/mae_kd{tag}": p["kd_mae"],
+                                    f"ecssd/kd_over_fs{tag}": p["ratio"]}, step=p["kd_steps"])
         mlflow.log_artifact(str(path), artifact_path="figures")
         return run.info.run_id
 
@@ -142,35 +164,39 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-mlflow", action="store_true", help="do not log the figure to the reference runs' store")
     p.add_argument("--no-write", action="store_true", help="print the table only (no figure, no RESULTS.md)")
     args = p.parse_args(argv)
-    points = read_chain(RESULTS.read_text())
-    if not points:
-        raise SystemExit(f"{RESULTS}: no reference-runs section of the chain found")
-    print(table(points))
+    text = RESULTS.read_text()
+    chains = {label: read_chain(text, chain) for label, chain in CHAINS.items()}
+    if not any(chains.values()):
+        raise SystemExit(f"{RESULTS}: no reference-runs section of either chain found")
+    print(table(chains))
     if args.no_write:
         return 0
-    draw(points, FIGURE)
+    draw(chains, FIGURE)
     spec = importlib.util.spec_from_file_location("_bench_models", REPO / "benchmarks" / "models.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    last = points[-1]
+    last = "; ".join(f"{label}: {pts[-1]['section']}, FS {pts[-1]['fs_steps']:,} steps in all, KD {pts[-1]['kd_steps']:,}"
+                     for label, pts in chains.items() if pts)
     bench.write_section(RESULTS, "budget-curve", "\n".join([
         "## Where KD's margin comes from and where it is heading: MAE against the whole training budget",
         "",
         "`.venv/bin/python benchmarks/budget_curve.py` (no measurement of its own: each pass's `eval` figures, read "
         "from its section above, steps summed along the chain of cosine cycles). Full ECSSD MAE as trained; KD / FS "
-        "as each pass's table has it (from unrounded MAEs). Each pass starts from the one before it; the decoder "
-        "was widened function-preservingly at c = 32 and c = 48.",
+        "as each pass's table has it (from unrounded MAEs). Each pass starts from the one before it. Two chains: "
+        "MobileNetV3 x0.5 (solid; the decoder widened function-preservingly at c = 32 and c = 48) and, from the "
+        "twenty-third pass, MobileNetV3 x1.0 with c = 24 (dashed, hollow; 2.94 M params, 0.285 GMACs), the same "
+        "recipe and cycle lengths.",
         "",
         f"![FS and KD MAE against optimizer steps since random weights, and their ratio]"
         f"({FIGURE.relative_to(RESULTS.parent).as_posix()})",
         "",
-        table(points),
+        table(chains),
         "",
-        f"Last point: {last['section']}, FS {last['fs_steps']:,} steps in all, KD {last['kd_steps']:,}.",
+        f"Last points: {last}.",
     ]))
     print(f"wrote {FIGURE.relative_to(REPO)} and the section budget-curve of {RESULTS.relative_to(REPO)}")
     if not args.no_mlflow:
-        print(f"MLflow run {log_mlflow(points, FIGURE)} in {STORE.relative_to(REPO)}")
+        print(f"MLflow run {log_mlflow(chains, FIGURE)} in {STORE.relative_to(REPO)}")
     return 0
 
 
