@@ -191,6 +191,8 @@ for _b in ("fs", "kd-sharp"):
     CYCLES[_b + "-x1c24-c3"] = (_b + "-x1c24", CHAINS / f"{_b}-x1c24-c2.fp16.pt", 0.01, "third")  # files: git 0a57720
     # the fourth, as the x0.5 chain's (`reference-runs-7`: lr 0.01, longer: FS 20 epochs, KD 12), from the third's ends
     CYCLES[_b + "-x1c24-c4"] = (_b + "-x1c24", CHAINS / f"{_b}-x1c24-c3.fp16.pt", 0.01, "fourth (longer)")
+    # the fifth, as the x0.5 chain's (`reference-runs-8`: lr 0.005, FS 12 epochs, KD 7), from the fourth's ends
+    CYCLES[_b + "-x1c24-c5"] = (_b + "-x1c24", CHAINS / f"{_b}-x1c24-c4.fp16.pt", 0.005, "fifth")
 
 
 def run_seed(name: str) -> int:
@@ -568,6 +570,12 @@ def evaluate_all(section: str, results: Path, threads: int, only: str | None = N
                                   "the seventh pass gave the x0.5 / c = 16 chain")
     title["reference-runs-26"] = ("twenty-sixth pass (the x1.0 / c = 24 chains' fourth, longer cycle; the seventh pass "
                                   "is its control)")
+    start["reference-runs-27"] = ("the twenty-sixth pass's files as committed (`benchmarks/chains/`; MobileNetV3 x1.0, "
+                                  "c = 24; FS 14,880 steps, KD 14,812) given a fifth cycle (lr "
+                                  f"{CYCLES['fs-x1c24-c5'][2]} warm-up + cosine to {LR / 50:g}), as the eighth pass gave "
+                                  "the x0.5 / c = 16 chain")
+    title["reference-runs-27"] = ("twenty-seventh pass (the x1.0 / c = 24 chains' fifth cycle; the eighth pass is its "
+                                  "control)")
     title["reference-runs-17"] = ("seventeenth pass (seed 2's KD run on the pool's DUTS-TR images alone, its targets "
                                   "sharpened harder, s = 0.25, and not at all, s = 1: where should the sharpening live?)")
     from models import count_params, load_weights
