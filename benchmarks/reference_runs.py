@@ -190,7 +190,8 @@ for _b in ("fs", "kd-sharp"):
     # as committed (benchmarks/chains/: runs/ref does not outlive a session)
     CYCLES[_b + "-x1c24-c3"] = (_b + "-x1c24", CHAINS / f"{_b}-x1c24-c2.fp16.pt", 0.01, "third")  # files: git 0a57720
     # the fourth, as the x0.5 chain's (`reference-runs-7`: lr 0.01, longer: FS 20 epochs, KD 12), from the third's ends
-    CYCLES[_b + "-x1c24-c4"] = (_b + "-x1c24", CHAINS / f"{_b}-x1c24-c3.fp16.pt", 0.01, "fourth (longer)")
+    CYCLES[_b + "-x1c24-c4"] = (_b + "-x1c24", CHAINS / f"{_b}-x1c24-c3.fp16.pt", 0.01,
+                                "fourth (longer)")  # files: git f9c84e5
     # the fifth, as the x0.5 chain's (`reference-runs-8`: lr 0.005, FS 12 epochs, KD 7), from the fourth's ends
     CYCLES[_b + "-x1c24-c5"] = (_b + "-x1c24", CHAINS / f"{_b}-x1c24-c4.fp16.pt", 0.005, "fifth")
 
