@@ -75,6 +75,14 @@ ENTRIES = {
                      "and twenty-second passes)", RW / "soup" / "fs-w48-soup6.fp16.pt"),
     "kd-sharp-w48-soup6": ("KD c = 48, the mean of the four cycle ends and the twelfth and thirteenth cycles' "
                            "(twenty-first and twenty-second passes)", RW / "soup" / "kd-sharp-w48-soup6.fp16.pt"),
+    "fs-x1c24-c4": ("FS MobileNetV3 x1.0, c = 24, four cycles, 14,880 steps (twenty-sixth pass)",
+                    RW / "fs-x1c24-c4.fp16.pt"),
+    "kd-sharp-x1c24-c4": ("KD MobileNetV3 x1.0, c = 24, four cycles, 14,812 steps (twenty-sixth pass)",
+                          RW / "kd-sharp-x1c24-c4.fp16.pt"),
+    "fs-x1c24-c5": ("FS MobileNetV3 x1.0, c = 24, five cycles, 18,600 steps (twenty-seventh pass)",
+                    RW / "fs-x1c24-c5.fp16.pt"),
+    "kd-sharp-x1c24-c5": ("KD MobileNetV3 x1.0, c = 24, five cycles, 18,515 steps (twenty-seventh pass)",
+                          RW / "kd-sharp-x1c24-c5.fp16.pt"),
     "shipped-fs-c48": ("FS c = 48 (eleventh pass; `weights/fs-scfnet_m3.fp16.pt` until 2026-12-06, replaced by the "
                        "four-cycle mean)", W / "fs-scfnet_m3.fp16.pt"),
     "shipped-kd-c48": ("KD c = 48 (eleventh pass; `weights/kd-scfnet_m3-from-csnet-L-x2.fp16.pt` until 2026-12-06, "
@@ -93,7 +101,8 @@ PAIRS = [("kd-sharp-slim-s1", "fs-slim-s1"), ("kd-sharp-slim-s2", "fs-slim-s2"),
          ("kd-sharp-w48-soup3", "fs-w48-soup3"), ("kd-sharp-w48-c4", "fs-w48-c4"),
          ("kd-sharp-w48-soup4", "fs-w48-soup4"),
          ("kd-sharp-w48-c5", "fs-w48-c5"), ("kd-sharp-w48-soup5", "fs-w48-soup5"),
-         ("kd-sharp-w48-c6", "fs-w48-c6"), ("kd-sharp-w48-soup6", "fs-w48-soup6")]
+         ("kd-sharp-w48-c6", "fs-w48-c6"), ("kd-sharp-w48-soup6", "fs-w48-soup6"),
+         ("kd-sharp-x1c24-c4", "fs-x1c24-c4"), ("kd-sharp-x1c24-c5", "fs-x1c24-c5")]
 
 
 def runner(label: str, threads: int):
