@@ -193,7 +193,9 @@ for _b in ("fs", "kd-sharp"):
     CYCLES[_b + "-x1c24-c4"] = (_b + "-x1c24", CHAINS / f"{_b}-x1c24-c3.fp16.pt", 0.01,
                                 "fourth (longer)")  # files: git f9c84e5
     # the fifth, as the x0.5 chain's (`reference-runs-8`: lr 0.005, FS 12 epochs, KD 7), from the fourth's ends
-    CYCLES[_b + "-x1c24-c5"] = (_b + "-x1c24", CHAINS / f"{_b}-x1c24-c4.fp16.pt", 0.005, "fifth")
+    CYCLES[_b + "-x1c24-c5"] = (_b + "-x1c24", CHAINS / f"{_b}-x1c24-c4.fp16.pt", 0.005, "fifth")  # git 254274c
+    # the sixth, as the x0.5 chain's (`reference-runs-9`: lr 0.005, FS 12 epochs, KD 7), from the fifth's ends
+    CYCLES[_b + "-x1c24-c6"] = (_b + "-x1c24", CHAINS / f"{_b}-x1c24-c5.fp16.pt", 0.005, "sixth")
 
 
 def run_seed(name: str) -> int:
@@ -576,6 +578,12 @@ def evaluate_all(section: str, results: Path, threads: int, only: str | None = N
                                   f"{CYCLES['fs-x1c24-c5'][2]} warm-up + cosine to {LR / 50:g}), as the eighth pass gave "
                                   "the x0.5 / c = 16 chain")
     title["reference-runs-27"] = ("twenty-seventh pass (the x1.0 / c = 24 chains' fifth cycle; the eighth pass is its "
+                                  "control)")
+    start["reference-runs-28"] = ("the twenty-seventh pass's files as committed (`benchmarks/chains/`; MobileNetV3 "
+                                  "x1.0, c = 24; FS 18,600 steps, KD 18,515) given a sixth cycle (lr "
+                                  f"{CYCLES['fs-x1c24-c6'][2]} warm-up + cosine to {LR / 50:g}), as the ninth pass gave "
+                                  "the x0.5 / c = 16 chain")
+    title["reference-runs-28"] = ("twenty-eighth pass (the x1.0 / c = 24 chains' sixth cycle; the ninth pass is its "
                                   "control)")
     title["reference-runs-17"] = ("seventeenth pass (seed 2's KD run on the pool's DUTS-TR images alone, its targets "
                                   "sharpened harder, s = 0.25, and not at all, s = 1: where should the sharpening live?)")
