@@ -112,15 +112,15 @@ def draw(chains: dict[str, list[dict]], path: Path) -> None:
                  label=f"KD, {label} (8,475 images, teacher labels)")
         bottom.plot(kx, [p["ratio"] for p in points], "d" + ls, color="tab:blue", mfc=fill, label=f"KD / FS, {label}")
     top.axhline(TEACHER[1], color="tab:green", ls=":", label=f"teacher: {TEACHER[0]} ({TEACHER[1]:.3f})")
-    points = next(iter(chains.values()))
+    first = next(iter(chains.values()))     # the chain whose decoder widenings are marked
     bottom.axhline(PAPER, color="tab:orange", ls="--", label=f"KD-SCFNet's ratio ({PAPER:.2f})")
     bottom.axhline(AIM, color="tab:red", ls="--", label=f"the aim ({AIM:.2f})")
     for ax in (top, bottom):
-        for a, b in zip(points, points[1:]):
+        for a, b in zip(first, first[1:]):
             if b["width"] != a["width"]:
                 ax.axvline((b["fs_steps"] - b["fs_run_steps"]) / 1000, color="k", alpha=0.25, lw=1)
         ax.grid(alpha=0.3)
-    for a, b in zip(points, points[1:]):
+    for a, b in zip(first, first[1:]):
         if b["width"] != a["width"]:
             top.annotate(f"c = {b['width']}", ((b["fs_steps"] - b["fs_run_steps"]) / 1000, top.get_ylim()[1]),
                          xytext=(3, -12), textcoords="offset points", fontsize=8)
@@ -129,7 +129,7 @@ def draw(chains: dict[str, list[dict]], path: Path) -> None:
                   fontsize=10)
     bottom.set_ylabel("MAE ratio")
     bottom.set_xlabel("optimizer steps since random weights (thousands)")
-    top.legend(fontsize=8)
+    top.legend(fontsize=7, loc="lower right")
     bottom.legend(fontsize=8, loc="upper right")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
