@@ -43,14 +43,8 @@ CHAIN = [
     ("reference-runs-22", "fs-w48-c6", "kd-sharp-w48-c6", 48),   # from the five-file means
 ]
 # the second chain (twenty-third pass on): the budget in the encoder, MobileNetV3 x1.0 with c = 24, from random weights
-CHAIN_X1 = [
-    ("reference-runs-23", "fs-x1c24", "kd-sharp-x1c24", 24),
-    ("reference-runs-24", "fs-x1c24-c2", "kd-sharp-x1c24-c2", 24),
-    ("reference-runs-25", "fs-x1c24-c3", "kd-sharp-x1c24-c3", 24),
-    ("reference-runs-26", "fs-x1c24-c4", "kd-sharp-x1c24-c4", 24),
-    ("reference-runs-27", "fs-x1c24-c5", "kd-sharp-x1c24-c5", 24),
-    ("reference-runs-28", "fs-x1c24-c6", "kd-sharp-x1c24-c6", 24),
-]
+CHAIN_X1 = [(f"reference-runs-{23 + i}", f"fs-x1c24{s}", f"kd-sharp-x1c24{s}", 24)
+            for i, s in enumerate(["", "-c2", "-c3", "-c4", "-c5", "-c6"])]
 CHAINS = {"MobileNetV3 x0.5": CHAIN, "MobileNetV3 x1.0": CHAIN_X1}   # label -> passes, in order
 AIM, PAPER = 0.85, 0.90          # the KD/FS aim; KD-SCFNet's own ratio
 TEACHER = ("CSNet-L-x2 + flip TTA", 0.067)

@@ -561,30 +561,21 @@ def evaluate_all(section: str, results: Path, threads: int, only: str | None = N
                                   f"{LR / 50:g}), as the fifth pass gave the x0.5 / c = 16 chain")
     title["reference-runs-24"] = ("twenty-fourth pass (the x1.0 / c = 24 chains' second cycle; the fifth pass is its "
                                   "control)")
-    start["reference-runs-25"] = ("the twenty-fourth pass's files as committed (`benchmarks/chains/`; MobileNetV3 x1.0, "
-                                  "c = 24; FS 6,510 steps, KD 6,348) given a third cycle (lr "
-                                  f"{CYCLES['fs-x1c24-c3'][2]} warm-up + cosine to {LR / 50:g}), as the sixth pass gave "
-                                  "the x0.5 / c = 16 chain")
-    title["reference-runs-25"] = ("twenty-fifth pass (the x1.0 / c = 24 chains' third cycle; the sixth pass is its "
-                                  "control)")
-    start["reference-runs-26"] = ("the twenty-fifth pass's files as committed (`benchmarks/chains/`; MobileNetV3 x1.0, "
-                                  "c = 24; FS 8,680 steps, KD 8,464) given a fourth, longer cycle (lr "
-                                  f"{CYCLES['fs-x1c24-c4'][2]} warm-up + cosine to {LR / 50:g}; FS 20 epochs, KD 12), as "
-                                  "the seventh pass gave the x0.5 / c = 16 chain")
-    title["reference-runs-26"] = ("twenty-sixth pass (the x1.0 / c = 24 chains' fourth, longer cycle; the seventh pass "
-                                  "is its control)")
-    start["reference-runs-27"] = ("the twenty-sixth pass's files as committed (`benchmarks/chains/`; MobileNetV3 x1.0, "
-                                  "c = 24; FS 14,880 steps, KD 14,812) given a fifth cycle (lr "
-                                  f"{CYCLES['fs-x1c24-c5'][2]} warm-up + cosine to {LR / 50:g}), as the eighth pass gave "
-                                  "the x0.5 / c = 16 chain")
-    title["reference-runs-27"] = ("twenty-seventh pass (the x1.0 / c = 24 chains' fifth cycle; the eighth pass is its "
-                                  "control)")
-    start["reference-runs-28"] = ("the twenty-seventh pass's files as committed (`benchmarks/chains/`; MobileNetV3 "
-                                  "x1.0, c = 24; FS 18,600 steps, KD 18,515) given a sixth cycle (lr "
-                                  f"{CYCLES['fs-x1c24-c6'][2]} warm-up + cosine to {LR / 50:g}), as the ninth pass gave "
-                                  "the x0.5 / c = 16 chain")
-    title["reference-runs-28"] = ("twenty-eighth pass (the x1.0 / c = 24 chains' sixth cycle; the ninth pass is its "
-                                  "control)")
+    # the x1.0 / c = 24 chains' later cycles: (pass, cycle, its CYCLES suffix, steps behind it FS / KD, the x0.5
+    # chain's pass at the same point); each starts from the pass before's ends as committed
+    nth = {24: "twenty-fourth", 25: "twenty-fifth", 26: "twenty-sixth", 27: "twenty-seventh", 28: "twenty-eighth",
+           6: "sixth", 7: "seventh", 8: "eighth", 9: "ninth"}
+    for n, cycle, suffix, behind, extra, control in [
+            (25, "third", "c3", "FS 6,510 steps, KD 6,348", "", 6),
+            (26, "fourth, longer", "c4", "FS 8,680 steps, KD 8,464", "; FS 20 epochs, KD 12", 7),
+            (27, "fifth", "c5", "FS 14,880 steps, KD 14,812", "", 8),
+            (28, "sixth", "c6", "FS 18,600 steps, KD 18,515", "", 9)]:
+        start[f"reference-runs-{n}"] = (
+            f"the {nth[n - 1]} pass's files as committed (`benchmarks/chains/`; MobileNetV3 x1.0, c = 24; {behind}) "
+            f"given a {cycle} cycle (lr {CYCLES[f'fs-x1c24-{suffix}'][2]} warm-up + cosine to {LR / 50:g}{extra}), "
+            f"as the {nth[control]} pass gave the x0.5 / c = 16 chain")
+        title[f"reference-runs-{n}"] = (f"{nth[n]} pass (the x1.0 / c = 24 chains' {cycle} cycle; the {nth[control]} "
+                                        "pass is its control)")
     title["reference-runs-17"] = ("seventeenth pass (seed 2's KD run on the pool's DUTS-TR images alone, its targets "
                                   "sharpened harder, s = 0.25, and not at all, s = 1: where should the sharpening live?)")
     from models import count_params, load_weights
