@@ -83,6 +83,18 @@ ENTRIES = {
                     RW / "fs-x1c24-c5.fp16.pt"),
     "kd-sharp-x1c24-c5": ("KD MobileNetV3 x1.0, c = 24, five cycles, 18,515 steps (twenty-seventh pass)",
                           RW / "kd-sharp-x1c24-c5.fp16.pt"),
+    "fs-x1c24-c6": ("FS MobileNetV3 x1.0, c = 24, six cycles, 22,320 steps (twenty-eighth pass)",
+                    RW / "fs-x1c24-c6.fp16.pt"),
+    "kd-sharp-x1c24-c6": ("KD MobileNetV3 x1.0, c = 24, six cycles, 22,218 steps (twenty-eighth pass)",
+                          RW / "kd-sharp-x1c24-c6.fp16.pt"),
+    "fs-x1c24-soup2": ("FS MobileNetV3 x1.0, c = 24, the mean of its fifth and sixth cycle ends",
+                       RW / "soup" / "fs-x1c24-soup2.fp16.pt"),
+    "kd-sharp-x1c24-soup2": ("KD MobileNetV3 x1.0, c = 24, the mean of its fifth and sixth cycle ends",
+                             RW / "soup" / "kd-sharp-x1c24-soup2.fp16.pt"),
+    "fs-x1c24-soup3": ("FS MobileNetV3 x1.0, c = 24, the mean of its fourth to sixth cycle ends",
+                       RW / "soup" / "fs-x1c24-soup3.fp16.pt"),
+    "kd-sharp-x1c24-soup3": ("KD MobileNetV3 x1.0, c = 24, the mean of its fourth to sixth cycle ends",
+                             RW / "soup" / "kd-sharp-x1c24-soup3.fp16.pt"),
     "shipped-fs-c48": ("FS c = 48 (eleventh pass; `weights/fs-scfnet_m3.fp16.pt` until 2026-12-06, replaced by the "
                        "four-cycle mean)", W / "fs-scfnet_m3.fp16.pt"),
     "shipped-kd-c48": ("KD c = 48 (eleventh pass; `weights/kd-scfnet_m3-from-csnet-L-x2.fp16.pt` until 2026-12-06, "
@@ -102,7 +114,9 @@ PAIRS = [("kd-sharp-slim-s1", "fs-slim-s1"), ("kd-sharp-slim-s2", "fs-slim-s2"),
          ("kd-sharp-w48-soup4", "fs-w48-soup4"),
          ("kd-sharp-w48-c5", "fs-w48-c5"), ("kd-sharp-w48-soup5", "fs-w48-soup5"),
          ("kd-sharp-w48-c6", "fs-w48-c6"), ("kd-sharp-w48-soup6", "fs-w48-soup6"),
-         ("kd-sharp-x1c24-c4", "fs-x1c24-c4"), ("kd-sharp-x1c24-c5", "fs-x1c24-c5")]
+         ("kd-sharp-x1c24-c4", "fs-x1c24-c4"), ("kd-sharp-x1c24-c5", "fs-x1c24-c5"),
+         ("kd-sharp-x1c24-c6", "fs-x1c24-c6"), ("kd-sharp-x1c24-soup2", "fs-x1c24-soup2"),
+         ("kd-sharp-x1c24-soup3", "fs-x1c24-soup3")]
 
 
 def runner(label: str, threads: int):

@@ -196,6 +196,8 @@ for _b in ("fs", "kd-sharp"):
     CYCLES[_b + "-x1c24-c5"] = (_b + "-x1c24", CHAINS / f"{_b}-x1c24-c4.fp16.pt", 0.005, "fifth")  # git 254274c
     # the sixth, as the x0.5 chain's (`reference-runs-9`: lr 0.005, FS 12 epochs, KD 7), from the fifth's ends
     CYCLES[_b + "-x1c24-c6"] = (_b + "-x1c24", CHAINS / f"{_b}-x1c24-c5.fp16.pt", 0.005, "sixth")
+    # the seventh, from the sixth's ends (the x0.5 chain had no plain seventh cycle: it widened its decoder there)
+    CYCLES[_b + "-x1c24-c7"] = (_b + "-x1c24", CHAINS / f"{_b}-x1c24-c6.fp16.pt", 0.005, "seventh")
 
 
 def run_seed(name: str) -> int:
@@ -562,20 +564,22 @@ def evaluate_all(section: str, results: Path, threads: int, only: str | None = N
     title["reference-runs-24"] = ("twenty-fourth pass (the x1.0 / c = 24 chains' second cycle; the fifth pass is its "
                                   "control)")
     # the x1.0 / c = 24 chains' later cycles: (pass, cycle, its CYCLES suffix, steps behind it FS / KD, the x0.5
-    # chain's pass at the same point); each starts from the pass before's ends as committed
+    # chain's pass at the same point, None where it has none); each starts from the pass before's ends as committed
     nth = {24: "twenty-fourth", 25: "twenty-fifth", 26: "twenty-sixth", 27: "twenty-seventh", 28: "twenty-eighth",
+           29: "twenty-ninth",
            6: "sixth", 7: "seventh", 8: "eighth", 9: "ninth"}
     for n, cycle, suffix, behind, extra, control in [
             (25, "third", "c3", "FS 6,510 steps, KD 6,348", "", 6),
             (26, "fourth, longer", "c4", "FS 8,680 steps, KD 8,464", "; FS 20 epochs, KD 12", 7),
             (27, "fifth", "c5", "FS 14,880 steps, KD 14,812", "", 8),
-            (28, "sixth", "c6", "FS 18,600 steps, KD 18,515", "", 9)]:
+            (28, "sixth", "c6", "FS 18,600 steps, KD 18,515", "", 9),
+            (29, "seventh", "c7", "FS 22,320 steps, KD 22,218", "", None)]:
         start[f"reference-runs-{n}"] = (
             f"the {nth[n - 1]} pass's files as committed (`benchmarks/chains/`; MobileNetV3 x1.0, c = 24; {behind}) "
-            f"given a {cycle} cycle (lr {CYCLES[f'fs-x1c24-{suffix}'][2]} warm-up + cosine to {LR / 50:g}{extra}), "
-            f"as the {nth[control]} pass gave the x0.5 / c = 16 chain")
-        title[f"reference-runs-{n}"] = (f"{nth[n]} pass (the x1.0 / c = 24 chains' {cycle} cycle; the {nth[control]} "
-                                        "pass is its control)")
+            f"given a {cycle} cycle (lr {CYCLES[f'fs-x1c24-{suffix}'][2]} warm-up + cosine to {LR / 50:g}{extra})"
+            + (f", as the {nth[control]} pass gave the x0.5 / c = 16 chain" if control else ""))
+        title[f"reference-runs-{n}"] = (f"{nth[n]} pass (the x1.0 / c = 24 chains' {cycle} cycle"
+                                        + (f"; the {nth[control]} pass is its control)" if control else ")"))
     title["reference-runs-17"] = ("seventeenth pass (seed 2's KD run on the pool's DUTS-TR images alone, its targets "
                                   "sharpened harder, s = 0.25, and not at all, s = 1: where should the sharpening live?)")
     from models import count_params, load_weights

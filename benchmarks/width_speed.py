@@ -1,8 +1,10 @@
 """What the decoder's width costs at inference: ``scfnet_m3`` at c = 16 / 32 / 48 against CSNet-L-x1.
 
     .venv/bin/python benchmarks/width_speed.py [--widths 16 32 48] [--rounds 5]   (on a quiet machine)
+    .venv/bin/python benchmarks/width_speed.py --models x0.5/c48 x1.0/c24       (encoder width too)
 
-Each width (seeded random weights: speed only) is exported the way ``sodkd export`` does
+``--models`` names MobileNetV3 width multiplier and decoder width pairs (it replaces ``--widths``, which are
+x0.5 encoders). Each model (seeded random weights: speed only) is exported the way ``sodkd export`` does
 (``cluster.export.export_teacher``, BatchNorm folded, ONNX) and run by ONNX Runtime fp32, batch 1, one intra-op
 thread, beside the public peer ``../shared/teachers/csnet-L-x1.onnx`` in the same process, timed by
 ``benchmarks/inference.py``'s runners and rounds: per size, ``--rounds`` interleaved rounds of one second per model
@@ -36,16 +38,28 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--widths", type=int, nargs="+", default=[16, 32, 48])
     ap.add_argument("--sizes", type=int, nargs="+", default=[352, 224])
+    ap.add_argument("--models", nargs="+", metavar="xM/cC",
+                    help="encoder width multiplier / decoder width pairs, e.g. x0.5/c48 x1.0/c24")
     ap.add_argument("--rounds", type=int, default=5)
     args = ap.parse_args()
+    if args.models:
+        try:
+            pairs = [(float(m.split("/")[0].removeprefix("x")), int(m.split("/")[1].removeprefix("c")))
+                     for m in args.models]
+        except (IndexError, ValueError):
+            ap.error(f"--models {' '.join(args.models)}: each must look like x1.0/c24")
+        specs = [(f"{m.split('/')[0]} / c = {c}", {"width_mult": w, "channels": c})
+                 for m, (w, c) in zip(args.models, pairs)]
+    else:
+        specs = [(f"c = {c}", {"channels": c}) for c in args.widths]
     torch.set_num_threads(1)
     runners, macs = [], {}
     with tempfile.TemporaryDirectory() as tmp:
-        for c in args.widths:
-            model = create_model("scfnet_m3", channels=c).eval()
-            macs[f"c = {c}"] = count_macs(model, 224) / 1e9
-            export_teacher(model, f"{tmp}/c{c}.onnx", "onnx")
-            runners.append(OnnxRunner(f"c = {c}", "onnx", "peer", Path(f"{tmp}/c{c}.onnx"), [1]))
+        for i, (label, kwargs) in enumerate(specs):
+            model = create_model("scfnet_m3", **kwargs).eval()
+            macs[label] = count_macs(model, 224) / 1e9
+            export_teacher(model, f"{tmp}/m{i}.onnx", "onnx")
+            runners.append(OnnxRunner(label, "onnx", "peer", Path(f"{tmp}/m{i}.onnx"), [1]))
     runners.append(OnnxRunner("CSNet-L-x1", "onnx", "peer", PEER, [1]))
     configs = [(size, 1, 1) for size in args.sizes]
     out, _ = measure(runners, configs, args.rounds, 1.0, float("inf"))

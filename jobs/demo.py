@@ -7,14 +7,15 @@
 3. ``sodkd distill``: ``scfnet_m3`` learns from those labels on Ray Train (one worker) with the calibrated KD
    loss (dice + BCE x confidence, to the teacher's sharpened map). ``start=kd`` (default) goes on from the
    shipped KD student (``weights/kd-scfnet_m3-from-csnet-L-x2.fp16.pt``: distilled by sodkd from the same
-   teacher on 8,475 unlabeled images, 6,348 steps): what a user does to adapt the student to their own images.
+   teacher on 8,475 unlabeled images; its model card is ``weights/README.md``): what a user does to adapt the
+   student to their own images.
    ``start=fs`` goes on from the FS student's weights instead, ``start=scratch`` from random weights (both need
    far more steps than a demo has: a hundred steps of a new loss on a few hundred images moved the FS student
    by -0.001 to +0.005 MAE in our runs). The best epoch is chosen on a DUTS-TR hold-out that ships with the
    repository (``sample-data/duts-val``), never on the ECSSD images the table scores, and so is the student's
    output scale (``output.calibrate``, :mod:`kd.calibration`; ``calibrate=false`` keeps the map as trained);
 4. the teacher, the supervised-only (FS) student and the shipped KD student (both trained for the same
-   steps, size and batch: ``benchmarks/RESULTS.md``, ``reference-runs-5``) when their weights exist, and this
+   steps, size and batch: ``weights/README.md``) when their weights exist, and this
    demo's student are evaluated on ECSSD; a table is printed and an HTML report with saliency panels and PR
    curves is written;
 5. every step is an MLflow run in ``demo-out/mlflow.db`` (sqlite); the demo's own run holds the report.

@@ -1,4 +1,4 @@
-"""INT8 export (cluster.quantize, ``sodkd export --int8``): real ONNX Runtime static quantisation of the committed
+"""INT8 export (cluster.quantize, ``sodkd export --int8``): real ONNX Runtime static quantisation of a committed
 KD student at a small size, calibrated on real ECSSD images from a folder or a real S3 endpoint (moto), scored
 against fp32 eager on a small labelled set; refused when the MAE moves too much; run by the Predictor."""
 
@@ -23,7 +23,9 @@ from kd.imageio import decode_image
 from tests.conftest import copy_sample
 
 REPO = Path(__file__).resolve().parents[2]
-SPEC = f"scfnet_m3:{REPO / 'weights' / 'kd-scfnet_m3-from-csnet-L-x2.fp16.pt'}"
+# the x0.5 / c = 48 KD file: at this test's 96 px and 4 calibration images the x1.0 reference student moves the MAE
+# by +0.006, past the 0.005 limit (at its own 224 px and the default 64 images: +0.0009; RESULTS `int8-x1c24`)
+SPEC = f"scfnet_m3:{REPO / 'weights' / 'kd-scfnet_m3-c48-from-csnet-L-x2.fp16.pt'}"
 SIZE = 96
 MEAN, STD = (123.675, 116.28, 103.53), (58.395, 57.12, 57.375)
 
