@@ -53,6 +53,7 @@ def main() -> None:
     else:
         specs = [(f"c = {c}", {"channels": c}) for c in args.widths]
     torch.set_num_threads(1)
+    torch.manual_seed(0)           # the weights are random (speed only), the same ones every run
     runners, macs = [], {}
     with tempfile.TemporaryDirectory() as tmp:
         for i, (label, kwargs) in enumerate(specs):
