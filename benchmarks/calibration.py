@@ -75,26 +75,6 @@ ENTRIES = {
                      "and twenty-second passes)", RW / "soup" / "fs-w48-soup6.fp16.pt"),
     "kd-sharp-w48-soup6": ("KD c = 48, the mean of the four cycle ends and the twelfth and thirteenth cycles' "
                            "(twenty-first and twenty-second passes)", RW / "soup" / "kd-sharp-w48-soup6.fp16.pt"),
-    "fs-x1c24-c4": ("FS MobileNetV3 x1.0, c = 24, four cycles, 14,880 steps (twenty-sixth pass)",
-                    RW / "fs-x1c24-c4.fp16.pt"),
-    "kd-sharp-x1c24-c4": ("KD MobileNetV3 x1.0, c = 24, four cycles, 14,812 steps (twenty-sixth pass)",
-                          RW / "kd-sharp-x1c24-c4.fp16.pt"),
-    "fs-x1c24-c5": ("FS MobileNetV3 x1.0, c = 24, five cycles, 18,600 steps (twenty-seventh pass)",
-                    RW / "fs-x1c24-c5.fp16.pt"),
-    "kd-sharp-x1c24-c5": ("KD MobileNetV3 x1.0, c = 24, five cycles, 18,515 steps (twenty-seventh pass)",
-                          RW / "kd-sharp-x1c24-c5.fp16.pt"),
-    "fs-x1c24-c6": ("FS MobileNetV3 x1.0, c = 24, six cycles, 22,320 steps (twenty-eighth pass)",
-                    RW / "fs-x1c24-c6.fp16.pt"),
-    "kd-sharp-x1c24-c6": ("KD MobileNetV3 x1.0, c = 24, six cycles, 22,218 steps (twenty-eighth pass)",
-                          RW / "kd-sharp-x1c24-c6.fp16.pt"),
-    "fs-x1c24-soup2": ("FS MobileNetV3 x1.0, c = 24, the mean of its fifth and sixth cycle ends",
-                       RW / "soup" / "fs-x1c24-soup2.fp16.pt"),
-    "kd-sharp-x1c24-soup2": ("KD MobileNetV3 x1.0, c = 24, the mean of its fifth and sixth cycle ends",
-                             RW / "soup" / "kd-sharp-x1c24-soup2.fp16.pt"),
-    "fs-x1c24-soup3": ("FS MobileNetV3 x1.0, c = 24, the mean of its fourth to sixth cycle ends",
-                       RW / "soup" / "fs-x1c24-soup3.fp16.pt"),
-    "kd-sharp-x1c24-soup3": ("KD MobileNetV3 x1.0, c = 24, the mean of its fourth to sixth cycle ends",
-                             RW / "soup" / "kd-sharp-x1c24-soup3.fp16.pt"),
     "shipped-fs-c48": ("FS c = 48 (eleventh pass; `weights/fs-scfnet_m3.fp16.pt` until 2026-12-06, replaced by the "
                        "four-cycle mean)", W / "fs-scfnet_m3.fp16.pt"),
     "shipped-kd-c48": ("KD c = 48 (eleventh pass; `weights/kd-scfnet_m3-from-csnet-L-x2.fp16.pt` until 2026-12-06, "
@@ -105,6 +85,19 @@ ENTRIES = {
     "shipped-kd-x0.3": ("KD x0.3 / c = 8 (`weights/kd-scfnet_m3-x0.3-c8-from-csnet-L-x2.fp16.pt`)",
                         W / "kd-scfnet_m3-x0.3-c8-from-csnet-L-x2.fp16.pt"),
 }
+# the x1.0 / c = 24 chains: cycle ends (suffix, cycles, FS / KD steps in all, pass) and checkpoint means
+for _sfx, _n, _steps, _pass in [("c4", "four", ("14,880", "14,812"), "twenty-sixth"),
+                                ("c5", "five", ("18,600", "18,515"), "twenty-seventh"),
+                                ("c6", "six", ("22,320", "22,218"), "twenty-eighth")]:
+    for _b, _tag, _st in (("fs", "FS", _steps[0]), ("kd-sharp", "KD", _steps[1])):
+        ENTRIES[f"{_b}-x1c24-{_sfx}"] = (f"{_tag} MobileNetV3 x1.0, c = 24, {_n} cycles, {_st} steps ({_pass} pass)",
+                                         RW / f"{_b}-x1c24-{_sfx}.fp16.pt")
+for _sfx, _what in (("soup2", "fifth and sixth"), ("soup3", "fourth to sixth")):
+    for _b, _tag in (("fs", "FS"), ("kd-sharp", "KD")):
+        ENTRIES[f"{_b}-x1c24-{_sfx}"] = (f"{_tag} MobileNetV3 x1.0, c = 24, the mean of its {_what} cycle ends",
+                                         RW / "soup" / f"{_b}-x1c24-{_sfx}.fp16.pt")
+for _k in [k for k in ENTRIES if k.startswith("shipped-")]:     # the shipped files' rows stay last
+    ENTRIES[_k] = ENTRIES.pop(_k)
 # the equal-budget pairs whose KD / FS ratio the table gives: (KD entry, FS entry)
 PAIRS = [("kd-sharp-slim-s1", "fs-slim-s1"), ("kd-sharp-slim-s2", "fs-slim-s2"),
          ("kd-sharp-slim-duts-s2", "fs-slim-s2"), ("kd-sharp25-slim-duts-s2", "fs-slim-s2"),
@@ -114,9 +107,7 @@ PAIRS = [("kd-sharp-slim-s1", "fs-slim-s1"), ("kd-sharp-slim-s2", "fs-slim-s2"),
          ("kd-sharp-w48-soup4", "fs-w48-soup4"),
          ("kd-sharp-w48-c5", "fs-w48-c5"), ("kd-sharp-w48-soup5", "fs-w48-soup5"),
          ("kd-sharp-w48-c6", "fs-w48-c6"), ("kd-sharp-w48-soup6", "fs-w48-soup6"),
-         ("kd-sharp-x1c24-c4", "fs-x1c24-c4"), ("kd-sharp-x1c24-c5", "fs-x1c24-c5"),
-         ("kd-sharp-x1c24-c6", "fs-x1c24-c6"), ("kd-sharp-x1c24-soup2", "fs-x1c24-soup2"),
-         ("kd-sharp-x1c24-soup3", "fs-x1c24-soup3")]
+         *[(f"kd-sharp-x1c24-{s}", f"fs-x1c24-{s}") for s in ("c4", "c5", "c6", "soup2", "soup3")]]
 
 
 def runner(label: str, threads: int):

@@ -43,13 +43,14 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     args = ap.parse_args()
     if args.models:
-        try:
-            pairs = [(float(m.split("/")[0].removeprefix("x")), int(m.split("/")[1].removeprefix("c")))
-                     for m in args.models]
-        except (IndexError, ValueError):
-            ap.error(f"--models {' '.join(args.models)}: each must look like x1.0/c24")
-        specs = [(f"{m.split('/')[0]} / c = {c}", {"width_mult": w, "channels": c})
-                 for m, (w, c) in zip(args.models, pairs)]
+        specs = []
+        for m in args.models:
+            enc, _, dec = m.partition("/")
+            try:
+                specs.append((f"{enc} / c = {int(dec.removeprefix('c'))}",
+                              {"width_mult": float(enc.removeprefix("x")), "channels": int(dec.removeprefix("c"))}))
+            except ValueError:
+                ap.error(f"--models {m}: must look like x1.0/c24")
     else:
         specs = [(f"c = {c}", {"channels": c}) for c in args.widths]
     torch.set_num_threads(1)
