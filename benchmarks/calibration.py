@@ -88,11 +88,14 @@ ENTRIES = {
 # the x1.0 / c = 24 chains: cycle ends (suffix, cycles, FS / KD steps in all, pass) and checkpoint means
 for _sfx, _n, _steps, _pass in [("c4", "four", ("14,880", "14,812"), "twenty-sixth"),
                                 ("c5", "five", ("18,600", "18,515"), "twenty-seventh"),
-                                ("c6", "six", ("22,320", "22,218"), "twenty-eighth")]:
+                                ("c6", "six", ("22,320", "22,218"), "twenty-eighth"),
+                                ("c7", "seven", ("26,040", "25,921"), "twenty-ninth"),
+                                ("c8", "eight", ("29,760", "29,624"), "thirtieth")]:
     for _b, _tag, _st in (("fs", "FS", _steps[0]), ("kd-sharp", "KD", _steps[1])):
         ENTRIES[f"{_b}-x1c24-{_sfx}"] = (f"{_tag} MobileNetV3 x1.0, c = 24, {_n} cycles, {_st} steps ({_pass} pass)",
                                          RW / f"{_b}-x1c24-{_sfx}.fp16.pt")
-for _sfx, _what in (("soup2", "fifth and sixth"), ("soup3", "fourth to sixth")):
+for _sfx, _what in (("soup2", "fifth and sixth"), ("soup3", "fourth to sixth"), ("c7soup2", "sixth and seventh"),
+                    ("c7soup3", "fifth to seventh"), ("c8soup2", "seventh and eighth"), ("c8soup3", "sixth to eighth")):
     for _b, _tag in (("fs", "FS"), ("kd-sharp", "KD")):
         ENTRIES[f"{_b}-x1c24-{_sfx}"] = (f"{_tag} MobileNetV3 x1.0, c = 24, the mean of its {_what} cycle ends",
                                          RW / "soup" / f"{_b}-x1c24-{_sfx}.fp16.pt")
@@ -107,7 +110,8 @@ PAIRS = [("kd-sharp-slim-s1", "fs-slim-s1"), ("kd-sharp-slim-s2", "fs-slim-s2"),
          ("kd-sharp-w48-soup4", "fs-w48-soup4"),
          ("kd-sharp-w48-c5", "fs-w48-c5"), ("kd-sharp-w48-soup5", "fs-w48-soup5"),
          ("kd-sharp-w48-c6", "fs-w48-c6"), ("kd-sharp-w48-soup6", "fs-w48-soup6"),
-         *[(f"kd-sharp-x1c24-{s}", f"fs-x1c24-{s}") for s in ("c4", "c5", "c6", "soup2", "soup3")]]
+         *[(f"kd-sharp-x1c24-{s}", f"fs-x1c24-{s}") for s in ("c4", "c5", "c6", "soup2", "soup3", "c7", "c7soup2",
+                                                                      "c7soup3", "c8", "c8soup2", "c8soup3")]]
 
 
 def runner(label: str, threads: int):

@@ -12,20 +12,22 @@ Stages (each skipped when its output already exists in ``OUT/state.json``, so a 
    With ``--stills LABELS IMAGES`` every step also gets ``--stills-per-step`` still clips (three copies of one
             image the teacher labelled, e.g. the image reference run's KD pool): rehearsal of single-image
             saliency while the student fits five sequences;
-3. spatial  the same with the temporal terms off (``loss.change=0 loss.relation=0``): the ablation that
-            separates the temporal distillation from the extra training and the architecture;
+   ``--loss KEY=VALUE`` changes this run's temporal terms (e.g. ``steady=1``: :func:`kd.temporal.steadiness_loss`);
+3. spatial  the same with the temporal terms off (``loss.change=0 loss.relation=0 loss.steady=0``): the ablation
+            that separates the temporal distillation from the extra training and the architecture;
 4. eval     teacher and image student frame by frame, both video students in streaming mode, on all ten
             sequences against the DAVIS masks: S, max F, MAE per sequence, and flicker (mean |p_t - p_t-1|
             where the mask changes on < 1% of the pixels), averaged over the TRAIN and the HELD-OUT sequences.
 
-Defaults come from the image reference run (``benchmarks/reference_runs.py``: ``--reference``/state.json, ``runs/reference``
-holds its teacher and KD student); pass ``--teacher`` / ``--image-student`` to use other weights. Figures go to
-RESULTS.md, section ``video-reference``.
+Defaults come from the image reference run (``benchmarks/reference_runs.py``: ``--reference``/state.json,
+``runs/reference`` holds its teacher and KD student); pass ``--teacher`` / ``--image-student`` to use other
+weights. Figures go to RESULTS.md, section ``video-reference``.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import math
@@ -89,6 +91,8 @@ def distill(out: Path, name: str, teacher_labels: Path, init: str | None, loss: 
     log.info("%s: %d clips, %d steps/epoch, %.0f s; history %s", name, res.clips, res.steps_per_epoch, wall,
              res.history)
     return {"name": name, "weights": res.weights[0], "clips": res.clips, "frames": res.frames, "kd": cfg.kd.describe(),
+            "loss": {k: v for k, v in dataclasses.asdict(cfg.loss).items() if k in ("change", "relation", "steady",
+                                                                                    "steady_below")},
             "freeze": list(cfg.model.freeze),
             "steps": res.steps_per_epoch * EPOCHS, "epochs": EPOCHS, "wall_s": wall, "history": res.history,
             "stills": stills, "lr": LR,
@@ -154,6 +158,9 @@ def main() -> None:
     ap.add_argument("--kd", nargs="*", default=[], metavar="KEY=VALUE",
                     help="the video students' per-frame loss (the kd section, kd/step.py KDLoss), e.g. pixel=bce "
                          "confidence=teacher sharpen=0.5 (the image reference recipe); default: KDLoss() = dice only")
+    ap.add_argument("--loss", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="the spatiotemporal run's loss weights (kd/temporal.py VideoKDConfig), e.g. steady=1 "
+                         "steady_below=0.05; the spatial-only ablation keeps every temporal term at 0")
     ap.add_argument("--lr", type=float, default=LR, help="peak learning rate of both video runs")
     ap.add_argument("--freeze", nargs="*", default=[], metavar="PART",
                     help="model.freeze of both video runs, e.g. backbone mapping context 'scfm*' heads: only the "
@@ -215,10 +222,18 @@ def main() -> None:
     state["image_student_weights"] = student
     save()
     if "video" not in state:
-        state["video"] = distill(out, "kdvideo-video_scfnet_m3", labels, student, {}, log, stills, args.kd, args.freeze)
+        loss = {}
+        for item in args.loss:
+            key, sep, value = item.partition("=")
+            if not sep:
+                raise SystemExit(f"--loss {item!r}: expected KEY=VALUE")
+            loss[key] = float(value)
+        state["video"] = distill(out, "kdvideo-video_scfnet_m3", labels, student, loss, log, stills, args.kd,
+                                 args.freeze)
         save()
     if "spatial" not in state:
-        state["spatial"] = distill(out, "kdvideo-spatial-only", labels, student, {"change": 0.0, "relation": 0.0},
+        state["spatial"] = distill(out, "kdvideo-spatial-only", labels, student,
+                                   {"change": 0.0, "relation": 0.0, "steady": 0.0},
                                    log, stills, args.kd, args.freeze)
         save()
 
@@ -282,7 +297,10 @@ def write_results(state: dict, results: Path, section: str = "video-reference") 
         f"Both video students start from the image student's weights and train {v['epochs']} epochs on the clips "
         f"(3 frames, stride 2) of the TRAIN sequences {', '.join(TRAIN_SEQS)} ({v['clips']} clips, {v['steps']} "
         f"steps of {BATCH} clips, {SIZE} px, SGD lr {v.get('lr', LR)}, warm-up + cosine; per-frame loss "
-        f"{v.get('kd', 'dice')}"
+        f"{v.get('kd', 'dice')}; temporal terms: change {v.get('loss', {}).get('change', 1.0):g}, relation "
+        f"{v.get('loss', {}).get('relation', 1.0):g}"
+        + (f", steadiness {v['loss']['steady']:g} below a teacher change of {v['loss']['steady_below']:g}"
+           if v.get("loss", {}).get("steady") else "")
         + (f"; frozen: {', '.join(v['freeze'])} (only the new temporal and guidance parts learn)" if v.get("freeze")
            else "") + ")"
         + (f", each step with {v['stills']['per_step']} still clips beside them (rehearsal: 3 copies of one "
@@ -326,7 +344,7 @@ def write_results(state: dict, results: Path, section: str = "video-reference") 
               "the paper's DAVIS regime (SSAV reference: S .893, max F .861, MAE .028); what the run shows is the "
               "video pipeline end to end (label -> clips -> spatiotemporal KD -> streaming evaluation) and, under "
               "equal training, what the temporal terms change: compare the two video rows (same data, steps and "
-              "initialisation; only loss.change and loss.relation differ) for the temporal KD, and either video "
+              "initialisation; only the temporal terms differ) for the temporal KD, and either video "
               "row against the image student for the effect of fine-tuning on five DAVIS sequences."]
     lines += ["", "Final training losses (mean of the last epoch): " + "; ".join(
         f"{k}: " + ", ".join(f"{m.split('/')[-1]} {_f(val, 4)}" for m, val in state[k]['history'][-1].items()

@@ -15,7 +15,9 @@ Spatial KD
 Temporal KD
     :func:`change_consistency_loss` -- the student's change between adjacent frames follows the teacher's;
     :func:`relation_loss` -- the student's cross-frame affinity matrix follows the teacher's (from teacher
-    features, or from the teacher's soft labels via :func:`soft_label_embedding`).
+    features, or from the teacher's soft labels via :func:`soft_label_embedding`);
+    :func:`steadiness_loss` -- where the teacher's map did not move, the student's should not either (off by
+    default: for students already steadier than their teacher).
 :func:`video_kd_loss` combines them with the weights of :class:`VideoKDConfig`.
 """
 
@@ -33,7 +35,7 @@ from kd.losses import SIDE_WEIGHTS
 from kd.step import KDLoss, sharpen_target, soft_loss
 
 __all__ = ["VideoKDConfig", "HintAdapter", "spatial_kd_loss", "feature_hint_loss", "change_consistency_loss",
-           "frame_affinity", "relation_loss", "soft_label_embedding", "video_kd_loss"]
+           "steadiness_loss", "frame_affinity", "relation_loss", "soft_label_embedding", "video_kd_loss"]
 
 RELATION_MODES = ("mse", "kl")
 RELATION_TARGETS = ("soft_label", "teacher_features")
@@ -56,6 +58,12 @@ class VideoKDConfig:
         relation_grid: the features are average-pooled to ``grid x grid`` cells before the affinity (4: 16
             cells, coarse enough to be stable at the 7x7-11x11 stride-32 maps of 224-352 inputs).
         relation_tau: temperature of the row softmax in ``"kl"`` mode.
+        steady: weight of :func:`steadiness_loss` (0: off). The change term can only make the student as steady
+            as its teacher; a student that is already steadier than the teacher on the training clips (the x1.0
+            image student on DAVIS: flicker .0093 against the teacher's .0119) learns nothing from it. This term
+            asks for less change than the teacher shows, where the teacher says nothing moved.
+        steady_below: the teacher's frame-to-frame change (of its sharpened map) under which a pixel counts as
+            not moving for :func:`steadiness_loss` (0.05).
     """
 
     spatial: float = 1.0
@@ -66,9 +74,11 @@ class VideoKDConfig:
     relation_mode: str = "mse"
     relation_grid: int = 4
     relation_tau: float = 0.1
+    steady: float = 0.0
+    steady_below: float = 0.05
 
     def __post_init__(self) -> None:
-        for name in ("spatial", "change", "relation", "hint"):
+        for name in ("spatial", "change", "relation", "hint", "steady"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or value < 0 or not math.isfinite(value):
                 raise ValueError(f"{name}: must be a finite number >= 0, got {value!r}")
@@ -80,6 +90,8 @@ class VideoKDConfig:
             raise ValueError(f"relation_grid: must be an int >= 1, got {self.relation_grid!r}")
         if not self.relation_tau > 0:
             raise ValueError(f"relation_tau: must be > 0, got {self.relation_tau!r}")
+        if not (isinstance(self.steady_below, (int, float)) and 0 < self.steady_below <= 1):
+            raise ValueError(f"steady_below: must be in (0, 1], got {self.steady_below!r}")
 
     @property
     def needs_teacher_features(self) -> bool:
@@ -185,6 +197,28 @@ def change_consistency_loss(student_prob: Tensor, teacher_prob: Tensor) -> Tenso
     return ((student_prob[:, 1:] - student_prob[:, :-1]) - (p[:, 1:] - p[:, :-1])).abs().mean()
 
 
+def steadiness_loss(student_prob: Tensor, teacher_prob: Tensor, below: float = 0.05) -> Tensor:
+    """Where the teacher did not move, the student should not either (ours).
+
+    ``m_t = [|p_t - p_{t-1}| < below]`` marks the pixels whose teacher probability barely changed between adjacent
+    frames; ``L = sum(m_t |s_t - s_{t-1}|) / max(sum(m_t), 1)`` over ``b, t >= 1`` and the pixels. Its optimum is a
+    student constant in time on those pixels, below the teacher's own jitter there (which the change term would
+    copy); moving pixels (``m = 0``) are left to the spatial and change terms. A clip in which every pixel moves
+    has loss 0.
+
+    Args:
+        student_prob, teacher_prob: ``(B, T, 1, H, W)`` in [0, 1], ``T >= 2``.
+        below: the change threshold, in (0, 1].
+    """
+    _check_clip("student_prob", student_prob)
+    _check_same("student_prob", student_prob, "teacher_prob", teacher_prob)
+    if student_prob.shape[1] < 2:
+        raise ValueError(f"steadiness_loss needs clips of T >= 2 frames, got {tuple(student_prob.shape)}")
+    p = teacher_prob.detach()
+    still = ((p[:, 1:] - p[:, :-1]).abs() < below).to(student_prob.dtype)
+    return ((student_prob[:, 1:] - student_prob[:, :-1]).abs() * still).sum() / still.sum().clamp(min=1.0)
+
+
 def frame_affinity(a: Tensor, b: Tensor, grid: int | tuple[int, int]) -> Tensor:
     """Cosine affinity between the cells of two frames' features.
 
@@ -260,18 +294,19 @@ def relation_loss(student_feat: Tensor, teacher_feat: Tensor, grid: int | tuple[
 def video_kd_loss(student_logits_list: Sequence[Tensor], teacher_prob: Tensor, cfg: VideoKDConfig,
                   student_feat: Tensor | None = None, teacher_feat: Tensor | None = None,
                   adapter: nn.Module | None = None, kd: KDLoss = KDLoss()) -> tuple[Tensor, dict[str, Tensor]]:
-    """``L = w_sp * spatial + w_ch * change + w_rel * relation + w_hint * hint`` for one batch of clips.
+    """``L = w_sp * spatial + w_ch * change + w_rel * relation + w_hint * hint + w_st * steady`` for a batch of clips.
 
     Terms with weight 0 are not computed. ``kd`` is the per-frame spatial loss (:func:`spatial_kd_loss`). The
     change term compares ``sigmoid`` of the finest student output with ``teacher_prob`` sharpened as ``kd`` says
-    (the map the spatial term teaches, so the two agree on what a frame's target is); the relation term uses
+    (the map the spatial term teaches, so the two agree on what a frame's target is), and so does the steadiness
+    term (:func:`steadiness_loss`, weight ``cfg.steady``); the relation term uses
     ``student_feat`` against ``teacher_feat`` or ``soft_label_embedding(teacher_prob)`` (per
     ``cfg.relation_target``); the hint needs ``student_feat``, ``teacher_feat`` and ``adapter``. Clips of a single
     frame (T = 1) have no temporal terms.
 
     Returns:
         ``(total, parts)`` with ``parts`` the unweighted, detached terms keyed ``spatial``, ``change``,
-        ``relation``, ``hint`` (only those computed).
+        ``relation``, ``hint``, ``steady`` (only those computed).
     """
     parts: dict[str, Tensor] = {}
     total = teacher_prob.new_zeros(())
@@ -284,9 +319,12 @@ def video_kd_loss(student_logits_list: Sequence[Tensor], teacher_prob: Tensor, c
 
     if cfg.spatial > 0:
         add("spatial", cfg.spatial, spatial_kd_loss(student_logits_list, teacher_prob, kd))
-    if cfg.change > 0 and temporal:
-        add("change", cfg.change, change_consistency_loss(torch.sigmoid(student_logits_list[0]),
-                                                          sharpen_target(teacher_prob, float(kd.sharpen))))
+    if (cfg.change > 0 or cfg.steady > 0) and temporal:
+        s_prob, t_prob = torch.sigmoid(student_logits_list[0]), sharpen_target(teacher_prob, float(kd.sharpen))
+        if cfg.change > 0:
+            add("change", cfg.change, change_consistency_loss(s_prob, t_prob))
+        if cfg.steady > 0:
+            add("steady", cfg.steady, steadiness_loss(s_prob, t_prob, float(cfg.steady_below)))
     if cfg.relation > 0 and temporal:
         if student_feat is None:
             raise ValueError("video_kd_loss: the relation term needs student_feat (forward(..., return_features=True))")

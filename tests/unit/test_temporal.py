@@ -10,7 +10,7 @@ from torch import nn
 
 from kd.losses import kd_dice_loss
 from kd.temporal import (HintAdapter, VideoKDConfig, change_consistency_loss, feature_hint_loss, frame_affinity,
-                         relation_loss, soft_label_embedding, spatial_kd_loss, video_kd_loss)
+                         relation_loss, soft_label_embedding, spatial_kd_loss, steadiness_loss, video_kd_loss)
 
 
 def _const_clip(values: list[float], hw: int = 4) -> torch.Tensor:
@@ -54,6 +54,33 @@ def test_change_consistency_errors():
         change_consistency_loss(torch.rand(1, 2, 1, 4, 4), torch.rand(1, 3, 1, 4, 4))
     with pytest.raises(ValueError, match=r"\(B, T, C, H, W\)"):
         change_consistency_loss(torch.rand(2, 1, 4, 4), torch.rand(2, 1, 4, 4))
+
+
+# --- steadiness ---------------------------------------------------------------------------------------
+
+def test_steadiness_closed_form_counts_only_pixels_the_teacher_did_not_move():
+    # 2x2 frames; the teacher's left column moves by 0.5 at t = 1, its right column by 0.01 (still, < 0.05).
+    p = torch.tensor([[[0.1, 0.8], [0.1, 0.8]], [[0.6, 0.81], [0.6, 0.81]]]).view(1, 2, 1, 2, 2)
+    s = torch.tensor([[[0.2, 0.5], [0.2, 0.5]], [[0.9, 0.7], [0.9, 0.3]]]).view(1, 2, 1, 2, 2)
+    # still pixels: the right column, student changes |0.2| and |-0.2| -> mean 0.2; the moving column is ignored
+    assert steadiness_loss(s, p, below=0.05).item() == pytest.approx(0.2)
+    # with a threshold above every teacher change, all four pixels count: (0.7 + 0.2 + 0.7 + 0.2) / 4
+    assert steadiness_loss(s, p, below=0.6).item() == pytest.approx(0.45)
+    # a student constant in time pays nothing, even where the teacher jitters below the threshold
+    assert steadiness_loss(s[:, :1].expand_as(s), p).item() == 0.0
+    # the change term asks the student to copy that jitter; steadiness does not
+    assert change_consistency_loss(s[:, :1].expand_as(s), p).item() > 0
+
+
+def test_steadiness_is_zero_when_everything_moves_and_sends_gradient_only_to_the_student():
+    s = torch.rand(1, 3, 1, 4, 4, requires_grad=True)
+    p = _const_clip([0.0, 0.5, 1.0])
+    assert steadiness_loss(s, p).item() == 0.0
+    p2 = torch.rand(1, 3, 1, 4, 4, requires_grad=True)
+    steadiness_loss(s, p2, below=1.0).backward()
+    assert s.grad.abs().sum() > 0 and p2.grad is None
+    with pytest.raises(ValueError, match="T >= 2"):
+        steadiness_loss(torch.rand(1, 1, 1, 4, 4), torch.rand(1, 1, 1, 4, 4))
 
 
 # --- affinity and relation ----------------------------------------------------------------------------
@@ -202,6 +229,13 @@ def test_video_kd_loss_is_the_weighted_sum_of_its_parts():
     _, parts_h = video_kd_loss(logits, p, VideoKDConfig(hint=1.0, relation_target="teacher_features"),
                                student_feat=feat, teacher_feat=torch.randn(1, 3, 8, 4, 4), adapter=adapter)
     assert set(parts_h) == {"spatial", "change", "relation", "hint"}
+    # The steadiness term joins with its weight and reads the same sharpened target as the change term.
+    total_s, parts_s = video_kd_loss(logits, p, VideoKDConfig(change=0.0, relation=0.0, steady=3.0,
+                                                               steady_below=0.2))
+    assert set(parts_s) == {"spatial", "steady"}
+    assert parts_s["steady"].item() == pytest.approx(
+        steadiness_loss(torch.sigmoid(logits[0]), p, 0.2).item(), rel=1e-6)
+    assert total_s.item() == pytest.approx((parts_s["spatial"] + 3.0 * parts_s["steady"]).item(), rel=1e-6)
 
 
 def test_config_rejects_bad_values_by_name():
@@ -209,7 +243,8 @@ def test_config_rejects_bad_values_by_name():
     assert VideoKDConfig(hint=0.1).needs_teacher_features
     for kwargs, key in [({"change": -1.0}, "change"), ({"relation_mode": "l2"}, "relation_mode"),
                         ({"relation_target": "x"}, "relation_target"), ({"relation_grid": 0}, "relation_grid"),
-                        ({"relation_tau": 0.0}, "relation_tau")]:
+                        ({"relation_tau": 0.0}, "relation_tau"), ({"steady": -0.1}, "steady"),
+                        ({"steady_below": 0.0}, "steady_below"), ({"steady_below": 1.5}, "steady_below")]:
         with pytest.raises(ValueError, match=key):
             VideoKDConfig(**kwargs)
 
