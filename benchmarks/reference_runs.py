@@ -198,7 +198,8 @@ for _b in ("fs", "kd-sharp"):
     CYCLES[_b + "-x1c24-c6"] = (_b + "-x1c24", CHAINS / f"{_b}-x1c24-c5.fp16.pt", 0.005, "sixth")
     # the seventh, from the sixth's ends (the x0.5 chain had no plain seventh cycle: it widened its decoder there)
     CYCLES[_b + "-x1c24-c7"] = (_b + "-x1c24", CHAINS / f"{_b}-x1c24-c6.fp16.pt", 0.005, "seventh")
-    CYCLES[_b + "-x1c24-c8"] = (_b + "-x1c24", CHAINS / f"{_b}-x1c24-c7.fp16.pt", 0.005, "eighth")
+    CYCLES[_b + "-x1c24-c8"] = (_b + "-x1c24", CHAINS / f"{_b}-x1c24-c7.fp16.pt", 0.005, "eighth")  # git d3f637b
+    CYCLES[_b + "-x1c24-c9"] = (_b + "-x1c24", CHAINS / f"{_b}-x1c24-c8.fp16.pt", 0.005, "ninth")
 
 
 def run_seed(name: str) -> int:
@@ -567,7 +568,7 @@ def evaluate_all(section: str, results: Path, threads: int, only: str | None = N
     # the x1.0 / c = 24 chains' later cycles: (pass, cycle, its CYCLES suffix, steps behind it FS / KD, the x0.5
     # chain's pass at the same point, None where it has none); each starts from the pass before's ends as committed
     nth = {24: "twenty-fourth", 25: "twenty-fifth", 26: "twenty-sixth", 27: "twenty-seventh", 28: "twenty-eighth",
-           29: "twenty-ninth", 30: "thirtieth",
+           29: "twenty-ninth", 30: "thirtieth", 31: "thirty-first",
            6: "sixth", 7: "seventh", 8: "eighth", 9: "ninth"}
     for n, cycle, suffix, behind, extra, control in [
             (25, "third", "c3", "FS 6,510 steps, KD 6,348", "", 6),
@@ -575,7 +576,8 @@ def evaluate_all(section: str, results: Path, threads: int, only: str | None = N
             (27, "fifth", "c5", "FS 14,880 steps, KD 14,812", "", 8),
             (28, "sixth", "c6", "FS 18,600 steps, KD 18,515", "", 9),
             (29, "seventh", "c7", "FS 22,320 steps, KD 22,218", "", None),
-            (30, "eighth", "c8", "FS 26,040 steps, KD 25,921", "", None)]:
+            (30, "eighth", "c8", "FS 26,040 steps, KD 25,921", "", None),
+            (31, "ninth", "c9", "FS 29,760 steps, KD 29,624", "", None)]:
         start[f"reference-runs-{n}"] = (
             f"the {nth[n - 1]} pass's files as committed (`benchmarks/chains/`; MobileNetV3 x1.0, c = 24; {behind}) "
             f"given a {cycle} cycle (lr {CYCLES[f'fs-x1c24-{suffix}'][2]} warm-up + cosine to {LR / 50:g}{extra})"
