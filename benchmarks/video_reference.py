@@ -60,6 +60,18 @@ def _reference_weights(key: str, reference: Path) -> str | None:
     return None
 
 
+def _numbers(flag: str, items: list[str]) -> dict[str, float]:
+    """``["a=1", "b=0.5"]`` -> ``{"a": 1.0, "b": 0.5}``; anything else stops the script naming ``flag``."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        try:
+            out[key] = float(value) if sep and key else float("x")
+        except ValueError:
+            raise SystemExit(f"{flag} {item!r}: expected KEY=NUMBER") from None
+    return out
+
+
 def reference_info(reference: Path) -> list[str]:
     """How the image reference run's teacher and KD student were trained (recorded when first used)."""
     ref = reference / "state.json"
@@ -71,10 +83,11 @@ def reference_info(reference: Path) -> list[str]:
 
 
 def distill(out: Path, name: str, teacher_labels: Path, init: str | None, loss: dict, log,
-            stills: dict | None = None, kd: list[str] | None = None, freeze: list[str] | None = None) -> dict:
+            stills: dict | None = None, kd: list[str] | None = None, freeze: list[str] | None = None,
+            lr_mult: dict[str, float] | None = None) -> dict:
     from cluster.training.video import load_video_config, run_video_distill
     cfg = load_video_config({
-        "model": {"name": "video_scfnet_m3", "init_weights": init, "freeze": freeze or []},
+        "model": {"name": "video_scfnet_m3", "init_weights": init, "freeze": freeze or [], "lr_mult": lr_mult or {}},
         "data": {"labels": str(teacher_labels), "images": str(DAVIS), "size": SIZE, "sequences": list(TRAIN_SEQS),
                  "stills": stills or {}},
         "loss": loss,
@@ -93,7 +106,7 @@ def distill(out: Path, name: str, teacher_labels: Path, init: str | None, loss: 
     return {"name": name, "weights": res.weights[0], "clips": res.clips, "frames": res.frames, "kd": cfg.kd.describe(),
             "loss": {k: v for k, v in dataclasses.asdict(cfg.loss).items() if k in ("change", "relation", "steady",
                                                                                     "steady_below")},
-            "freeze": list(cfg.model.freeze),
+            "freeze": list(cfg.model.freeze), "lr_mult": dict(cfg.model.lr_mult),
             "steps": res.steps_per_epoch * EPOCHS, "epochs": EPOCHS, "wall_s": wall, "history": res.history,
             "stills": stills, "lr": LR,
             "mlflow_run_id": res.mlflow_run_id}
@@ -161,6 +174,8 @@ def main() -> None:
     ap.add_argument("--loss", nargs="*", default=[], metavar="KEY=VALUE",
                     help="the spatiotemporal run's loss weights (kd/temporal.py VideoKDConfig), e.g. steady=1 "
                          "steady_below=0.05; the spatial-only ablation keeps every temporal term at 0")
+    ap.add_argument("--lr-mult", nargs="*", default=[], metavar="PART=M",
+                    help="model.lr_mult of both video runs, e.g. 'scfm*=0.1' heads=0.1: the decoder at a tenth of --lr")
     ap.add_argument("--lr", type=float, default=LR, help="peak learning rate of both video runs")
     ap.add_argument("--freeze", nargs="*", default=[], metavar="PART",
                     help="model.freeze of both video runs, e.g. backbone mapping context 'scfm*' heads: only the "
@@ -175,6 +190,8 @@ def main() -> None:
     log = logging.getLogger("video-reference")
     state_path = out / "state.json"
     state = json.loads(state_path.read_text()) if state_path.exists() else {}
+
+    lr_mult = _numbers("--lr-mult", args.lr_mult)
 
     def save():
         state_path.write_text(json.dumps(state, indent=1, default=float))
@@ -222,19 +239,14 @@ def main() -> None:
     state["image_student_weights"] = student
     save()
     if "video" not in state:
-        loss = {}
-        for item in args.loss:
-            key, sep, value = item.partition("=")
-            if not sep:
-                raise SystemExit(f"--loss {item!r}: expected KEY=VALUE")
-            loss[key] = float(value)
+        loss = _numbers("--loss", args.loss)
         state["video"] = distill(out, "kdvideo-video_scfnet_m3", labels, student, loss, log, stills, args.kd,
-                                 args.freeze)
+                                 args.freeze, lr_mult)
         save()
     if "spatial" not in state:
         state["spatial"] = distill(out, "kdvideo-spatial-only", labels, student,
                                    {"change": 0.0, "relation": 0.0, "steady": 0.0},
-                                   log, stills, args.kd, args.freeze)
+                                   log, stills, args.kd, args.freeze, lr_mult)
         save()
 
     if "eval" not in state:
@@ -301,8 +313,11 @@ def write_results(state: dict, results: Path, section: str = "video-reference") 
         f"{v.get('loss', {}).get('relation', 1.0):g}"
         + (f", steadiness {v['loss']['steady']:g} below a teacher change of {v['loss']['steady_below']:g}"
            if v.get("loss", {}).get("steady") else "")
-        + (f"; frozen: {', '.join(v['freeze'])} (only the new temporal and guidance parts learn)" if v.get("freeze")
-           else "") + ")"
+        + (f"; frozen: {', '.join(v['freeze'])}" + ("" if v.get("lr_mult") or "heads" not in v["freeze"] else
+                                                      " (only the new temporal and guidance parts learn)")
+           if v.get("freeze") else "")
+        + ("; learning rate per part: " + ", ".join(f"{k} {m:g}x" for k, m in v["lr_mult"].items())
+           if v.get("lr_mult") else "") + ")"
         + (f", each step with {v['stills']['per_step']} still clips beside them (rehearsal: 3 copies of one "
            f"image of `{os.path.relpath(v['stills']['images'], REPO)}` with its teacher label from "
            f"`{os.path.relpath(v['stills']['labels'], REPO)}`)"

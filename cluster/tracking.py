@@ -33,6 +33,7 @@ MAX_PARAM_CHARS = 6000  # MLflow's limit on one param value
 _SECRET_KEY = re.compile(r"(secret|password|passwd|token|credential|access[_-]?key|api[_-]?key|session[_-]?key)",
                          re.IGNORECASE)
 _URI_USERINFO = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://)[^/@\s]+@")
+_PARAM_KEY_BAD = re.compile(r"[^A-Za-z0-9_\-. /]")   # what MLflow refuses in a param name (e.g. `scfm*`)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,7 +58,8 @@ class TrackingConfig:
 
 
 def sanitize_params(params: Mapping[str, Any]) -> dict[str, str]:
-    """Flat params -> MLflow-safe strings: secrets dropped, URI credentials stripped, long values cut."""
+    """Flat params -> MLflow-safe strings: secrets dropped, URI credentials stripped, long values cut, and in
+    keys every character MLflow refuses (a pattern's ``*`` in ``model.lr_mult``) written as ``_``."""
     out: dict[str, str] = {}
     for key, value in params.items():
         if _SECRET_KEY.search(str(key)):
@@ -66,7 +68,7 @@ def sanitize_params(params: Mapping[str, Any]) -> dict[str, str]:
         text = _URI_USERINFO.sub(r"\1", text)
         if len(text) > MAX_PARAM_CHARS:
             text = text[: MAX_PARAM_CHARS - 3] + "..."
-        out[str(key)] = text
+        out[_PARAM_KEY_BAD.sub("_", str(key))] = text
     return out
 
 

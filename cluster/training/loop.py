@@ -24,7 +24,7 @@ import numpy as np
 
 from cluster.tracking import RankTracker
 from cluster.training.checkpoint import DS_DIR, persist_local_checkpoint, restore_checkpoint, save_checkpoint_dir
-from cluster.training.sections import DebugConfig, ScalingSection, freeze_parts
+from cluster.training.sections import DebugConfig, ScalingSection, freeze_parts, part_lr_groups
 from kd import schema as S
 
 log = logging.getLogger(__name__)
@@ -190,6 +190,11 @@ def train_loop(config: dict) -> dict:
         if not (cfg.model.init_weights or cfg.model.backbone_weights):
             log.warning("model.freeze without model.init_weights: the frozen parts keep their random initial weights")
     groups = with_lr_mult(model.param_groups(cfg.optim.lr, cfg.optim.backbone_lr_mult), cfg.optim.lr)
+    if cfg.model.lr_mult:
+        groups = part_lr_groups(model, groups, cfg.model.lr_mult, cfg.optim.lr)
+        if rank == 0:
+            log.info("model.lr_mult: %s", ", ".join(f"{g['name']} {len(g['params'])} tensors at {g['lr_mult']:g}x"
+                                                     for g in groups))
     groups += [{"name": name, "params": list(m.parameters()), "lr": cfg.optim.lr, "lr_mult": 1.0}
                for name, m in extras.items()]
     optimizer = torch.optim.SGD(groups, lr=cfg.optim.lr, momentum=cfg.optim.momentum,

@@ -24,7 +24,8 @@ from kd.step import KDLoss, MaskLoss
 
 __all__ = ["ModelConfig", "PairedSource", "UnlabeledSource", "OnlineTeacherConfig", "DataSection", "ValConfig",
            "OptimConfig", "ScalingSection", "RunSection", "OutputConfig", "DebugConfig", "TrainConfig",
-           "RunConfig", "load_train_config", "Mode", "frozen_names", "freeze_parts"]
+           "RunConfig", "load_train_config", "Mode", "frozen_names", "freeze_parts",
+           "part_lr_groups"]
 
 Mode = Literal["teacher", "supervised", "distill", "foundation"]
 
@@ -38,6 +39,10 @@ class ModelConfig:
     ``init_weights`` (a whole sodkd model) is applied after it. Both are checked on the driver before any
     worker starts. ``freeze``: parts that keep their starting weights (:func:`frozen_names`), e.g. every part a
     video student shares with the image student it starts from, so that only its new temporal parts learn.
+    ``lr_mult``: a learning rate per part, ``{pattern: m}`` (patterns as ``freeze``'s): the named parameters train
+    at ``m * optim.lr`` (instead of ``optim.lr``, or ``optim.backbone_lr_mult * optim.lr`` in the encoder), e.g. a
+    video student's decoder at ``{"scfm*": 0.1, "heads": 0.1}`` while its new parts learn at the full rate. The
+    first pattern that names a parameter sets its rate.
     """
 
     name: str = "scfnet_m3"
@@ -45,16 +50,46 @@ class ModelConfig:
     init_weights: str | None = None      # a models.save_weights file to start from (local or s3://)
     backbone_weights: str | None = None  # ImageNet encoder weights (torchvision / timm state dict; local or s3://)
     freeze: tuple[str, ...] = ()         # parameter-name patterns that do not train (frozen_names)
+    lr_mult: dict[str, float] = dataclasses.field(default_factory=dict)   # pattern -> multiple of optim.lr
 
     def __post_init__(self) -> None:
         from models import create_model, list_models
         if self.name not in list_models():
             raise ConfigError(f"model.name: unknown model {self.name!r}; registered: {', '.join(list_models())}")
-        if self.freeze:
-            frozen_names(create_model(self.name, **self.kwargs), self.freeze)
+        for pattern, mult in self.lr_mult.items():
+            if isinstance(mult, bool) or not isinstance(mult, (int, float)) or not math.isfinite(mult) or mult <= 0:
+                raise ConfigError(f"model.lr_mult.{pattern}: must be a finite number > 0, got {mult!r}")
+        if self.freeze or self.lr_mult:
+            model = create_model(self.name, **self.kwargs)
+            frozen_names(model, self.freeze)
+            for pattern in self.lr_mult:
+                frozen_names(model, [pattern], key=f"model.lr_mult.{pattern}")
 
 
-def frozen_names(model, patterns: tuple[str, ...] | list[str]) -> list[str]:
+def part_lr_groups(model, groups: list[dict], lr_mult: dict[str, float], lr: float) -> list[dict]:
+    """``model.lr_mult`` applied to optimizer ``groups``: each pattern's parameters leave their group for one of
+    their own (``name`` ``lr_mult:PATTERN``, ``lr = m * lr``, ``lr_mult = m``), the first pattern naming a
+    parameter winning; groups left empty drop out. Frozen parameters are in no group and stay out."""
+    params = dict(model.named_parameters())
+    owner: dict[int, str] = {}
+    for pattern in lr_mult:
+        for name in frozen_names(model, [pattern], key=f"model.lr_mult.{pattern}"):
+            owner.setdefault(id(params[name]), pattern)
+    moved: dict[str, list] = {pattern: [] for pattern in lr_mult}
+    out = []
+    for g in groups:
+        keep = [p for p in g["params"] if id(p) not in owner]
+        for p in g["params"]:
+            if id(p) in owner:
+                moved[owner[id(p)]].append(p)
+        if keep:
+            out.append({**g, "params": keep})
+    out += [{"name": f"lr_mult:{pattern}", "params": ps, "lr": lr * float(lr_mult[pattern]),
+             "lr_mult": float(lr_mult[pattern])} for pattern, ps in moved.items() if ps]
+    return out
+
+
+def frozen_names(model, patterns: tuple[str, ...] | list[str], key: str = "model.freeze") -> list[str]:
     """The names of ``model``'s parameters that ``model.freeze`` patterns name.
 
     A pattern names a part by its dotted path (``backbone``, ``scfm4``, ``heads.0``) and everything under it;
@@ -66,11 +101,11 @@ def frozen_names(model, patterns: tuple[str, ...] | list[str]) -> list[str]:
     hit: list[str] = []
     for pattern in patterns:
         if not isinstance(pattern, str) or not pattern:
-            raise ConfigError(f"model.freeze: entries must be non-empty strings, got {pattern!r}")
+            raise ConfigError(f"{key}: entries must be non-empty strings, got {pattern!r}")
         found = [n for n in names if fnmatchcase(n, pattern) or fnmatchcase(n, pattern + ".*")]
         if not found:
             parts = sorted({n.split(".", 1)[0] for n in names})
-            raise ConfigError(f"model.freeze: {pattern!r} names no parameter of {type(model).__name__}; its parts: "
+            raise ConfigError(f"{key}: {pattern!r} names no parameter of {type(model).__name__}; its parts: "
                               f"{', '.join(parts)}")
         hit += [n for n in found if n not in hit]
     return hit

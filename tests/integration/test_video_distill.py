@@ -196,6 +196,29 @@ def test_frozen_parts_keep_the_image_students_weights_and_statistics(labelled, d
         load_video_config({"data": {"labels": "/l", "images": "/i"}, "model": {"freeze": ["temporl"]}})
 
 
+def test_a_part_with_its_own_learning_rate_moves_that_much(labelled, davis, tmp_path):
+    """``model.lr_mult``: the decoder trains (unlike ``freeze``) but at a millionth of the rate of the new parts;
+    the pattern reaches MLflow as a param although MLflow refuses ``*`` in a name."""
+    image = create_model("scfnet_m3")
+    save_weights(image, tmp_path / "image.pt")
+    db = tmp_path / "mlflow.db"
+    out = run_video_distill(load_video_config({
+        "data": {"labels": str(labelled), "images": str(davis), "size": SIZE},
+        "model": {"init_weights": str(tmp_path / "image.pt"), "freeze": ["backbone", "mapping", "context"],
+                  "lr_mult": {"scfm*": 1e-6, "heads": 1e-6}},
+        "optim": {"epochs": 1, "batch_size": 2, "lr": 0.05, "warmup_epochs": 0.5, "weight_decay": 0.0},
+        "run": {"name": "kdvideo-lr-mult", "storage": str(tmp_path / "runs")},
+        "mlflow": {"uri": f"sqlite:///{db}", "experiment": "lr-mult"}, "output": {"fp16": False},
+        "scaling": {"num_workers": 0, "torch_threads": 1}}))
+    video = load_weights(out.weights[0]).state_dict()
+    slow = [n for n in image.state_dict() if n.startswith(("scfm", "heads")) and n.endswith("weight")]
+    moved = max(float((video[n] - image.state_dict()[n]).abs().max()) for n in slow)
+    assert 0 < moved < 1e-5, moved                   # trained, not frozen, and at the slow rate
+    assert float(video["temporal.gamma"].abs().max()) > 1e-4     # the new parts at the full rate
+    params = mlflow.MlflowClient(tracking_uri=f"sqlite:///{db}").get_run(out.mlflow_run_id).data.params
+    assert params["model.lr_mult.scfm_"] == "1e-06" and params["model.lr_mult.heads"] == "1e-06"
+
+
 def test_frames_of_video_files_are_read_by_frame_key(tmp_path, davis):
     frames = [np.asarray(Image.open(p).convert("RGB")) for p in sorted((davis / "blackswan" / "images").glob("*.jpg"))]
     (tmp_path / "clips").mkdir()

@@ -398,6 +398,9 @@ def test_tracking_params_never_carry_credentials():
     assert clean == {"s3.endpoint_url": "http://minio:9000", "pool.size": "2", "input": "s3://bucket/x"}
     assert "hunter2" not in str(clean)
     assert len(tracking.sanitize_params({"k": "x" * 10_000})["k"]) == tracking.MAX_PARAM_CHARS
+    # keys MLflow would refuse (model.lr_mult patterns) are made safe, values kept
+    assert tracking.sanitize_params({"model.lr_mult.scfm*": 0.1, "a-b/c d.e_f": 1}) == {
+        "model.lr_mult.scfm_": "0.1", "a-b/c d.e_f": "1"}
 
 
 # --- transient is not final (issue 13) ---------------------------------------------------------------------

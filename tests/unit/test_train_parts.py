@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from cluster.training.launch import steps_per_epoch
-from cluster.training.sections import TrainConfig, load_train_config
+from cluster.training.sections import ModelConfig, TrainConfig, freeze_parts, load_train_config, part_lr_groups
 from jobs import cli
 from kd.config import ConfigError
 from kd.losses import kd_dice_loss, teacher_loss
@@ -68,6 +68,34 @@ def test_param_groups_split_backbone_and_follow_the_schedule():
     for p in model.backbone.parameters():
         p.requires_grad_(False)
     assert [g["name"] for g in model.param_groups(PEAK)] == ["head"]     # a frozen backbone drops out
+
+
+def test_model_lr_mult_gives_named_parts_their_own_rate():
+    model = create_model("scfnet_m3")
+    freeze_parts(model, ["mapping"])
+    groups = with_lr_mult(model.param_groups(PEAK, 0.1), PEAK)
+    lr_mult = {"heads": 0.01, "scfm*": 0.2, "scfm2": 0.5, "backbone.stem": 2.0}
+    out = part_lr_groups(model, groups, lr_mult, PEAK)
+    by_name = {g["name"]: g for g in out}
+    assert list(by_name) == ["backbone", "head", "lr_mult:heads", "lr_mult:scfm*", "lr_mult:backbone.stem"]
+    ids = [id(p) for g in out for p in g["params"]]
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert len(ids) == len(set(ids)) == len(trainable)          # each trainable parameter once; frozen ones nowhere
+    assert {id(p) for p in by_name["lr_mult:heads"]["params"]} == {id(p) for p in model.heads.parameters()}
+    scfm = {id(p) for n, p in model.named_parameters() if n.startswith("scfm")}
+    assert {id(p) for p in by_name["lr_mult:scfm*"]["params"]} == scfm          # the first pattern wins scfm2
+    assert {id(p) for p in by_name["lr_mult:backbone.stem"]["params"]} == {
+        id(p) for p in model.backbone.stem.parameters()}                  # out of the backbone group
+    assert not {id(p) for p in model.backbone.stem.parameters()} & {id(p) for p in by_name["backbone"]["params"]}
+    opt = torch.optim.SGD(out, lr=PEAK, momentum=0.9)
+    set_lr(opt, 0.01)
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([0.001, 0.01, 0.0001, 0.002, 0.02])
+    # validated when the config is read, with the dotted path
+    with pytest.raises(ConfigError, match=r"model\.lr_mult\.haeds: 'haeds' names no parameter .*heads"):
+        ModelConfig(lr_mult={"haeds": 0.1})
+    for bad in (0, -1.0, float("nan"), "0.1", True):
+        with pytest.raises(ConfigError, match=r"model\.lr_mult\.heads: must be a finite number > 0"):
+            ModelConfig(lr_mult={"heads": bad})
 
 
 def _logits(b=4, s=16, seed=0):
