@@ -90,7 +90,8 @@ def part_lr_groups(model, groups: list[dict], lr_mult: dict[str, float], lr: flo
 
 
 def frozen_names(model, patterns: tuple[str, ...] | list[str], key: str = "model.freeze") -> list[str]:
-    """The names of ``model``'s parameters that ``model.freeze`` patterns name.
+    """The names of ``model``'s parameters that ``model.freeze`` (or ``model.lr_mult``) patterns name; ``key`` is
+    the dotted path an error names.
 
     A pattern names a part by its dotted path (``backbone``, ``scfm4``, ``heads.0``) and everything under it;
     ``fnmatch`` wildcards are allowed (``scfm*``). A pattern that names no parameter is a config error that lists
