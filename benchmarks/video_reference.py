@@ -61,7 +61,8 @@ def _reference_weights(key: str, reference: Path) -> str | None:
 
 
 def _numbers(flag: str, items: list[str]) -> dict[str, float]:
-    """``["a=1", "b=0.5"]`` -> ``{"a": 1.0, "b": 0.5}``; anything else stops the script naming ``flag``."""
+    """``["a=1", "b=0.5"]`` -> ``{"a": 1.0, "b": 0.5}``; anything else stops the script naming ``flag``. (A dict
+    keyed by part patterns, which the config's dotted overrides cannot name.)"""
     out = {}
     for item in items:
         key, sep, value = item.partition("=")
@@ -84,7 +85,7 @@ def reference_info(reference: Path) -> list[str]:
 
 def distill(out: Path, name: str, teacher_labels: Path, init: str | None, loss: dict, log,
             stills: dict | None = None, kd: list[str] | None = None, freeze: list[str] | None = None,
-            lr_mult: dict[str, float] | None = None) -> dict:
+            lr_mult: dict[str, float] | None = None, loss_overrides: list[str] | None = None) -> dict:
     from cluster.training.video import load_video_config, run_video_distill
     cfg = load_video_config({
         "model": {"name": "video_scfnet_m3", "init_weights": init, "freeze": freeze or [], "lr_mult": lr_mult or {}},
@@ -97,7 +98,7 @@ def distill(out: Path, name: str, teacher_labels: Path, init: str | None, loss: 
         "run": {"name": name, "storage": str(out / "runs")},
         "mlflow": {"uri": f"sqlite:///{out / 'mlflow.db'}", "experiment": "sodkd-video-reference", "log_every": 10},
         "output": {"dir": str(out / "weights"), "fp16": False},
-    }, [f"kd.{item}" for item in kd or []])
+    }, [f"kd.{item}" for item in kd or []] + [f"loss.{item}" for item in loss_overrides or []])
     t0 = time.perf_counter()
     res = run_video_distill(cfg)
     wall = time.perf_counter() - t0
@@ -239,9 +240,8 @@ def main() -> None:
     state["image_student_weights"] = student
     save()
     if "video" not in state:
-        loss = _numbers("--loss", args.loss)
-        state["video"] = distill(out, "kdvideo-video_scfnet_m3", labels, student, loss, log, stills, args.kd,
-                                 args.freeze, lr_mult)
+        state["video"] = distill(out, "kdvideo-video_scfnet_m3", labels, student, {}, log, stills, args.kd,
+                                 args.freeze, lr_mult, args.loss)
         save()
     if "spatial" not in state:
         state["spatial"] = distill(out, "kdvideo-spatial-only", labels, student,
