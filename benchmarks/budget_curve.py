@@ -44,7 +44,7 @@ CHAIN = [
 ]
 # the second chain (twenty-third pass on): the budget in the encoder, MobileNetV3 x1.0 with c = 24, from random weights
 CHAIN_X1 = [(f"reference-runs-{23 + i}", f"fs-x1c24{s}", f"kd-sharp-x1c24{s}", 24)
-            for i, s in enumerate(["", "-c2", "-c3", "-c4", "-c5", "-c6", "-c7", "-c8", "-c9"])]
+            for i, s in enumerate(["", "-c2", "-c3", "-c4", "-c5", "-c6", "-c7", "-c8"])]
 CHAINS = {"MobileNetV3 x0.5": CHAIN, "MobileNetV3 x1.0": CHAIN_X1}   # label -> passes, in order
 AIM, PAPER = 0.85, 0.90          # the KD/FS aim; KD-SCFNet's own ratio
 TEACHER = ("CSNet-L-x2 + flip TTA", 0.067)

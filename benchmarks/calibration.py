@@ -97,6 +97,10 @@ for _sfx, _n, _steps, _pass in [("c4", "four", ("14,880", "14,812"), "twenty-six
 for _b, _tag, _st in (("fs", "FS", "26,040"), ("kd-sharp", "KD", "25,921")):   # the seventh cycle at peak lr 0.02
     ENTRIES[f"{_b}-x1c24-c7hi"] = (f"{_tag} MobileNetV3 x1.0, c = 24, six cycles + a seventh at peak lr 0.02, {_st} "
                                    "steps (thirty-first pass)", RW / f"{_b}-x1c24-c7hi.fp16.pt")
+for _sfx, _w, _pass in (("c7co", "0.2", "thirty-second"), ("c7co33", "0.33", "thirty-third")):   # second-round teacher
+    ENTRIES[f"kd-sharp-x1c24-{_sfx}"] = (f"KD MobileNetV3 x1.0, c = 24, six cycles + a seventh on the teacher's labels "
+                                         f"blended with the sixth end's maps (w = {_w}), 25,921 steps ({_pass} pass)",
+                                         RW / f"kd-sharp-x1c24-{_sfx}.fp16.pt")
 for _sfx, _what in (("soup2", "fifth and sixth"), ("soup3", "fourth to sixth"), ("c7soup2", "sixth and seventh"),
                     ("c7soup3", "fifth to seventh"), ("c8soup2", "seventh and eighth"), ("c8soup3", "sixth to eighth")):
     for _b, _tag in (("fs", "FS"), ("kd-sharp", "KD")):
@@ -114,7 +118,8 @@ PAIRS = [("kd-sharp-slim-s1", "fs-slim-s1"), ("kd-sharp-slim-s2", "fs-slim-s2"),
          ("kd-sharp-w48-c5", "fs-w48-c5"), ("kd-sharp-w48-soup5", "fs-w48-soup5"),
          ("kd-sharp-w48-c6", "fs-w48-c6"), ("kd-sharp-w48-soup6", "fs-w48-soup6"),
          *[(f"kd-sharp-x1c24-{s}", f"fs-x1c24-{s}") for s in ("c4", "c5", "c6", "soup2", "soup3", "c7", "c7soup2",
-                                                                      "c7soup3", "c8", "c8soup2", "c8soup3", "c7hi")]]
+                                                                      "c7soup3", "c8", "c8soup2", "c8soup3", "c7hi")],
+         ("kd-sharp-x1c24-c7co", "fs-x1c24-c7"), ("kd-sharp-x1c24-c7co33", "fs-x1c24-c7")]
 
 
 def runner(label: str, threads: int):
