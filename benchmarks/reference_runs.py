@@ -202,9 +202,9 @@ for _b in ("fs", "kd-sharp"):
     CYCLES[_b + "-x1c24-c9"] = (_b + "-x1c24", CHAINS / f"{_b}-x1c24-c8.fp16.pt", 0.005, "ninth")
 # (thirty-first pass, fifteenth session) the sixth ends again given a seventh cycle at four times the peak rate
 # (0.02, the second cycle's): the KD student fits its teacher no better on the images it learnt from than on unseen
-# ones (`kd-gap`; at the sixth end .042 against .045 of MAE to the sharpened teacher), so it is short of fit, not
-# of data -- does a higher rate let it fit further where 0.005 levelled off? FS gets the same cycle, so the pair
-# stays at equal budget. The start files are the sixth ends (benchmarks/chains/ at git b40ce6f, the same sha256)
+# ones (`kd-gap-x1c24`: MAE to the teacher's labels .053 on pool images, .051 on the hold-out), so it is short of
+# fit, not of data -- does a higher rate let it fit further where 0.005 levelled off? FS gets the same cycle, so
+# the pair stays at equal budget. The start files are the sixth ends (benchmarks/chains/ at git b40ce6f, the same sha256)
 for _b in ("fs", "kd-sharp"):
     CYCLES[_b + "-x1c24-c7hi"] = (_b + "-x1c24", OUT / "weights" / f"{_b}-x1c24-c6.fp16.pt", 0.02,
                                   "seventh")
@@ -212,7 +212,7 @@ for _b in ("fs", "kd-sharp"):
 # labels differ from `kd-sharp-x1c24-c7`), learning from the teacher's labels blended with the sixth KD end's own
 # maps (`benchmarks/co_teacher.py`: w = 0.2 in logit space, chosen on the DAVIS frames; no mask anywhere). The
 # teacher is the KD student's ceiling (it levels off .006 above it): a better label set is the lever left
-# (thirty-third pass) the same with w = 0.33 (the DAVIS probe's figures at 0.1-0.33 are within .001 of each other);
+# (thirty-third pass) the same with w = 0.33 (the DAVIS probe's label MAE at w = 0.1-0.33 lies within .001);
 # the two are chosen between on the hold-out, not on ECSSD
 CO_LABELS = {"kd-sharp-x1c24-c7co": OUT / "labels-blend-c6-w0.2",
              "kd-sharp-x1c24-c7co33": OUT / "labels-blend-c6-w0.33"}
