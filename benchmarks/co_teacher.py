@@ -83,7 +83,7 @@ def probe(args) -> None:
                 ev.step(np.clip(m * 255 + 0.5, 0, 255).astype(np.uint8), gt)
             r = ev.results()
             return f"{r['mae']:.4f} | {r['sm']:.4f} | {r['fm_max']:.4f}"
-        print(f"\n| {name}: labels | scale 1: MAE | S | max F | scale 2: MAE | S | max F |\n|---|---|---|---|---|---|---|")
+        print(f"\n| {name}: labels | scale 1: MAE | S | max F | scale 2: MAE | S | max F |\n" + "|---" * 7 + "|")
         print(f"| teacher | {score(tm)} | {score([blend(t, t, 0, 2) for t in tm])} |")
         print(f"| student alone | {score(sm)} | {score([blend(s, s, 0, 2) for s in sm])} |")
         for w in args.weights:

@@ -204,7 +204,7 @@ for _b in ("fs", "kd-sharp"):
 # (0.02, the second cycle's): the KD student fits its teacher no better on the images it learnt from than on unseen
 # ones (`kd-gap-x1c24`: MAE to the teacher's labels .053 on pool images, .051 on the hold-out), so it is short of
 # fit, not of data -- does a higher rate let it fit further where 0.005 levelled off? FS gets the same cycle, so
-# the pair stays at equal budget. The start files are the sixth ends (benchmarks/chains/ at git b40ce6f, the same sha256)
+# the pair stays at equal budget. The start files are the sixth ends (benchmarks/chains/ at git b40ce6f, same sha256)
 for _b in ("fs", "kd-sharp"):
     CYCLES[_b + "-x1c24-c7hi"] = (_b + "-x1c24", OUT / "weights" / f"{_b}-x1c24-c6.fp16.pt", 0.02,
                                   "seventh")
