@@ -17,7 +17,8 @@ compared with the teacher at the sharpness the students actually learn. ECSSD is
 
 ``build`` writes a new label set beside the teacher's (``reference_runs.LABELS``): every row kept, its map
 replaced by the blend (the student run on the pool image square-resized to the label size, as the teacher was),
-``teacher`` naming both. Then ``reference_runs.py train`` of a run whose labels are that folder (``reference_runs.CO_LABELS``).
+``teacher`` naming both. Then ``reference_runs.py train`` of a run whose labels are that folder
+(``reference_runs.CO_LABELS``).
 """
 
 from __future__ import annotations
