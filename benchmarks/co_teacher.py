@@ -24,7 +24,6 @@ replaced by the blend (the student run on the pool image square-resized to the l
 from __future__ import annotations
 
 import argparse
-import io
 import os
 import sys
 import time
@@ -96,7 +95,6 @@ def build(args) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
     import torch
-    from PIL import Image
 
     from cluster import labels as L
     from kd.imageio import decode_image, encode_png, resize
@@ -117,8 +115,7 @@ def build(args) -> None:
         s = np.concatenate([net.predict_tensor(ims[i:i + 32]).float().numpy() for i in range(0, len(ims), 32)])
         pngs, fg = [], []
         for r, sm in zip(rows, s):
-            with Image.open(io.BytesIO(r["label_png"])) as im:
-                t = np.asarray(im, np.float32) / 255
+            t = L.decode_label(r)
             if t.shape != sm.shape:
                 raise SystemExit(f"{shard.name}: label {r['id']} is {t.shape}, the student's map {sm.shape}")
             b = blend(t, sm, args.weight)
