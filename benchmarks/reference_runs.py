@@ -219,6 +219,16 @@ CO_LABELS = {"kd-sharp-x1c24-c7co": OUT / "labels-blend-c6-w0.2",
 for _k, _w in (("kd-sharp-x1c24-c7co", "0.2"), ("kd-sharp-x1c24-c7co33", "0.33")):
     CYCLES[_k] = ("kd-sharp-x1c24", OUT / "weights" / "kd-sharp-x1c24-c6.fp16.pt", 0.005,
                   f"seventh (labels: the teacher's blended with the sixth end's maps, w = {_w})")
+# (thirty-fourth pass, sixteenth session) the second-round teacher one cycle earlier: the sixth cycle again from the
+# fifth ends (lr 0.005, seed 0: only the labels differ from `kd-sharp-x1c24-c6`), the labels blended with the fifth
+# KD end's maps (`co_teacher.py probe` with that student chose w = 0.2 on DAVIS again; w = 0.1 is the next best and
+# the hold-out MAE's choice on duts-val at scale 1). The sixth cycle is where KD / FS was lowest as trained (0.866)
+# and calibrated (0.8501); its FS end (.0872) is the equal-budget baseline. The hold-out chooses between w = 0.2 and
+# 0.1, not ECSSD
+for _k, _w in (("kd-sharp-x1c24-c6co", "0.2"), ("kd-sharp-x1c24-c6co10", "0.1")):
+    CO_LABELS[_k] = OUT / f"labels-blend-c5-w{_w}"
+    CYCLES[_k] = ("kd-sharp-x1c24", OUT / "weights" / "kd-sharp-x1c24-c5.fp16.pt", 0.005,
+                  f"sixth (labels: the teacher's blended with the fifth end's maps, w = {_w})")
 
 
 def run_seed(name: str) -> int:
