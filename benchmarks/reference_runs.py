@@ -229,6 +229,13 @@ for _k, _w in (("kd-sharp-x1c24-c6co", "0.2"), ("kd-sharp-x1c24-c6co10", "0.1"))
     CO_LABELS[_k] = OUT / f"labels-blend-c5-w{_w}"
     CYCLES[_k] = ("kd-sharp-x1c24", OUT / "weights" / "kd-sharp-x1c24-c5.fp16.pt", 0.005,
                   f"sixth (labels: the teacher's blended with the fifth end's maps, w = {_w})")
+# a second seed of the sixth-cycle pair (data order, augmentation draws; the same start files, which are
+# benchmarks/chains/ at git 9e7e8fc, same sha256): is one pair's ratio more than seed noise?
+CYCLES["fs-x1c24-c6-s1"] = ("fs-x1c24", OUT / "weights" / "fs-x1c24-c5.fp16.pt", 0.005, "sixth")
+CYCLES["kd-sharp-x1c24-c6co-s1"] = CYCLES["kd-sharp-x1c24-c6co"]
+CO_LABELS["kd-sharp-x1c24-c6co-s1"] = CO_LABELS["kd-sharp-x1c24-c6co"]
+for _k in ("fs-x1c24-c6-s1", "kd-sharp-x1c24-c6co-s1"):
+    SEEDS[_k] = (_k[:-3], 1)
 
 
 def run_seed(name: str) -> int:
@@ -597,7 +604,7 @@ def evaluate_all(section: str, results: Path, threads: int, only: str | None = N
     # the x1.0 / c = 24 chains' later cycles: (pass, cycle, its CYCLES suffix, steps behind it FS / KD, the x0.5
     # chain's pass at the same point, None where it has none); each starts from the pass before's ends as committed
     nth = {24: "twenty-fourth", 25: "twenty-fifth", 26: "twenty-sixth", 27: "twenty-seventh", 28: "twenty-eighth",
-           29: "twenty-ninth", 30: "thirtieth", 34: "thirty-fourth",
+           29: "twenty-ninth", 30: "thirtieth", 35: "thirty-fifth",
            6: "sixth", 7: "seventh", 8: "eighth", 9: "ninth"}
     for n, cycle, suffix, behind, extra, control in [
             (25, "third", "c3", "FS 6,510 steps, KD 6,348", "", 6),
@@ -606,8 +613,8 @@ def evaluate_all(section: str, results: Path, threads: int, only: str | None = N
             (28, "sixth", "c6", "FS 18,600 steps, KD 18,515", "", 9),
             (29, "seventh", "c7", "FS 22,320 steps, KD 22,218", "", None),
             (30, "eighth", "c8", "FS 26,040 steps, KD 25,921", "", None),
-            (34, "ninth", "c9", "FS 29,760 steps, KD 29,624", "", None)]:   # 31-33 went to other seventh cycles
-        prev = 30 if n == 34 else n - 1
+            (35, "ninth", "c9", "FS 29,760 steps, KD 29,624", "", None)]:   # 31-34 went to other sixth / seventh cycles
+        prev = 30 if n == 35 else n - 1
         start[f"reference-runs-{n}"] = (
             f"the {nth[prev]} pass's files as committed (`benchmarks/chains/`; MobileNetV3 x1.0, c = 24; {behind}) "
             f"given a {cycle} cycle (lr {CYCLES[f'fs-x1c24-{suffix}'][2]} warm-up + cosine to {LR / 50:g}{extra})"
@@ -623,6 +630,12 @@ def evaluate_all(section: str, results: Path, threads: int, only: str | None = N
         start[f"reference-runs-{n}"] = ("the sixth ends (MobileNetV3 x1.0, c = 24; FS 22,320 steps, KD 22,218) given a "
                                         "seventh cycle (the twenty-ninth pass: the same cycle at lr 0.005 on the "
                                         "teacher's own labels)")
+    title["reference-runs-34"] = ("thirty-fourth pass (the second-round teacher one cycle earlier: the KD chain's sixth "
+                                  "cycle again, learning from the teacher's labels blended with the fifth KD end's "
+                                  "maps, w = 0.2 and 0.1)")
+    start["reference-runs-34"] = ("the fifth ends (MobileNetV3 x1.0, c = 24; FS 18,600 steps, KD 18,515) given a sixth "
+                                  "cycle (the twenty-eighth pass: the same cycle at lr 0.005 on the teacher's own "
+                                  "labels)")
     title["reference-runs-17"] = ("seventeenth pass (seed 2's KD run on the pool's DUTS-TR images alone, its targets "
                                   "sharpened harder, s = 0.25, and not at all, s = 1: where should the sharpening live?)")
     from models import count_params, load_weights

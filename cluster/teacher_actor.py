@@ -21,7 +21,7 @@ when an actor starts.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -35,7 +35,7 @@ class TeacherActor:
 
     def __init__(self, teachers: Sequence[str], *, s3: S3Config | None = None, tta: str = "none",
                  teacher_size: int | None = None, device: str = "auto", precision: str = "auto", threads: int = 1,
-                 backend: str = "auto"):
+                 backend: str = "auto", ensemble: Any = None):
         import torch
 
         from cluster.predictor import runtime_teacher
@@ -44,7 +44,8 @@ class TeacherActor:
             torch.set_num_threads(int(threads))
         self.teacher = build_teacher(list(teachers), tta=tta, s3=s3, device=device, precision=precision,
                                      input_size=teacher_size, threads=threads or None,
-                                     convert=lambda t: runtime_teacher(t, backend, threads or None))
+                                     convert=lambda t: runtime_teacher(t, backend, threads or None),
+                                     ensemble=ensemble)
         self.tta = tta
 
     def maps(self, images: np.ndarray, size: int, views: bool = False):

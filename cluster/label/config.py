@@ -13,6 +13,7 @@ from typing import Any, Literal
 from cluster.foundation import FoundationConfig
 from cluster.raypool import PoolConfig, finite_resources
 from cluster.storage import RetryConfig, S3Config
+from cluster.teachers.spec import EnsembleConfig
 from cluster.tracking import TrackingConfig
 from kd.config import ConfigError, load_config
 
@@ -88,7 +89,11 @@ class LabelConfig:
     Attributes:
         input: local folder or ``s3://bucket/prefix`` of images or video frame folders.
         output: where ``labels/`` and ``rejects/`` go (local or ``s3://``); may be inside the input bucket.
-        teachers: teacher specs (see :mod:`cluster.teachers`); several make an ensemble (mean probability).
+        teachers: teacher specs (see :mod:`cluster.teachers`); several make an ensemble (mean probability, or as
+            ``ensemble`` says).
+        ensemble: how several teachers are combined (:class:`cluster.teachers.EnsembleConfig`: ``combine`` mean or
+            logit, ``weights`` one per spec); a second-round teacher is ``teachers: [TEACHER, STUDENT]`` with
+            ``ensemble: {combine: logit, weights: [0.8, 0.2]}``.
         layout: ``images`` (any tree of images), ``video`` (``ROOT/<seq>/images/*.jpg``,
             ``ROOT/<seq>/*.jpg`` or video files ``ROOT/<name>.mp4``: rows carry sequence and frame) or
             ``auto`` (video when every file sits
@@ -118,6 +123,7 @@ class LabelConfig:
     label_size: int | None = None
     teacher_size: int | None = None
     tta: Literal["none", "hflip"] = "none"
+    ensemble: EnsembleConfig = dataclasses.field(default_factory=EnsembleConfig)
     pool: PoolConfig = dataclasses.field(default_factory=PoolConfig)
     decode: DecodeConfig = dataclasses.field(default_factory=DecodeConfig)
     write: WriteConfig = dataclasses.field(default_factory=WriteConfig)
@@ -146,6 +152,7 @@ class LabelConfig:
                 object.__setattr__(self, "foundation", FoundationConfig())
         elif self.foundation is not None:
             raise ConfigError("foundation: only used with teachers: [foundation]")
+        self.ensemble.check_members(len(self.teachers))
         for name in ("label_size", "teacher_size", "limit"):
             v = getattr(self, name)
             if v is not None and v < 1:

@@ -91,7 +91,7 @@ def _teacher_info(cfg: LabelConfig) -> tuple[str, str, int]:
         return teacher_id(cfg.foundation), "", cfg.foundation.image_size
     from cluster.teachers import build_teacher
     t = build_teacher(list(cfg.teachers), tta=cfg.tta, s3=cfg.s3, device="cpu", precision="fp32",
-                      input_size=cfg.teacher_size)
+                      input_size=cfg.teacher_size, ensemble=cfg.ensemble)
     return t.id, t.weights_hash, t.input_size
 
 
@@ -124,7 +124,7 @@ def build_dataset(cfg: LabelConfig, blocks: TodoBlocks, teacher_size: int):
         fn_constructor_kwargs={"teachers": list(cfg.teachers), "s3": cfg.s3, "tta": cfg.tta,
                                "label_size": cfg.label_size, "teacher_size": cfg.teacher_size,
                                "device": device, "precision": pool.precision, "threads": pool.threads(),
-                               "backend": pool.backend,
+                               "backend": pool.backend, "ensemble": cfg.ensemble,
                                "decode": decode_kwargs if in_actor else None})
     return ds.map_batches(write_label_shards, batch_size=cfg.write.shard_rows, num_cpus=cfg.write.num_cpus,
                           fn_kwargs={"output_uri": cfg.output, "s3": cfg.s3, "retry": cfg.retry})

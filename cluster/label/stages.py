@@ -146,9 +146,9 @@ class TeacherLabeler(TeacherActor):
     def __init__(self, teachers: Sequence[str], *, s3: S3Config | None = None, tta: str = "none",
                  label_size: int | None = None, teacher_size: int | None = None, device: str = "auto",
                  precision: str = "auto", threads: int = 1, decode: Mapping[str, Any] | None = None,
-                 backend: str = "auto"):
+                 backend: str = "auto", ensemble: Any = None):
         super().__init__(teachers, s3=s3, tta=tta, teacher_size=teacher_size, device=device, precision=precision,
-                         threads=threads, backend=backend)
+                         threads=threads, backend=backend, ensemble=ensemble)
         self.label_size = int(label_size or self.teacher.input_size)
         self.decode = dict(decode) if decode else None
 

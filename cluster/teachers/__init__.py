@@ -25,9 +25,10 @@ the sigmoid of the finest side output -- the same quantity ``SODModel.predict`` 
 of one set of weights give the same labels (tested).
 
 :class:`Teacher` is the common interface: ``predict(uint8 N x S x S x 3) -> float32 N x S x S`` probabilities.
-:class:`Ensemble` averages the probabilities of several teachers and :class:`HFlipTTA` averages a teacher
-with its prediction on the mirrored image (flipped back) -- both beyond the paper, both cheap gains in label
-quality. On CUDA the torch forms run in half precision unless ``precision="fp32"``.
+:class:`Ensemble` averages the probabilities of several teachers (or, as its
+:class:`EnsembleConfig` says, weights them or averages them in logit space: a second-round teacher) and
+:class:`HFlipTTA` averages a teacher with its prediction on the mirrored image (flipped back) -- both beyond the
+paper, both cheap gains in label quality. On CUDA the torch forms run in half precision unless ``precision="fp32"``.
 
 The maps such a mean is taken over are the teacher's *views*: ``views(x)`` returns them (a list of (N, H, W)
 maps whose mean is ``probs(x)``; one view for a single network, the members' views concatenated for an
@@ -45,14 +46,16 @@ The modules: :mod:`~cluster.teachers.spec` (what a spec names; the metadata an e
 
 from cluster.teachers.loading import build_teacher, load_teacher
 from cluster.teachers.spec import (CARD_QUERY, EXPORT_FORMAT, EXPORT_FORMAT_VERSION, EXPORT_SUFFIXES, METADATA_KEY,
-                                   ONNX_SUFFIXES, REGISTRY_PREFIX, TORCHSCRIPT_SUFFIXES, TeacherSpec, TeacherSpecError,
-                                   is_registry_spec, parse_teacher_spec, resolve_registry_spec, weights_hash)
+                                   ONNX_SUFFIXES, REGISTRY_PREFIX, TORCHSCRIPT_SUFFIXES, EnsembleConfig, TeacherSpec,
+                                   TeacherSpecError, is_registry_spec, parse_teacher_spec, resolve_registry_spec,
+                                   weights_hash)
 from cluster.teachers.teacher import (CardTeacher, Ensemble, EagerTeacher, ExportTeacher, HFlipTTA, OnnxTeacher,
                                       Teacher, TorchScriptTeacher)
 
 __all__ = [
     "TeacherSpec", "TeacherSpecError", "parse_teacher_spec", "Teacher", "EagerTeacher", "TorchScriptTeacher",
-    "ExportTeacher", "OnnxTeacher", "CardTeacher", "Ensemble", "HFlipTTA", "load_teacher", "build_teacher",
-    "weights_hash", "METADATA_KEY", "EXPORT_FORMAT", "EXPORT_FORMAT_VERSION", "CARD_QUERY", "TORCHSCRIPT_SUFFIXES",
-    "ONNX_SUFFIXES", "EXPORT_SUFFIXES", "REGISTRY_PREFIX", "is_registry_spec", "resolve_registry_spec",
+    "ExportTeacher", "OnnxTeacher", "CardTeacher", "Ensemble", "EnsembleConfig", "HFlipTTA", "load_teacher",
+    "build_teacher", "weights_hash", "METADATA_KEY", "EXPORT_FORMAT", "EXPORT_FORMAT_VERSION", "CARD_QUERY",
+    "TORCHSCRIPT_SUFFIXES", "ONNX_SUFFIXES", "EXPORT_SUFFIXES", "REGISTRY_PREFIX", "is_registry_spec",
+    "resolve_registry_spec",
 ]

@@ -16,8 +16,9 @@ import torch
 
 from cluster import storage
 from cluster.storage import S3Config
-from cluster.teachers.spec import (CARD_QUERY, METADATA_KEY, TeacherSpec, TeacherSpecError, check_export_meta,
-                                   parse_teacher_spec, read_spec_file, resolve_registry_spec, weights_hash)
+from cluster.teachers.spec import (CARD_QUERY, METADATA_KEY, EnsembleConfig, TeacherSpec, TeacherSpecError,
+                                   check_export_meta, parse_teacher_spec, read_spec_file, resolve_registry_spec,
+                                   weights_hash)
 from cluster.teachers.teacher import (CardTeacher, EagerTeacher, Ensemble, ExportTeacher, HFlipTTA, OnnxTeacher,
                                       Teacher, TorchScriptTeacher)
 
@@ -237,17 +238,29 @@ def load_teacher(spec: str | TeacherSpec, s3: S3Config | None = None, device: st
 
 def build_teacher(specs: str | Sequence[str], tta: str = "none", s3: S3Config | None = None,
                   device: str = "auto", precision: str = "auto", input_size: int | None = None,
-                  threads: int | None = None, convert: Callable[[Teacher], Teacher] | None = None) -> Teacher:
-    """One spec -> that teacher; several -> their :class:`Ensemble`; ``tta="hflip"`` wraps in :class:`HFlipTTA`.
-    ``convert`` is applied to each network as it is loaded (the teacher actor moves weights files onto the
-    predictor's backend with it: :func:`cluster.predictor.runtime_teacher`)."""
+                  threads: int | None = None, convert: Callable[[Teacher], Teacher] | None = None,
+                  ensemble: EnsembleConfig | None = None) -> Teacher:
+    """One spec -> that teacher; several -> their :class:`Ensemble` (combined as ``ensemble`` says: the mean of
+    probabilities by default); ``tta="hflip"`` wraps in :class:`HFlipTTA`. ``convert`` is applied to each network
+    as it is loaded (the teacher actor moves weights files onto the predictor's backend with it:
+    :func:`cluster.predictor.runtime_teacher`).
+
+    With flip TTA a mean ensemble is wrapped whole (one batched forward of the mirrored images through every
+    member; the mean of means is the same either way); a logit ensemble combines each member's flip-averaged map,
+    since ``sigmoid`` of a mean of logits does not commute with averaging probabilities."""
     specs = [specs] if isinstance(specs, str) else list(specs)
     if not specs:
         raise TeacherSpecError("no teacher spec given")
     if tta not in ("none", "hflip"):
         raise ValueError(f"tta: expected 'none' or 'hflip', got {tta!r}")
+    ensemble = ensemble or EnsembleConfig()
+    ensemble.check_members(len(specs))
     members = [load_teacher(s, s3, device, precision, input_size, threads) for s in specs]
     if convert is not None:
         members = [convert(m) for m in members]
-    teacher = members[0] if len(members) == 1 else Ensemble(members)
+    if len(members) == 1:
+        return HFlipTTA(members[0]) if tta == "hflip" else members[0]
+    if ensemble.combine == "logit" and tta == "hflip":
+        return Ensemble([HFlipTTA(m) for m in members], ensemble)
+    teacher = Ensemble(members, ensemble)
     return HFlipTTA(teacher) if tta == "hflip" else teacher

@@ -5,16 +5,18 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import math
 import os
 import re
 from typing import Any, Literal
 
 from cluster import storage
 from cluster.storage import S3Config
+from kd.config import ConfigError
 
 __all__ = ["TeacherSpec", "TeacherSpecError", "parse_teacher_spec", "is_registry_spec", "resolve_registry_spec",
            "weights_hash", "read_spec_file", "check_export_meta", "METADATA_KEY", "EXPORT_FORMAT",
-           "EXPORT_FORMAT_VERSION", "CARD_QUERY", "REGISTRY_PREFIX"]
+           "EXPORT_FORMAT_VERSION", "CARD_QUERY", "REGISTRY_PREFIX", "EnsembleConfig"]
 
 METADATA_KEY = "sodkd_teacher"          # TorchScript extra file "<key>.json", ONNX metadata_props key
 EXPORT_FORMAT = "sodkd-teacher"
@@ -134,3 +136,41 @@ def check_export_meta(meta: Any, spec: TeacherSpec) -> dict[str, Any]:
         if key not in meta:
             raise TeacherSpecError(f"teacher spec {spec}: metadata lacks {key!r}")
     return meta
+
+
+@dataclasses.dataclass(frozen=True)
+class EnsembleConfig:
+    """How an ensemble's members are combined (config section ``ensemble`` of ``sodkd label`` and of a training run's
+    online teacher).
+
+    ``combine``: ``mean`` -- the weighted mean of the members' probabilities, ``p = sum_k w_k p_k``; ``logit`` --
+    the weighted mean in logit space, ``p = sigmoid(sum_k w_k logit(p_k))`` (each ``p_k`` clipped to
+    [1e-4, 1 - 1e-4] first), which keeps a confident member's certainty where a probability mean halves it.
+    ``weights``: one per teacher spec, in their order, normalised to sum 1; None = equal weights.
+
+    A *second-round teacher* is a logit ensemble of the teacher and a student distilled from it, weighted towards
+    the teacher (``teachers: [TEACHER, STUDENT.pt]``, ``ensemble: {combine: logit, weights: [0.8, 0.2]}``): the
+    two err in different places, so the blend can be better than either (benchmarks/RESULTS.md, `co-teacher`);
+    no mask is used, so a student trained on its labels still learns from unlabeled images only.
+    """
+
+    combine: Literal["mean", "logit"] = "mean"
+    weights: tuple[float, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.combine not in ("mean", "logit"):
+            raise ConfigError(f"ensemble.combine: expected 'mean' or 'logit', got {self.combine!r}")
+        if self.weights is not None:
+            w = [float(x) for x in self.weights]
+            if not w or any(not math.isfinite(x) or x < 0 for x in w) or sum(w) <= 0:
+                raise ConfigError(f"ensemble.weights: need finite weights >= 0 with a positive sum, got {list(w)}")
+            object.__setattr__(self, "weights", tuple(w))
+
+    @property
+    def is_default(self) -> bool:
+        return self.combine == "mean" and (self.weights is None or len(set(self.weights)) == 1)
+
+    def check_members(self, n: int) -> None:
+        """Raise :class:`ConfigError` unless the weights (if given) match ``n`` teacher specs."""
+        if self.weights is not None and len(self.weights) != n:
+            raise ConfigError(f"ensemble.weights: {len(self.weights)} weight(s) for {n} teacher spec(s)")

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cluster.teachers.spec import TeacherSpecError
+from cluster.teachers.spec import EnsembleConfig, TeacherSpecError
 
 __all__ = ["Teacher", "EagerTeacher", "TorchScriptTeacher", "ExportTeacher", "OnnxTeacher", "CardTeacher", "Ensemble",
            "HFlipTTA"]
@@ -232,42 +232,65 @@ class CardTeacher(_SingleTeacher):
         return {**super().describe(), "card": self.card_uri, "licence": self.card.licence}
 
 
+_CLIP = 1e-4    # logit combination: probabilities clipped to [_CLIP, 1 - _CLIP]
+
+
 class Ensemble(Teacher):
-    """Mean of the members' probabilities: ``p = (1/K) * sum_k p_k``.
+    """The members' probabilities combined as :class:`EnsembleConfig` says; by default their mean,
+    ``p = (1/K) * sum_k p_k``.
 
     Members may have different input sizes: the ensemble works at the first member's size and each member
-    resizes its input and output itself. ``weights_hash`` hashes the members' hashes in order.
+    resizes its input and output itself. ``weights_hash`` hashes the members' hashes in order (and the
+    combination, where it is not the plain mean). Its views are the members' views: the disagreement the
+    labelling job measures is the members', whatever the combination.
     """
 
-    def __init__(self, members: Sequence[Teacher]):
+    def __init__(self, members: Sequence[Teacher], config: EnsembleConfig | None = None):
         if len(members) < 2:
             raise ValueError("Ensemble: needs at least two teachers")
         self.members = list(members)
+        self.config = config or EnsembleConfig()
+        self.config.check_members(len(self.members))
+        k = len(self.members)
+        w = self.config.weights or (1.0,) * k
+        self.weights = tuple(x / sum(w) for x in w)
         first = self.members[0]
-        self.id = "ensemble(" + ",".join(m.id for m in self.members) + ")"
-        self.weights_hash = hashlib.sha256(":".join(m.weights_hash for m in self.members).encode()).hexdigest()[:16]
+        ids = ",".join(m.id for m in self.members)
+        key = ":".join(m.weights_hash for m in self.members)
+        if self.config.is_default:
+            self.id = f"ensemble({ids})"
+        else:
+            how = f"{self.config.combine};" + ",".join(f"{x:.4g}" for x in self.weights)
+            self.id = f"ensemble[{how}]({ids})"
+            key += f"|{how}"
+        self.weights_hash = hashlib.sha256(key.encode()).hexdigest()[:16]
         self.input_size, self.mean, self.std, self.device = first.input_size, first.mean, first.std, first.device
 
+    def _combine(self, maps: Sequence[torch.Tensor]) -> torch.Tensor:
+        if self.config.combine == "logit":
+            z = sum(w * torch.logit(p.float(), eps=_CLIP) for w, p in zip(self.weights, maps))
+            return torch.sigmoid(z)
+        if self.config.is_default:
+            return sum(maps) / len(maps)
+        return sum(w * p for w, p in zip(self.weights, maps))
+
     def probs(self, x: torch.Tensor) -> torch.Tensor:
-        total = None
-        for m in self.members:
-            p = m.probs(x).to(self.device)
-            total = p if total is None else total + p
-        return total / len(self.members)
+        return self._combine([m.probs(x).to(self.device) for m in self.members])
 
     def probs_views(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """The mean as :meth:`probs` computes it, and the members' views concatenated (in member order)."""
-        total, views = None, []
+        """The combination as :meth:`probs` computes it, and the members' views concatenated (in member order)."""
+        ps, views = [], []
         for m in self.members:
             p, vs = m.probs_views(x)
-            p = p.to(self.device)
-            total = p if total is None else total + p
+            ps.append(p.to(self.device))
             views.extend(v.to(self.device) for v in vs)
-        return total / len(self.members), views
+        return self._combine(ps), views
 
     def describe(self) -> dict[str, Any]:
         d = super().describe()
         d["members"] = [m.describe() for m in self.members]
+        if not self.config.is_default:
+            d["ensemble"] = {"combine": self.config.combine, "weights": list(self.weights)}
         return d
 
 

@@ -154,9 +154,9 @@ class OnlineLabeler(TeacherActor):
 
     def __init__(self, teachers: Sequence[str], *, s3: S3Config | None = None, tta: str = "none",
                  teacher_size: int | None = None, device: str = "cpu", precision: str = "auto", threads: int = 1,
-                 backend: str = "auto"):
+                 backend: str = "auto", ensemble: Any = None):
         super().__init__(teachers, s3=s3, tta=tta, teacher_size=teacher_size, device=device, precision=precision,
-                         threads=threads, backend=backend)
+                         threads=threads, backend=backend, ensemble=ensemble)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         images = np.asarray(batch[S.IMAGE])
@@ -278,7 +278,7 @@ def build_train_dataset(cfg: TrainConfig) -> TrainData:
             fn_constructor_kwargs={"teachers": list(t.teachers), "s3": s3, "tta": t.tta,
                                    "teacher_size": t.teacher_size, "device": device,
                                    "precision": pool.precision, "threads": pool.threads(),
-                                   "backend": pool.backend}))
+                                   "backend": pool.backend, "ensemble": t.ensemble}))
     dataset = parts[0] if len(parts) == 1 else parts[0].union(*parts[1:])
     if not online:   # with an online teacher its input was shuffled above; the labels stream behind it
         dataset = _shuffled_blocks(dataset, cfg)

@@ -204,7 +204,7 @@ class ImageTask(Task):
             from cluster.teachers import build_teacher
             t = cfg.data.teacher
             self.panel_teacher = build_teacher(list(t.teachers), tta=t.tta, s3=cfg.s3, device="cpu",
-                                               precision="fp32", input_size=t.teacher_size)
+                                               precision="fp32", input_size=t.teacher_size, ensemble=t.ensemble)
 
     def batches(self, epoch: int, rank: int, world: int):
         from kd.losses import boundary_band

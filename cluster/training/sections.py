@@ -16,6 +16,7 @@ from typing import Any, Literal, Protocol
 
 from cluster.raypool import PoolConfig, torch_threads
 from cluster.storage import S3Config
+from cluster.teachers.spec import EnsembleConfig
 from cluster.tracking import TrainTracking
 from kd.augment import TEST_SIZE, TRAIN_SIZES, AugmentConfig
 from kd.config import ConfigError, load_config
@@ -164,13 +165,19 @@ class UnlabeledSource:
 class OnlineTeacherConfig:
     """A teacher run inside the training pipeline (online soft labels) and drawn in the MLflow panel.
 
-    ``teachers``: specs of :mod:`cluster.teachers` (several = an ensemble); empty = none.
+    ``teachers``: specs of :mod:`cluster.teachers` (several = an ensemble, combined as ``ensemble`` says); empty
+    = none.
     """
 
     teachers: tuple[str, ...] = ()
     tta: Literal["none", "hflip"] = "none"
     teacher_size: int | None = None
+    ensemble: EnsembleConfig = dataclasses.field(default_factory=EnsembleConfig)
     pool: PoolConfig = dataclasses.field(default_factory=lambda: PoolConfig(num_cpus=0.5, batch_size=16))
+
+    def __post_init__(self) -> None:
+        if self.teachers:
+            self.ensemble.check_members(len(self.teachers))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -32,7 +32,7 @@ from cluster import labels as L
 from cluster.label import DecodeConfig, LabelConfig, ReviewConfig, WriteConfig, run_labelling
 from cluster.raypool import PoolConfig
 from cluster.storage import S3Config, boto3_client
-from cluster.teachers import build_teacher, weights_hash
+from cluster.teachers import EnsembleConfig, build_teacher, weights_hash
 from cluster.tracking import TrackingConfig
 from kd import schema as S
 from kd.imageio import decode_image, resize
@@ -207,6 +207,36 @@ def test_video_frame_folders_with_an_ensemble_and_tta(ray_address, teacher, shar
     prob = ensemble.predict(image[None])[0]
     expected = np.asarray(Image.fromarray(prob, "F").resize((LABEL_SIZE, LABEL_SIZE), Image.BILINEAR))
     assert np.abs(L.decode_label(row) - expected).max() <= 1.5 / 255
+
+
+def test_a_second_round_teacher_blends_teacher_and_student_in_logit_space(ray_address, teacher, shared_data,
+                                                                          tmp_path):
+    # the label job's config for a second-round teacher: the teacher and a student of it, weighted in logit space
+    spec, _ = teacher
+    torch.manual_seed(3)
+    save_weights(create_model("scfnet_m3"), tmp_path / "student.pt")
+    specs = (spec, f"scfnet_m3:{tmp_path / 'student.pt'}")
+    src = _copy(_images(shared_data, 3, start=40), tmp_path / "in")
+    how = EnsembleConfig(combine="logit", weights=(0.8, 0.2))
+    summary = run_labelling(_cfg(src, tmp_path / "out", spec, teachers=specs, tta="hflip", ensemble=how), samples=0)
+    assert summary.labelled == 3
+    rows = L.read_labels(str(tmp_path / "out")).to_pylist()
+    plain = build_teacher(list(specs), tta="hflip", input_size=TEACHER_SIZE, device="cpu")
+    assert {(r[S.TEACHER], r[S.TTA]) for r in rows} == {("ensemble[logit;0.8,0.2](scfnet_r18,scfnet_m3)", "hflip")}
+    assert {r[S.WEIGHTS_HASH] for r in rows} == {build_teacher(list(specs), tta="hflip", input_size=TEACHER_SIZE,
+                                                               device="cpu", ensemble=how).weights_hash}
+    assert plain.weights_hash not in {r[S.WEIGHTS_HASH] for r in rows}
+    # each member on its own, flip-averaged, then blended here: sigmoid(0.8 logit(t) + 0.2 logit(s))
+    members = [build_teacher(s, tta="hflip", input_size=TEACHER_SIZE, device="cpu") for s in specs]
+    for row in rows:
+        image = resize(decode_image((src / row[S.KEY]).read_bytes(), max_side=TEACHER_SIZE),
+                       (TEACHER_SIZE, TEACHER_SIZE))
+        z = [np.log(np.clip(p, 1e-4, 1 - 1e-4) / (1 - np.clip(p, 1e-4, 1 - 1e-4)))
+             for p in (m.predict(image[None])[0].astype(np.float64) for m in members)]
+        prob = (1 / (1 + np.exp(-(0.8 * z[0] + 0.2 * z[1])))).astype(np.float32)
+        expected = np.asarray(Image.fromarray(prob, "F").resize((LABEL_SIZE, LABEL_SIZE), Image.BILINEAR))
+        assert np.abs(L.decode_label(row) - expected).max() <= 1.5 / 255
+        assert np.isfinite(row[S.DISAGREEMENT]) and row[S.DISAGREEMENT] > 0
 
 
 def test_s3_input_to_parquet_in_the_same_bucket(ray_address, teacher, shared_data, s3_endpoint):

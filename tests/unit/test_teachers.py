@@ -16,6 +16,7 @@ import torch
 
 from cluster import export
 from cluster import teachers as T
+from kd.config import ConfigError
 from kd.imageio import decode_image, resize
 from models import create_model, save_weights
 
@@ -176,6 +177,45 @@ def test_ensemble_is_the_mean_of_members(files, real_images):
     assert e.weights_hash not in (a.weights_hash, b.weights_hash)
     np.testing.assert_allclose(e.predict(real_images), (a.predict(real_images) + b.predict(real_images)) / 2,
                                atol=1e-6)
+
+
+def test_weighted_and_logit_ensembles(files, real_images):
+    torch.manual_seed(2)
+    save_weights(create_model("scfnet_m3"), files / "third.pt")
+    specs = [f"scfnet_m3:{files / 'm3.pt'}", f"scfnet_m3:{files / 'third.pt'}"]
+    a, b = (T.load_teacher(s, input_size=SIZE) for s in specs)
+    pa, pb = a.predict(real_images), b.predict(real_images)
+    mean = T.build_teacher(specs, input_size=SIZE)
+    # a weighted probability mean: the weights are normalised
+    w = T.build_teacher(specs, input_size=SIZE, ensemble=T.EnsembleConfig(weights=(3, 1)))
+    np.testing.assert_allclose(w.predict(real_images), 0.75 * pa + 0.25 * pb, atol=1e-6)
+    assert w.id == "ensemble[mean;0.75,0.25](scfnet_m3,scfnet_m3)" and w.weights_hash != mean.weights_hash
+    # equal weights are the plain mean, under the plain mean's id and hash
+    same = T.build_teacher(specs, input_size=SIZE, ensemble=T.EnsembleConfig(weights=(2, 2)))
+    assert (same.id, same.weights_hash) == (mean.id, mean.weights_hash)
+    # a second-round teacher: the weighted mean of the members' flip-averaged maps in logit space
+    co = T.build_teacher(specs, tta="hflip", input_size=SIZE,
+                         ensemble=T.EnsembleConfig(combine="logit", weights=(0.8, 0.2)))
+    flipped = np.ascontiguousarray(real_images[:, :, ::-1])
+
+    def flip_mean(t):
+        return (t.predict(real_images) + t.predict(flipped)[:, :, ::-1]) / 2
+
+    def logit(p):
+        p = np.clip(p.astype(np.float64), 1e-4, 1 - 1e-4)
+        return np.log(p / (1 - p))
+
+    expected = 1 / (1 + np.exp(-(0.8 * logit(flip_mean(a)) + 0.2 * logit(flip_mean(b)))))
+    got = co.predict(real_images)
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+    assert not np.allclose(got, (flip_mean(a) + flip_mean(b)) / 2, atol=1e-3)   # not the probability mean
+    assert co.id == "ensemble[logit;0.8,0.2](scfnet_m3,scfnet_m3)"
+    assert co.describe()["ensemble"] == {"combine": "logit", "weights": [0.8, 0.2]}
+    assert len(co.predict_views(real_images)[1]) == 4    # two members x two flips: the disagreement's views
+    with pytest.raises(ConfigError, match=r"ensemble\.weights: 3 weight\(s\) for 2 teacher spec\(s\)"):
+        T.build_teacher(specs, input_size=SIZE, ensemble=T.EnsembleConfig(weights=(1, 1, 1)))
+    with pytest.raises(ConfigError, match=r"ensemble\.weights: need finite weights >= 0"):
+        T.EnsembleConfig(weights=(1.0, float("nan")))
 
 
 def test_ensemble_members_at_different_sizes(files, real_images):
