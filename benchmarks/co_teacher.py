@@ -19,6 +19,11 @@ compared with the teacher at the sharpness the students actually learn. ECSSD is
 replaced by the blend (the student run on the pool image square-resized to the label size, as the teacher was),
 ``teacher`` naming both. Then ``reference_runs.py train`` of a run whose labels are that folder
 (``reference_runs.CO_LABELS``).
+
+A user gets these labels (up to the stored labels' 8-bit rounding) from the label job, both nets run afresh:
+``sodkd label --teacher T.onnx --teacher scfnet_m3:STUDENT.pt tta=hflip ensemble.combine=logit
+ensemble.weights=[0.8,0.2]`` (each member's map flip-averaged, then blended: :class:`cluster.teachers.EnsembleConfig`).
+``build`` reuses the stored teacher labels instead, which here saves the teacher's 23 minutes over the pool.
 """
 
 from __future__ import annotations
