@@ -101,6 +101,15 @@ for _sfx, _w, _pass in (("c7co", "0.2", "thirty-second"), ("c7co33", "0.33", "th
     ENTRIES[f"kd-sharp-x1c24-{_sfx}"] = (f"KD MobileNetV3 x1.0, c = 24, six cycles + a seventh on the teacher's labels "
                                          f"blended with the sixth end's maps (w = {_w}), 25,921 steps ({_pass} pass)",
                                          RW / f"kd-sharp-x1c24-{_sfx}.fp16.pt")
+for _sfx, _w in (("c6co", "0.2"), ("c6co10", "0.1")):                        # second round, a cycle earlier
+    ENTRIES[f"kd-sharp-x1c24-{_sfx}"] = (f"KD MobileNetV3 x1.0, c = 24, five cycles + a sixth on the teacher's labels "
+                                         f"blended with the fifth end's maps (w = {_w}), 22,218 steps (thirty-fourth "
+                                         "pass)", RW / f"kd-sharp-x1c24-{_sfx}.fp16.pt")
+for _b, _tag, _st in (("fs", "FS", "22,320"), ("kd-sharp", "KD", "22,218")):   # the sixth cycle, seed 1
+    _k = f"{_b}-x1c24-c6{'co' if _b == 'kd-sharp' else ''}-s1"
+    _as = " as `kd-sharp-x1c24-c6co`" if _tag == "KD" else ""
+    ENTRIES[_k] = (f"{_tag} MobileNetV3 x1.0, c = 24, five cycles + a sixth{_as} with seed 1, {_st} steps "
+                   "(thirty-fifth pass)", RW / f"{_k}.fp16.pt")
 for _sfx, _what in (("soup2", "fifth and sixth"), ("soup3", "fourth to sixth"), ("c7soup2", "sixth and seventh"),
                     ("c7soup3", "fifth to seventh"), ("c8soup2", "seventh and eighth"), ("c8soup3", "sixth to eighth")):
     for _b, _tag in (("fs", "FS"), ("kd-sharp", "KD")):
@@ -119,7 +128,9 @@ PAIRS = [("kd-sharp-slim-s1", "fs-slim-s1"), ("kd-sharp-slim-s2", "fs-slim-s2"),
          ("kd-sharp-w48-c6", "fs-w48-c6"), ("kd-sharp-w48-soup6", "fs-w48-soup6"),
          *[(f"kd-sharp-x1c24-{s}", f"fs-x1c24-{s}") for s in ("c4", "c5", "c6", "soup2", "soup3", "c7", "c7soup2",
                                                                       "c7soup3", "c8", "c8soup2", "c8soup3", "c7hi")],
-         ("kd-sharp-x1c24-c7co", "fs-x1c24-c7"), ("kd-sharp-x1c24-c7co33", "fs-x1c24-c7")]
+         ("kd-sharp-x1c24-c7co", "fs-x1c24-c7"), ("kd-sharp-x1c24-c7co33", "fs-x1c24-c7"),
+         ("kd-sharp-x1c24-c6co", "fs-x1c24-c6"), ("kd-sharp-x1c24-c6co10", "fs-x1c24-c6"),
+         ("kd-sharp-x1c24-c6co-s1", "fs-x1c24-c6-s1")]
 
 
 def runner(label: str, threads: int):

@@ -236,6 +236,12 @@ CYCLES["kd-sharp-x1c24-c6co-s1"] = CYCLES["kd-sharp-x1c24-c6co"]
 CO_LABELS["kd-sharp-x1c24-c6co-s1"] = CO_LABELS["kd-sharp-x1c24-c6co"]
 for _k in ("fs-x1c24-c6-s1", "kd-sharp-x1c24-c6co-s1"):
     SEEDS[_k] = (_k[:-3], 1)
+# the second round again, one cycle on: the seventh cycle from the sixth second-round end, learning from the
+# teacher's labels blended with that end's maps (w = 0.2); its equal-budget baseline is `fs-x1c24-c7` (.0841)
+CO_LABELS["kd-sharp-x1c24-c7co2"] = OUT / "labels-blend-c6co-w0.2"
+CYCLES["kd-sharp-x1c24-c7co2"] = ("kd-sharp-x1c24", OUT / "weights" / "kd-sharp-x1c24-c6co.fp16.pt", 0.005,
+                                  "seventh (labels: the teacher's blended with the second-round sixth end's maps, "
+                                  "w = 0.2)")
 
 
 def run_seed(name: str) -> int:
@@ -604,7 +610,7 @@ def evaluate_all(section: str, results: Path, threads: int, only: str | None = N
     # the x1.0 / c = 24 chains' later cycles: (pass, cycle, its CYCLES suffix, steps behind it FS / KD, the x0.5
     # chain's pass at the same point, None where it has none); each starts from the pass before's ends as committed
     nth = {24: "twenty-fourth", 25: "twenty-fifth", 26: "twenty-sixth", 27: "twenty-seventh", 28: "twenty-eighth",
-           29: "twenty-ninth", 30: "thirtieth", 35: "thirty-fifth",
+           29: "twenty-ninth", 30: "thirtieth", 36: "thirty-sixth",
            6: "sixth", 7: "seventh", 8: "eighth", 9: "ninth"}
     for n, cycle, suffix, behind, extra, control in [
             (25, "third", "c3", "FS 6,510 steps, KD 6,348", "", 6),
@@ -613,8 +619,8 @@ def evaluate_all(section: str, results: Path, threads: int, only: str | None = N
             (28, "sixth", "c6", "FS 18,600 steps, KD 18,515", "", 9),
             (29, "seventh", "c7", "FS 22,320 steps, KD 22,218", "", None),
             (30, "eighth", "c8", "FS 26,040 steps, KD 25,921", "", None),
-            (35, "ninth", "c9", "FS 29,760 steps, KD 29,624", "", None)]:   # 31-34 went to other sixth / seventh cycles
-        prev = 30 if n == 35 else n - 1
+            (36, "ninth", "c9", "FS 29,760 steps, KD 29,624", "", None)]:   # 31-35 went to other sixth / seventh cycles
+        prev = 30 if n == 36 else n - 1
         start[f"reference-runs-{n}"] = (
             f"the {nth[prev]} pass's files as committed (`benchmarks/chains/`; MobileNetV3 x1.0, c = 24; {behind}) "
             f"given a {cycle} cycle (lr {CYCLES[f'fs-x1c24-{suffix}'][2]} warm-up + cosine to {LR / 50:g}{extra})"
@@ -630,12 +636,16 @@ def evaluate_all(section: str, results: Path, threads: int, only: str | None = N
         start[f"reference-runs-{n}"] = ("the sixth ends (MobileNetV3 x1.0, c = 24; FS 22,320 steps, KD 22,218) given a "
                                         "seventh cycle (the twenty-ninth pass: the same cycle at lr 0.005 on the "
                                         "teacher's own labels)")
-    title["reference-runs-34"] = ("thirty-fourth pass (the second-round teacher one cycle earlier: the KD chain's sixth "
-                                  "cycle again, learning from the teacher's labels blended with the fifth KD end's "
-                                  "maps, w = 0.2 and 0.1)")
+    title["reference-runs-34"] = ("thirty-fourth pass (the second-round teacher one cycle earlier: the KD chain's "
+                                  "sixth cycle again, learning from the teacher's labels blended with the fifth KD "
+                                  "end's maps, w = 0.2 and 0.1)")
+    title["reference-runs-35"] = ("thirty-fifth pass (the sixth-cycle pair again with seed 1: the FS arm as in the "
+                                  "twenty-eighth pass, the KD arm as `kd-sharp-x1c24-c6co`; how far apart are single "
+                                  "pairs at x1.0 / c = 24?)")
     start["reference-runs-34"] = ("the fifth ends (MobileNetV3 x1.0, c = 24; FS 18,600 steps, KD 18,515) given a sixth "
                                   "cycle (the twenty-eighth pass: the same cycle at lr 0.005 on the teacher's own "
                                   "labels)")
+    start["reference-runs-35"] = start["reference-runs-34"]
     title["reference-runs-17"] = ("seventeenth pass (seed 2's KD run on the pool's DUTS-TR images alone, its targets "
                                   "sharpened harder, s = 0.25, and not at all, s = 1: where should the sharpening live?)")
     from models import count_params, load_weights
