@@ -150,8 +150,9 @@ class EnsembleConfig:
 
     A *second-round teacher* is a logit ensemble of the teacher and a student distilled from it, weighted towards
     the teacher (``teachers: [TEACHER, STUDENT.pt]``, ``ensemble: {combine: logit, weights: [0.8, 0.2]}``): the
-    two err in different places, so the blend can be better than either (benchmarks/RESULTS.md, `co-teacher`);
-    no mask is used, so a student trained on its labels still learns from unlabeled images only.
+    two err in different places, so the blend can be better than either (benchmarks/RESULTS.md, `co-teacher`;
+    the reference students distilled from it gained little, `reference-runs-34-reading`); no mask is used, so a
+    student trained on its labels still learns from unlabeled images only.
     """
 
     combine: Literal["mean", "logit"] = "mean"
