@@ -45,14 +45,13 @@ from reference_runs import LABELS, OUT  # noqa: E402
 SIZE = 224
 
 
-def logit(p: np.ndarray) -> np.ndarray:
-    p = np.clip(p, 1e-4, 1 - 1e-4)
-    return np.log(p / (1 - p))
-
-
 def blend(t: np.ndarray, s: np.ndarray, w: float, scale: float = 1.0) -> np.ndarray:
-    """``sigmoid(scale ((1 - w) logit(t) + w logit(s)))`` of two probability maps."""
-    return 1 / (1 + np.exp(-scale * ((1 - w) * logit(t) + w * logit(s))))
+    """``sigmoid(scale ((1 - w) logit(t) + w logit(s)))`` of two probability maps: the label job's logit ensemble
+    (:func:`cluster.teachers.teacher.logit_mean`) on stored maps."""
+    import torch
+
+    from cluster.teachers.teacher import logit_mean
+    return logit_mean([torch.from_numpy(t), torch.from_numpy(s)], (1 - w, w), scale).numpy()
 
 
 def student(path: str, threads: int):

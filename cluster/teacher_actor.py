@@ -21,11 +21,12 @@ when an actor starts.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
 
 from cluster.storage import S3Config
+from cluster.teachers.spec import EnsembleConfig
 
 __all__ = ["TeacherActor"]
 
@@ -35,7 +36,7 @@ class TeacherActor:
 
     def __init__(self, teachers: Sequence[str], *, s3: S3Config | None = None, tta: str = "none",
                  teacher_size: int | None = None, device: str = "auto", precision: str = "auto", threads: int = 1,
-                 backend: str = "auto", ensemble: Any = None):
+                 backend: str = "auto", ensemble: EnsembleConfig | None = None):
         import torch
 
         from cluster.predictor import runtime_teacher

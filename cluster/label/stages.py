@@ -19,6 +19,7 @@ from cluster import storage
 from cluster.raypool import cached_filesystem
 from cluster.storage import RetryConfig, S3Config
 from cluster.teacher_actor import TeacherActor
+from cluster.teachers.spec import EnsembleConfig
 from kd import schema as S
 from kd.imageio import ImageDecodeError, decode_image, encode_png, oriented_size, resize
 
@@ -146,7 +147,7 @@ class TeacherLabeler(TeacherActor):
     def __init__(self, teachers: Sequence[str], *, s3: S3Config | None = None, tta: str = "none",
                  label_size: int | None = None, teacher_size: int | None = None, device: str = "auto",
                  precision: str = "auto", threads: int = 1, decode: Mapping[str, Any] | None = None,
-                 backend: str = "auto", ensemble: Any = None):
+                 backend: str = "auto", ensemble: EnsembleConfig | None = None):
         super().__init__(teachers, s3=s3, tta=tta, teacher_size=teacher_size, device=device, precision=precision,
                          threads=threads, backend=backend, ensemble=ensemble)
         self.label_size = int(label_size or self.teacher.input_size)

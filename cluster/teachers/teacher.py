@@ -16,7 +16,7 @@ from torch import nn
 from cluster.teachers.spec import EnsembleConfig, TeacherSpecError
 
 __all__ = ["Teacher", "EagerTeacher", "TorchScriptTeacher", "ExportTeacher", "OnnxTeacher", "CardTeacher", "Ensemble",
-           "HFlipTTA"]
+           "HFlipTTA", "logit_mean"]
 
 
 class Teacher:
@@ -235,6 +235,14 @@ class CardTeacher(_SingleTeacher):
 _CLIP = 1e-4    # logit combination: probabilities clipped to [_CLIP, 1 - _CLIP]
 
 
+def logit_mean(maps: Sequence[torch.Tensor], weights: Sequence[float], scale: float = 1.0) -> torch.Tensor:
+    """``sigmoid(scale * sum_k w_k logit(p_k))`` of probability maps (each clipped to [1e-4, 1 - 1e-4]): the
+    logit combination of :class:`EnsembleConfig`; ``scale`` > 1 sharpens the result (benchmarks score labels at
+    the sharpness the students learn)."""
+    z = sum(w * torch.logit(p.float(), eps=_CLIP) for w, p in zip(weights, maps))
+    return torch.sigmoid(scale * z)
+
+
 class Ensemble(Teacher):
     """The members' probabilities combined as :class:`EnsembleConfig` says; by default their mean,
     ``p = (1/K) * sum_k p_k``.
@@ -268,8 +276,7 @@ class Ensemble(Teacher):
 
     def _combine(self, maps: Sequence[torch.Tensor]) -> torch.Tensor:
         if self.config.combine == "logit":
-            z = sum(w * torch.logit(p.float(), eps=_CLIP) for w, p in zip(self.weights, maps))
-            return torch.sigmoid(z)
+            return logit_mean(maps, self.weights)
         if self.config.is_default:
             return sum(maps) / len(maps)
         return sum(w * p for w, p in zip(self.weights, maps))

@@ -26,6 +26,7 @@ import numpy as np
 from cluster import catalog, storage
 from cluster.raypool import cached_filesystem
 from cluster.storage import S3Config
+from cluster.teachers.spec import EnsembleConfig
 from cluster.teacher_actor import TeacherActor
 from kd import schema as S
 
@@ -154,7 +155,7 @@ class OnlineLabeler(TeacherActor):
 
     def __init__(self, teachers: Sequence[str], *, s3: S3Config | None = None, tta: str = "none",
                  teacher_size: int | None = None, device: str = "cpu", precision: str = "auto", threads: int = 1,
-                 backend: str = "auto", ensemble: Any = None):
+                 backend: str = "auto", ensemble: EnsembleConfig | None = None):
         super().__init__(teachers, s3=s3, tta=tta, teacher_size=teacher_size, device=device, precision=precision,
                          threads=threads, backend=backend, ensemble=ensemble)
 
